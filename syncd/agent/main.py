@@ -1,0 +1,185 @@
+"""The remote agent: speaks the protocol on stdin/stdout and acts on one root.
+
+Runs on Python 3.8+ with only the standard library and msgpack (pure-Python fallback is
+fine). Threaded rather than asyncio: the main thread reads and serves requests in order,
+the watcher thread (when enabled) sends Changes, and a lock keeps frames whole on stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, List, Optional, Set
+
+from syncd import __version__
+from syncd.fsops import Root, read_file
+from syncd.protocol import messages as m
+from syncd.protocol.codec import Connection, ProtocolError
+from syncd.scan import Scanner, digest_bytes
+
+log = logging.getLogger("syncd.agent")
+SCAN_CHUNK = 2000
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch")
+
+
+class Agent:
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.conn = Connection("syncd-agent " + __version__, CAPABILITIES)
+        self.lock = threading.Lock()
+        self.root: Optional[Root] = None
+        self.scanner: Optional[Scanner] = None
+        self.watcher: Any = None
+        self.rules: Any = None
+
+    def send(self, message: Any) -> None:
+        data = self.conn.send(message)
+        with self.lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self.out_fd, view)
+                view = view[written:]
+
+    def run(self) -> int:
+        with self.lock:
+            os.write(self.out_fd, self.conn.initiate())
+        try:
+            while True:
+                data = os.read(self.in_fd, 1 << 20)
+                if not data:
+                    return 0
+                for message in self.conn.receive_data(data):
+                    if isinstance(message, m.Bye):
+                        return 0
+                    if isinstance(message, m.Hello):
+                        continue  # checked by the connection
+                    self.handle(message)
+        except ProtocolError as exc:
+            log.error("protocol error: %s", exc)
+            try:
+                self.send(m.Fatal("agent: %s" % exc))
+            except OSError:
+                pass
+            return 2
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            if self.root is not None:
+                self.root.close()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, m.Open):
+            self.open(msg)
+            return
+        if self.root is None or self.scanner is None:
+            raise ProtocolError("%s before Open" % type(msg).__name__)
+        if isinstance(msg, m.Scan):
+            if msg.paths is None:
+                entries = self.scanner.scan_all(hash_files=False)
+                absent: List[str] = []
+            else:
+                entries, absent = self.scanner.scan_paths(msg.paths, msg.recursive, hash_files=False)
+            self.send_entries(msg.req, entries, absent)
+        elif isinstance(msg, m.Hash):
+            entries, absent = self.scanner.hash_paths(msg.paths)
+            self.send_entries(msg.req, entries, absent)
+        elif isinstance(msg, m.Fetch):
+            self.fetch(msg)
+        elif isinstance(msg, m.BlobStart):
+            self.root.start_blob(msg.blob, msg.path)
+        elif isinstance(msg, m.BlobData):
+            self.root.blob_data(msg.blob, msg.data)
+        elif isinstance(msg, m.Apply):
+            self.send(m.Applied(msg.req, tuple(self.apply_one(op) for op in msg.ops)))
+            self.root.release()
+        else:
+            raise ProtocolError("unexpected %s from the daemon" % type(msg).__name__)
+
+    def apply_one(self, op: m.Op) -> m.OpResult:
+        assert self.root is not None and self.scanner is not None
+        result = self.root.apply(op)
+        cache = self.scanner.cache
+        cache.drop(op.path)
+        if isinstance(op, m.PutFile) and result.entry is not None and result.status == m.OK:
+            # Remember what we wrote, so a later scan of this path needs no re-read.
+            entry = result.entry
+            cache.put(m.Entry(entry.path, entry.kind, entry.mode, entry.size, entry.mtime_ns,
+                              entry.ino, digest_bytes(op.data)))
+        return result
+
+    def fetch(self, msg: m.Fetch) -> None:
+        assert self.root is not None
+        for data, entry, error in read_file(self.root, msg.path):
+            self.send(m.FileData(msg.req, data, entry, error))
+
+    def send_entries(self, req: int, entries: List[m.Entry], absent: List[str]) -> None:
+        for start in range(0, max(len(entries), 1), SCAN_CHUNK):
+            chunk = tuple(entries[start : start + SCAN_CHUNK])
+            last = start + SCAN_CHUNK >= len(entries)
+            self.send(m.ScanChunk(req, chunk, tuple(absent) if last else (), last))
+
+    def open(self, msg: m.Open) -> None:
+        from syncd.rules import Rules  # imported late: only needed once a root is bound
+
+        root = os.path.abspath(os.path.expanduser(msg.root))
+        try:
+            if msg.create:
+                os.makedirs(root, exist_ok=True)
+            if not os.path.isdir(root):
+                self.send(m.Failure(msg.req, "no-root", "%s is not a directory" % root))
+                return
+            probe = os.path.join(root, ".syncd-tmp-probe-%d" % os.getpid())
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            self.send(m.Failure(msg.req, "not-writable", "cannot write in %s: %s" % (root, exc.strerror)))
+            return
+        if self.root is not None:
+            self.root.close()
+        self.root = Root(root)
+        self.rules = Rules.from_wire(msg.rules)
+        self.scanner = Scanner(root, self.rules.is_ignored, on_gitignore=self.ignore_file_seen)
+        backend = ""
+        if msg.watch:
+            backend = self.start_watching(root)
+        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend))
+
+    def ignore_file_seen(self, rel_dir: str, name: str, text: str) -> None:
+        if name == ".gitignore":
+            self.rules.add_gitignore(rel_dir, text)
+        else:
+            self.rules.set_info_exclude(text)
+
+    def start_watching(self, root: str) -> str:
+        from syncd.agent.watch import start_watcher
+
+        def on_batch(paths: Set[str], overflow: bool) -> None:
+            try:
+                self.send(m.Changes(tuple(sorted(paths)), overflow))
+            except OSError:
+                pass  # the daemon went away; the main loop sees EOF
+
+        self.watcher = start_watcher(root, on_batch, is_ignored=self.rules.is_ignored)
+        return str(self.watcher.backend)
+
+
+def main() -> int:
+    """Serve the protocol on stdin/stdout until the daemon says Bye or goes away."""
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING, format="syncd-agent: %(levelname)s %(message)s"
+    )
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    # Anything printed by accident must not corrupt the protocol stream.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return Agent(in_fd, out_fd).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Three-way reconcile: (base, local, remote, policy) -> Plan. Pure, no I/O.
+
+Observed maps hold what a scan saw: ``path -> Entry`` or ``path -> None`` (absent). A path
+a side did not observe is assumed to still hold its base state. The decision ladder, per
+path, is:
+
+1. Neither side changed: nothing (the base may learn new inode numbers).
+2. One side changed: propagate it (create, update, metadata, delete).
+3. Both changed to the same content: record it; differing metadata goes to the winner.
+4. One deleted, the other modified: modify wins, the content is restored.
+5. Both changed differently: a conflict. The winner's version lands on both sides; the
+   loser's is kept beside it on the losing side as a conflict copy.
+
+Push and pull modes skip the ladder: one side is the truth.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+
+from syncd.engine.index import BaseIndex
+from syncd.engine.model import (
+    ASIDE,
+    COPY,
+    CONTENT,
+    DELETE,
+    DELETED,
+    DIR,
+    FILE,
+    META,
+    META_ONLY,
+    MOVE,
+    UNCHANGED,
+    Action,
+    Agreed,
+    Conflict,
+    Entry,
+    Plan,
+    Policy,
+    Side,
+    agreed_from,
+    classify,
+    content_equal,
+    meta_equal,
+    other,
+    stat_matches,
+    with_base_digest,
+)
+
+Observed = Mapping[str, Entry | None]
+
+
+def conflict_name(path: str, side: Side, stamp: str) -> str:
+    """``dir/name.ext`` -> ``dir/name.syncd-conflict-<side>-<stamp>.ext``."""
+    head, name = posixpath.split(path)
+    stem, ext = posixpath.splitext(name)
+    if not stem:  # dotfile such as ".env": no extension to keep
+        stem, ext = name, ""
+    new = "%s.syncd-conflict-%s-%s%s" % (stem, side, stamp, ext)
+    return posixpath.join(head, new) if head else new
+
+
+def ancestors(path: str) -> list[str]:
+    out = []
+    cut = path.rfind("/")
+    while cut > 0:
+        path = path[:cut]
+        out.append(path)
+        cut = path.rfind("/")
+    return out
+
+
+def expand_absent(base: BaseIndex, observed: Observed) -> dict[str, Entry | None]:
+    """A path seen absent, or seen as a non-directory, has no base descendants left."""
+    out = dict(observed)
+    for path, entry in observed.items():
+        if entry is None or entry.kind != DIR:
+            for child in base.under(path):
+                if child not in observed:
+                    out[child] = None
+    return out
+
+
+def needs_digest(base: BaseIndex, observed: Observed, side: Side) -> list[str]:
+    """Files seen without a digest whose stat does not prove them unchanged."""
+    out = []
+    for path, entry in observed.items():
+        if entry is None or entry.kind != FILE or entry.digest is not None:
+            continue
+        agreed = base.get(path)
+        if agreed is None or not stat_matches(entry, agreed, side):
+            out.append(path)
+    return out
+
+
+def _view(path: str, observed: Observed, agreed: Agreed | None, side: Side) -> Entry | None:
+    if path in observed:
+        entry = observed[path]
+        return None if entry is None else with_base_digest(entry, agreed, side)
+    return None if agreed is None else agreed.as_entry(side)
+
+
+def _refreshed(agreed: Agreed, local: Entry, remote: Entry) -> Agreed | None:
+    """The base row with current inode numbers, or None when nothing moved."""
+    if (local.ino, remote.ino) == (agreed.local_ino, agreed.remote_ino):
+        return None
+    return Agreed(agreed.path, agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
+                  agreed.target, local.ino, remote.ino)
+
+
+class _Planner:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.plan = Plan()
+
+    def copy(self, to: Side, source: Entry, current: Entry | None) -> None:
+        self.plan.actions.append(Action(to, COPY, source.path, source, current))
+
+    def delete(self, side: Side, current: Entry, path: str) -> None:
+        if side == "local" and self.policy.is_preserved(path, current.kind == DIR):
+            # Preserve-absent: the local path stays; the base forgets it.
+            self.plan.records[path] = None
+            return
+        self.plan.actions.append(Action(side, DELETE, path, None, current))
+
+    def propagate(self, frm: Side, change: str, source: Entry | None, current: Entry | None,
+                  path: str) -> None:
+        to = other(frm)
+        if change == DELETED:
+            if current is not None:
+                self.delete(to, current, path)
+            else:
+                self.plan.records[path] = None
+        elif change == META and current is not None and source is not None:
+            self.plan.actions.append(Action(to, META_ONLY, path, source, current))
+        elif source is not None:
+            self.copy(to, source, current)
+
+    def make_equal(self, truth: Side, src: Entry | None, dst: Entry | None, path: str) -> None:
+        """Push/pull: make the other side hold what ``truth`` holds."""
+        to = other(truth)
+        if src is None:
+            if dst is not None:
+                self.delete(to, dst, path)
+            else:
+                self.plan.records[path] = None
+        elif dst is None or not content_equal(src, dst):
+            self.copy(to, src, dst)
+        elif not meta_equal(src, dst):
+            self.plan.actions.append(Action(to, META_ONLY, path, src, dst))
+        else:
+            local, remote = (src, dst) if truth == "local" else (dst, src)
+            self.plan.records[path] = agreed_from(src, local.ino, remote.ino)
+
+    def winner(self, local: Entry, remote: Entry) -> Side:
+        if self.policy.winner == "local":
+            return "local"
+        if self.policy.winner == "newer" and local.mtime_ns > remote.mtime_ns:
+            return "local"
+        return "remote"
+
+    def conflict(self, path: str, local: Entry, remote: Entry) -> None:
+        win = self.winner(local, remote)
+        lose = other(win)
+        loser = local if lose == "local" else remote
+        source = remote if win == "remote" else local
+        aside = conflict_name(path, lose, self.policy.stamp)
+        self.plan.actions.append(Action(lose, ASIDE, path, None, loser, aside))
+        # After a directory is moved aside the path is free; a file copy leaves it in place.
+        self.copy(lose, source, None if loser.kind == DIR else loser)
+        self.plan.conflicts.append(Conflict(path, win, aside, local, remote, self.policy.stamp))
+
+    def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None) -> None:
+        mode = self.policy.mode
+        if mode == "push":
+            self.make_equal("local", local, remote, path)
+            return
+        if mode == "pull":
+            self.make_equal("remote", remote, local, path)
+            return
+        lc = classify(local, agreed, "local")
+        rc = classify(remote, agreed, "remote")
+        if lc == UNCHANGED and rc == UNCHANGED:
+            if agreed is not None and local is not None and remote is not None:
+                fresh = _refreshed(agreed, local, remote)
+                if fresh is not None:
+                    self.plan.records[path] = fresh
+            return
+        if rc == UNCHANGED:
+            self.propagate("local", lc, local, remote, path)
+            return
+        if lc == UNCHANGED:
+            self.propagate("remote", rc, remote, local, path)
+            return
+        # Both sides changed.
+        if local is None and remote is None:
+            self.plan.records[path] = None
+        elif local is None:
+            assert remote is not None
+            self.copy("local", remote, None)  # modify beats delete
+        elif remote is None:
+            self.copy("remote", local, None)
+        elif content_equal(local, remote):
+            if meta_equal(local, remote):
+                self.plan.records[path] = agreed_from(local, local.ino, remote.ino)
+            else:
+                win = self.winner(local, remote)
+                source, current = (local, remote) if win == "local" else (remote, local)
+                self.plan.actions.append(Action(other(win), META_ONLY, path, source, current))
+        else:
+            self.conflict(path, local, remote)
+
+
+_ORDER = {ASIDE: 0, DELETE: 1, COPY: 2, META_ONLY: 3}
+
+
+def _sort_key(action: Action) -> tuple[int, int, int, str]:
+    depth = action.path.count("/")
+    if action.kind == DELETE:
+        return (1, -depth, 0, action.path)  # children before their directory
+    if action.kind == COPY:
+        is_dir = action.source is not None and action.source.kind == DIR
+        return (2, 0 if is_dir else 1, depth, action.path)  # directories first, parents first
+    return (_ORDER[action.kind], 0, depth, action.path)
+
+
+def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry | None]]) -> None:
+    """Whatever is written on a side needs its parent directories there: cancel their
+    deletion and re-create them where they were deleted (modify beats delete)."""
+    deleting = {(a.side, a.path): a for a in plan.actions if a.kind == DELETE}
+    copying = {(a.side, a.path) for a in plan.actions if a.kind == COPY}
+    for action in list(plan.actions):
+        if action.kind not in (COPY, META_ONLY):
+            continue
+        side = action.side
+        for parent in ancestors(action.path):
+            doomed = deleting.pop((side, parent), None)
+            if doomed is not None:
+                plan.actions.remove(doomed)
+            if (side, parent) in copying:
+                continue
+            if views[side].get(parent) is None:
+                # Absent on this side: bring the directory back from the other side.
+                source = views[other(side)].get(parent)
+                if source is not None and source.kind == DIR:
+                    twin = deleting.pop((other(side), parent), None)
+                    if twin is not None:
+                        plan.actions.remove(twin)
+                    plan.actions.append(Action(side, COPY, parent, source, None))
+                    copying.add((side, parent))
+            elif (other(side), parent) in deleting:
+                # It exists here; the other side deleted it and must get it back.
+                twin = deleting.pop((other(side), parent))
+                plan.actions.remove(twin)
+                here = views[side][parent]
+                assert here is not None
+                plan.actions.append(Action(other(side), COPY, parent, here, None))
+                copying.add((other(side), parent))
+
+
+def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy) -> Plan:
+    """Decide, for every observed path, what each side must do to agree."""
+    local = expand_absent(base, local)
+    remote = expand_absent(base, remote)
+    planner = _Planner(policy)
+    views: dict[Side, dict[str, Entry | None]] = {"local": {}, "remote": {}}
+    for path in sorted(set(local) | set(remote)):
+        agreed = base.get(path)
+        lv = _view(path, local, agreed, "local")
+        rv = _view(path, remote, agreed, "remote")
+        views["local"][path] = lv
+        views["remote"][path] = rv
+        planner.decide(path, agreed, lv, rv)
+    plan = planner.plan
+    for view_side in ("local", "remote"):
+        for action in plan.actions:
+            for parent in ancestors(action.path):
+                if parent not in views[view_side]:
+                    agreed = base.get(parent)
+                    views[view_side][parent] = None if agreed is None else agreed.as_entry(view_side)  # type: ignore[arg-type]
+    _keep_parents(plan, base, views)
+    plan.actions.sort(key=_sort_key)
+    return plan
+
+
+# ---- renames ------------------------------------------------------------------------------
+
+
+def detect_moves(base: BaseIndex, local: Observed, remote: Observed) -> list[Action]:
+    """Renames done on one side that the other can repeat instead of re-sending content.
+
+    A move is a path gone on side S whose inode reappears at a new path on S, with the
+    same content for files. It is replayed on the other side only if that side still holds
+    the old path unchanged and has nothing at the new one.
+    """
+    moves: list[Action] = []
+    for side in ("local", "remote"):
+        seen: Observed = local if side == "local" else remote
+        theirs: Observed = remote if side == "local" else local
+        gone = {}
+        for path, entry in seen.items():
+            agreed = base.get(path)
+            if entry is None and agreed is not None:
+                gone[agreed.ino(side)] = agreed  # type: ignore[arg-type]
+        if not gone:
+            continue
+        covered: list[str] = []
+        created = sorted(
+            ((p, e) for p, e in seen.items() if e is not None and p not in base),
+            key=lambda item: (item[1].kind != DIR, item[0].count("/"), item[0]),
+        )
+        for path, entry in created:
+            assert entry is not None
+            if any(path.startswith(c + "/") for c in covered):
+                continue
+            old = gone.get(entry.ino)
+            if old is None or old.kind != entry.kind or old.path == path:
+                continue
+            if entry.kind == FILE and (entry.digest is None or entry.digest != old.digest):
+                continue
+            if any(old.path.startswith(c + "/") for c in covered):
+                continue
+            other_side = other(side)  # type: ignore[arg-type]
+            there = _view(old.path, theirs, old, other_side)
+            if there is None or classify(there, old, other_side) != UNCHANGED:
+                continue
+            if _view(path, theirs, base.get(path), other_side) is not None:
+                continue
+            moves.append(Action(other_side, MOVE, old.path, entry, there, path))
+            covered.append(old.path)
+            covered.append(path)
+            del gone[entry.ino]
+    return moves
+
+
+def rekey(base: BaseIndex, old: str, new: str) -> None:
+    """Record a completed move of ``old`` (and its subtree) to ``new`` in the base."""
+    for path in [old, *base.under(old)]:
+        agreed = base.get(path)
+        if agreed is None:
+            continue
+        base.discard(path)
+        moved = new + path[len(old):]
+        base.set(Agreed(moved, agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
+                        agreed.target, agreed.local_ino, agreed.remote_ino))
+
+
+__all__ = ["reconcile", "detect_moves", "rekey", "expand_absent", "needs_digest", "conflict_name",
+           "CONTENT", "META"]

@@ -1,0 +1,321 @@
+"""Wire messages: one frozen dataclass per message, plus the structs they carry.
+
+Shipped to the remote agent, so this module runs on Python 3.8 with the standard library
+only. Annotations use ``typing`` generics because the codec evaluates them at run time.
+Paths are ``str`` relative to the session root, '/'-separated; names that are not UTF-8
+travel as surrogate-escaped strings (the codec packs them back to the original bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+# Entry kinds.
+FILE = 0
+DIR = 1
+SYMLINK = 2
+# An Expect with this kind means "the path must not exist".
+ABSENT = -1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One filesystem entry as seen on one side."""
+
+    path: str
+    kind: int
+    mode: int  # permission bits only (0o7777 mask)
+    size: int
+    mtime_ns: int
+    ino: int
+    digest: Optional[bytes] = None  # content digest, files only; None = not computed
+    target: Optional[str] = None  # symlink target
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What an operation assumes is on disk at its path right before it acts.
+
+    The agent re-checks it immediately before the final rename or removal; when the disk
+    disagrees, the operation is dropped with status ``changed`` and nothing is touched.
+    """
+
+    kind: int  # ABSENT, FILE, DIR or SYMLINK
+    size: int = 0
+    mtime_ns: int = 0
+    ino: int = 0  # 0 = do not check
+
+
+# ---- operations carried by Apply -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PutFile:
+    """Write a whole file whose content travels inline."""
+
+    path: str
+    data: bytes
+    mode: int
+    mtime_ns: int
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class PutBlob:
+    """Commit a file whose content was streamed earlier by BlobStart/BlobData."""
+
+    path: str
+    blob: int
+    mode: int
+    mtime_ns: int
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class MakeDir:
+    path: str
+    mode: int
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class MakeLink:
+    path: str
+    target: str
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Remove a file, a symlink or an empty directory (never recursive)."""
+
+    path: str
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Move ``path`` to ``dest``; ``dest`` must be absent."""
+
+    path: str
+    dest: str
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class SetMeta:
+    """Change the permission bits and, for files, the mtime."""
+
+    path: str
+    mode: int
+    mtime_ns: int
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class CopyAside:
+    """Copy ``path`` to ``dest`` (a conflict copy); ``dest`` must be absent."""
+
+    path: str
+    dest: str
+    expect: Optional[Expect]
+
+
+@dataclass(frozen=True)
+class DropBlob:
+    """Discard a streamed file (its source changed while it was read)."""
+
+    path: str
+    blob: int
+
+
+Op = Union[PutFile, PutBlob, MakeDir, MakeLink, Remove, Rename, SetMeta, CopyAside, DropBlob]
+
+# OpResult statuses.
+OK = "ok"
+CHANGED = "changed"  # the disk no longer matches the operation's Expect: nothing done
+UNSAFE = "unsafe"  # the path escapes the root or crosses a symlink: nothing done
+FAILED = "failed"  # an OS error (permission, disk full...): nothing done
+
+
+@dataclass(frozen=True)
+class OpResult:
+    status: str
+    message: str = ""
+    entry: Optional[Entry] = None  # the entry as written, for the base index
+
+
+# ---- messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message in each direction."""
+
+    version: int
+    software: str
+    capabilities: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Open:
+    """Bind the agent to a root; answered by Opened or Failure."""
+
+    req: int
+    root: str
+    rules: Dict[str, List[str]]
+    create: bool
+    watch: bool
+
+
+@dataclass(frozen=True)
+class Opened:
+    req: int
+    root: str  # resolved absolute path
+    python: str
+    watcher: str  # watcher backend in use, "" when not watching
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Stat ``paths`` (all of the root when None); directories are walked if ``recursive``."""
+
+    req: int
+    paths: Optional[Tuple[str, ...]]
+    recursive: bool
+
+
+@dataclass(frozen=True)
+class ScanChunk:
+    """Part of a scan answer; the last chunk has ``done`` set."""
+
+    req: int
+    entries: Tuple[Entry, ...]
+    absent: Tuple[str, ...]
+    done: bool
+
+
+@dataclass(frozen=True)
+class Hash:
+    """Compute content digests of the given files; answered by ScanChunk."""
+
+    req: int
+    paths: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlobStart:
+    """Begin streaming the content of a large file, to be committed by PutBlob."""
+
+    blob: int
+    path: str  # where it will land, so the temp file is made in the same directory
+    size: int
+
+
+@dataclass(frozen=True)
+class BlobData:
+    blob: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Apply:
+    """A batch of operations; answered by one Applied with a result per operation."""
+
+    req: int
+    ops: Tuple[Op, ...]
+
+
+@dataclass(frozen=True)
+class Applied:
+    req: int
+    results: Tuple[OpResult, ...]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Read one file; answered by FileData chunks, the last with ``entry`` set."""
+
+    req: int
+    path: str
+
+
+@dataclass(frozen=True)
+class FileData:
+    req: int
+    data: bytes
+    entry: Optional[Entry]  # on the last chunk: the file as read, with its digest
+    error: str  # non-empty: the read failed (the file vanished or changed while read)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Agent to daemon: these paths may have changed (hints; ``overflow`` = rescan all)."""
+
+    paths: Tuple[str, ...]
+    overflow: bool
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request failed as a whole."""
+
+    req: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The sender is giving up on the connection; ``message`` says why."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    """Orderly shutdown."""
+
+
+Message = Union[
+    Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
+    Changes, Failure, Fatal, Bye, Fetch, FileData,
+]
+
+# Wire tags. Append only: changing a tag is an incompatible protocol change.
+TAGS: Dict[type, int] = {
+    Hello: 1,
+    Open: 2,
+    Opened: 3,
+    Scan: 4,
+    ScanChunk: 5,
+    Hash: 6,
+    BlobStart: 7,
+    BlobData: 8,
+    Apply: 9,
+    Applied: 10,
+    Changes: 11,
+    Failure: 12,
+    Fatal: 13,
+    Bye: 14,
+    Fetch: 15,
+    FileData: 16,
+    # structs
+    Entry: 32,
+    Expect: 33,
+    OpResult: 34,
+    PutFile: 40,
+    PutBlob: 41,
+    MakeDir: 42,
+    MakeLink: 43,
+    Remove: 44,
+    Rename: 45,
+    SetMeta: 46,
+    CopyAside: 47,
+    DropBlob: 48,
+}
+MESSAGE_TYPES = (
+    Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
+    Changes, Failure, Fatal, Bye, Fetch, FileData,
+)

@@ -1,0 +1,267 @@
+"""Scanner: turn a tree (or some paths of it) into Entries, hashing only what changed.
+
+Used on both sides, so it runs on Python 3.8 with the standard library. It never follows
+symlinks, skips special files (FIFOs, sockets, devices) and syncd's own temp files, and
+does not descend into ignored directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from syncd.protocol.messages import DIR, FILE, SYMLINK, Entry
+
+log = logging.getLogger("syncd.scan")
+
+# Temp files of in-flight writes; never synced, never reported.
+TEMP_PREFIX = ".syncd-tmp-"
+DIGEST_SIZE = 20
+_READ_CHUNK = 1 << 20
+
+IsIgnored = Callable[[str, bool], bool]
+# (directory, ".gitignore" or ".git/info/exclude", text) for each ignore file met.
+GitignoreSeen = Callable[[str, str, str], None]
+
+
+def join(root: str, rel: str) -> str:
+    return root if rel == "" else root + "/" + rel
+
+
+def parent_of(rel: str) -> str:
+    cut = rel.rfind("/")
+    return "" if cut < 0 else rel[:cut]
+
+
+def is_temp_name(rel: str) -> bool:
+    return rel[rel.rfind("/") + 1 :].startswith(TEMP_PREFIX)
+
+
+def entry_from_stat(rel: str, st: os.stat_result, target: Optional[str] = None) -> Optional[Entry]:
+    """Build an Entry, or None for kinds syncd does not carry (FIFO, socket, device)."""
+    fmt = stat.S_IFMT(st.st_mode)
+    if fmt == stat.S_IFREG:
+        kind, size = FILE, st.st_size
+    elif fmt == stat.S_IFDIR:
+        kind, size = DIR, 0
+    elif fmt == stat.S_IFLNK:
+        kind, size = SYMLINK, 0
+    else:
+        return None
+    return Entry(rel, kind, stat.S_IMODE(st.st_mode), size, st.st_mtime_ns, st.st_ino, None, target)
+
+
+def file_digest(path: str) -> Tuple[bytes, os.stat_result]:
+    """Hash a regular file without following symlinks; return the digest and its fstat."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        while True:
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+        return h.digest(), os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def digest_bytes(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+class DigestCache:
+    """Digests keyed by path and valid while (size, mtime_ns, inode) are unchanged."""
+
+    def __init__(self) -> None:
+        self._items: Dict[str, Tuple[int, int, int, bytes]] = {}
+
+    def get(self, rel: str, size: int, mtime_ns: int, ino: int) -> Optional[bytes]:
+        item = self._items.get(rel)
+        if item is not None and item[0] == size and item[1] == mtime_ns and item[2] == ino:
+            return item[3]
+        return None
+
+    def put(self, entry: Entry) -> None:
+        if entry.kind == FILE and entry.digest is not None:
+            self._items[entry.path] = (entry.size, entry.mtime_ns, entry.ino, entry.digest)
+
+    def drop(self, rel: str) -> None:
+        self._items.pop(rel, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Scanner:
+    """Scans one root. ``hash_files`` decides whether uncached digests are computed now."""
+
+    def __init__(
+        self,
+        root: str,
+        is_ignored: Optional[IsIgnored] = None,
+        cache: Optional[DigestCache] = None,
+        on_gitignore: Optional[GitignoreSeen] = None,
+    ) -> None:
+        self.root = root
+        self.is_ignored = is_ignored or (lambda rel, is_dir: False)
+        self.cache = cache if cache is not None else DigestCache()
+        self.on_gitignore = on_gitignore
+        self.skipped: List[Tuple[str, str]] = []  # (path, reason) of the last scan
+
+    # -- public --------------------------------------------------------------------------
+
+    def scan_all(self, hash_files: bool = True) -> List[Entry]:
+        """Every synced entry under the root (the root itself excluded)."""
+        self.skipped = []
+        out: List[Entry] = []
+        self._walk("", out, hash_files)
+        return out
+
+    def scan_paths(
+        self, paths: Iterable[str], recursive: bool, hash_files: bool = True
+    ) -> Tuple[List[Entry], List[str]]:
+        """Stat the given paths; return (entries, absent paths).
+
+        A path under a symlink or under a non-directory counts as absent: the scanner
+        never looks through links. Directories are walked when ``recursive``.
+        """
+        self.skipped = []
+        out: List[Entry] = []
+        absent: List[str] = []
+        dir_ok: Dict[str, bool] = {"": True}
+        seen: Set[str] = set()
+        for rel in sorted(set(paths)):
+            if rel in seen or rel == "" or is_temp_name(rel):
+                continue
+            if not self._parents_are_dirs(rel, dir_ok):
+                absent.append(rel)
+                continue
+            try:
+                st = os.lstat(join(self.root, rel))
+            except FileNotFoundError:
+                absent.append(rel)
+                continue
+            except NotADirectoryError:
+                absent.append(rel)
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if self.is_ignored(rel, is_dir):
+                continue
+            entry = self._entry(rel, st, hash_files)
+            if entry is None:
+                absent.append(rel)
+                continue
+            out.append(entry)
+            if is_dir and recursive:
+                before = len(out)
+                self._walk(rel, out, hash_files)
+                seen.update(e.path for e in out[before:])
+        return out, absent
+
+    def hash_paths(self, paths: Iterable[str]) -> Tuple[List[Entry], List[str]]:
+        """Like scan_paths without recursion, always computing file digests."""
+        return self.scan_paths(paths, recursive=False, hash_files=True)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _parents_are_dirs(self, rel: str, dir_ok: Dict[str, bool]) -> bool:
+        parent = parent_of(rel)
+        known = dir_ok.get(parent)
+        if known is not None:
+            return known
+        ok = self._parents_are_dirs(parent, dir_ok)
+        if ok:
+            try:
+                ok = stat.S_ISDIR(os.lstat(join(self.root, parent)).st_mode)
+            except OSError:
+                ok = False
+        dir_ok[parent] = ok
+        return ok
+
+    def _entry(self, rel: str, st: os.stat_result, hash_files: bool) -> Optional[Entry]:
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt == stat.S_IFLNK:
+            try:
+                target = os.readlink(join(self.root, rel))
+            except OSError as exc:
+                self.skipped.append((rel, str(exc)))
+                return None
+            return entry_from_stat(rel, st, target)
+        entry = entry_from_stat(rel, st)
+        if entry is None:
+            self.skipped.append((rel, "special file (FIFO, socket or device)"))
+            return None
+        if entry.kind != FILE:
+            return entry
+        digest = self.cache.get(rel, entry.size, entry.mtime_ns, entry.ino)
+        if digest is None and hash_files:
+            try:
+                digest, fst = file_digest(join(self.root, rel))
+            except OSError as exc:
+                self.skipped.append((rel, "unreadable: %s" % exc.strerror))
+                return None
+            if (fst.st_size, fst.st_mtime_ns, fst.st_ino) != (entry.size, entry.mtime_ns, entry.ino):
+                # Written while we read it: describe what we hashed; a later event follows.
+                fresh = entry_from_stat(rel, fst)
+                if fresh is None:
+                    return None
+                entry = fresh
+        if digest is not None:
+            entry = Entry(rel, FILE, entry.mode, entry.size, entry.mtime_ns, entry.ino, digest)
+            self.cache.put(entry)
+        return entry
+
+    def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool) -> None:
+        stack = [rel_dir]
+        while stack:
+            current = stack.pop()
+            base = join(self.root, current)
+            prefix = current + "/" if current else ""
+            if self.on_gitignore is not None:
+                self._read_ignore_files(current, base)
+            try:
+                items = list(os.scandir(base))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
+                continue
+            for item in items:
+                name = item.name
+                if name.startswith(TEMP_PREFIX):
+                    continue
+                rel = prefix + name
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished since listing
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if self.is_ignored(rel, is_dir):
+                    continue
+                entry = self._entry(rel, st, hash_files)
+                if entry is None:
+                    continue
+                out.append(entry)
+                if is_dir:
+                    stack.append(rel)
+
+    def _read_ignore_files(self, rel_dir: str, base: str) -> None:
+        assert self.on_gitignore is not None
+        names = [".gitignore"]
+        if rel_dir == "":
+            names.append(".git/info/exclude")
+        for name in names:
+            try:
+                fd = os.open(base + "/" + name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                with os.fdopen(fd, "rb") as fh:
+                    text = fh.read(1 << 20).decode("utf-8", "surrogateescape")
+            except OSError:
+                continue
+            self.on_gitignore(rel_dir, name, text)

@@ -1,0 +1,165 @@
+"""Daemon-side RPC over the protocol: requests with futures, pipelined, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+from syncd import __version__
+from syncd.protocol import messages as m
+from syncd.protocol.codec import Connection, ProtocolError
+from syncd.transport.channel import Channel
+
+HELLO_TIMEOUT = 20.0
+
+
+class AgentError(Exception):
+    """The agent refused a request or the link to it failed."""
+
+
+class AgentClient:
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.conn = Connection("syncd " + __version__, ("scan", "apply", "blob", "fetch"))
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Queue[Any]] = {}
+        self.changes: asyncio.Queue[m.Changes] = asyncio.Queue()
+        self._hello = asyncio.get_running_loop().create_future()
+        self._reader: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.bytes_sent = 0
+
+    async def start(self) -> m.Hello:
+        self._send_raw(self.conn.initiate())
+        self._reader = asyncio.create_task(self._read_loop())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise AgentError("the agent did not answer the handshake") from None
+
+    def _send_raw(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        self.channel.write(data)
+
+    def send(self, message: Any) -> None:
+        if self.error is not None:
+            raise AgentError(str(self.error))
+        self._send_raw(self.conn.send(message))
+
+    async def drain(self) -> None:
+        await self.channel.drain()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self.channel.read()
+                if not data:
+                    status = await self.channel.exit_status(1.0)
+                    detail = self.channel.stderr_text()
+                    raise AgentError(
+                        "the agent exited" + (f" (status {status})" if status is not None else "")
+                        + (f": {detail}" if detail else "")
+                    )
+                for message in self.conn.receive_data(data):
+                    self._dispatch(message)
+        except (ProtocolError, AgentError, ConnectionError, OSError) as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(AgentError("connection closed"))
+            raise
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ProtocolError):
+            exc = AgentError(f"the agent broke the protocol: {exc}")
+        self.error = exc
+        if not self._hello.done():
+            self._hello.set_exception(AgentError(str(exc)))
+        for queue in self._waiting.values():
+            queue.put_nowait(exc)
+        self.changes.put_nowait(m.Changes((), True))  # wake whoever waits for changes
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, m.Hello):
+            if not self._hello.done():
+                self._hello.set_result(message)
+            return
+        if isinstance(message, m.Changes):
+            self.changes.put_nowait(message)
+            return
+        if isinstance(message, m.Fatal):
+            raise AgentError(f"the agent gave up: {message.message}")
+        req = getattr(message, "req", None)
+        queue = self._waiting.get(req) if isinstance(req, int) else None
+        if queue is None:
+            raise ProtocolError(f"unsolicited {type(message).__name__}")
+        queue.put_nowait(message)
+
+    async def _request(self, make: Any) -> AsyncIterator[Any]:
+        req = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiting[req] = queue
+        try:
+            self.send(make(req))
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise AgentError(str(item))
+                if isinstance(item, m.Failure):
+                    raise AgentError(item.message)
+                yield item
+        finally:
+            self._waiting.pop(req, None)
+
+    async def call(self, make: Any) -> Any:
+        async for reply in self._request(make):
+            return reply
+        raise AgentError("no reply")
+
+    async def open(self, root: str, rules: dict[str, list[str]], create: bool, watch: bool) -> m.Opened:
+        reply = await self.call(lambda req: m.Open(req, root, rules, create, watch))
+        assert isinstance(reply, m.Opened)
+        return reply
+
+    async def _entries(self, make: Any) -> tuple[list[m.Entry], list[str]]:
+        entries: list[m.Entry] = []
+        absent: list[str] = []
+        async for chunk in self._request(make):
+            entries.extend(chunk.entries)
+            absent.extend(chunk.absent)
+            if chunk.done:
+                break
+        return entries, absent
+
+    async def scan(self, paths: list[str] | None, recursive: bool = True) -> tuple[list[m.Entry], list[str]]:
+        wire = None if paths is None else tuple(paths)
+        return await self._entries(lambda req: m.Scan(req, wire, recursive))
+
+    async def hash(self, paths: list[str]) -> tuple[list[m.Entry], list[str]]:
+        return await self._entries(lambda req: m.Hash(req, tuple(paths)))
+
+    async def apply(self, ops: list[m.Op]) -> tuple[m.OpResult, ...]:
+        reply = await self.call(lambda req: m.Apply(req, tuple(ops)))
+        assert isinstance(reply, m.Applied)
+        if len(reply.results) != len(ops):
+            raise AgentError("the agent answered a batch with the wrong number of results")
+        return reply.results
+
+    def fetch(self, path: str) -> AsyncIterator[m.FileData]:
+        return self._request(lambda req: m.Fetch(req, path))
+
+    def new_blob_id(self) -> int:
+        return next(self._ids)
+
+    async def close(self) -> None:
+        try:
+            if self.error is None:
+                self.send(m.Bye())
+                await asyncio.wait_for(self.channel.drain(), 2)
+        except (AgentError, ConnectionError, OSError, asyncio.TimeoutError):
+            pass
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self.channel.close()

@@ -1,0 +1,645 @@
+"""One sync session: a local root and a remote root kept identical, live.
+
+Watch first, then scan (nothing changed during the scan is missed); every watcher batch
+is only a list of paths to re-stat. Each cycle observes the dirty paths on both sides,
+replays detected renames, reconciles against the base, applies the plan on both sides,
+and records in the base only what both sides now hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import watchfiles
+
+from syncd.engine import model as em
+from syncd.engine.index import BaseIndex
+from syncd.engine.model import Action, Agreed, Plan, Policy
+from syncd.engine.reconcile import detect_moves, needs_digest, reconcile, rekey
+from syncd.protocol import messages as m
+from syncd.rules import Rules
+from syncd.scan import TEMP_PREFIX, is_temp_name
+from syncd.session.agent_client import AgentClient, AgentError
+from syncd.session.config import SessionConfig
+from syncd.session.local_side import LocalSide
+from syncd.store import Store
+from syncd.transport.channel import TransportError
+from syncd.transport.connect import start_agent
+
+log = logging.getLogger("syncd.session")
+
+INLINE_MAX = 256 * 1024  # files up to this size ride inside the Apply batch
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_OPS = 1000
+BLOB_CHUNK = 1024 * 1024
+FETCH_PARALLEL = 32
+
+
+class SessionError(Exception):
+    """The session cannot go on; the message is for the user."""
+
+
+class Halted(SessionError):
+    """A safety halt: propagating would lose data; nothing was changed."""
+
+
+@dataclass
+class Stats:
+    cycles: int = 0
+    sent_files: int = 0
+    sent_bytes: int = 0
+    received_files: int = 0
+    received_bytes: int = 0
+    deleted: int = 0
+    conflicts: list[em.Conflict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    last_cycle: float = 0.0
+
+
+Observed = dict[str, m.Entry | None]
+
+
+def _expect(entry: m.Entry | None) -> m.Expect:
+    if entry is None:
+        return m.Expect(m.ABSENT)
+    if entry.kind == m.FILE:
+        return m.Expect(m.FILE, entry.size, entry.mtime_ns, entry.ino)
+    return m.Expect(entry.kind, 0, 0, entry.ino)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+class Session:
+    def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.report = report or (lambda line: None)
+        self.state = "starting"
+        self.stats = Stats()
+        self.store: Store | None = None
+        self.base = BaseIndex()
+        self.agent: AgentClient | None = None
+        self.local: LocalSide | None = None
+        self.rules = Rules(cfg.ignore, cfg.preserve_absent)
+        self.local_dirty: set[str] = set()
+        self.remote_dirty: set[str] = set()
+        self.local_full = True
+        self.remote_full = True
+        self.wakeup = asyncio.Event()
+        self.idle = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.remote_root = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wakeup.set()
+
+    async def connect(self) -> None:
+        """Check the local root, start the agent and bind it to the remote root."""
+        cfg = self.cfg
+        if not os.path.isdir(cfg.local):
+            raise SessionError(f"local directory {cfg.local} does not exist")
+        self.store = Store(cfg.index_path())
+        self.base = self.store.load()
+        self.local = LocalSide(cfg.local, self.rules, self.base)
+        self.state = "connecting"
+        try:
+            channel = await start_agent(cfg.remote, cfg.agent)
+        except TransportError as exc:
+            raise SessionError(str(exc)) from None
+        self.agent = AgentClient(channel)
+        try:
+            await self.agent.start()
+            opened = await self.agent.open(cfg.remote.path, self.rules.to_wire(), True, True)
+        except AgentError as exc:
+            await self.agent.close()
+            raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
+        self.remote_root = opened.root
+        log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
+                 opened.watcher)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.agent is not None:
+            await self.agent.close()
+        if self.local is not None:
+            self.local.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def run(self) -> None:
+        """Connect, sync, then follow changes on both sides until stopped."""
+        await self.connect()
+        try:
+            self._tasks.append(asyncio.create_task(self._watch_local()))
+            self._tasks.append(asyncio.create_task(self._pump_remote()))
+            await asyncio.sleep(0.05)  # let the local watcher arm before the first scan
+            await self.follow()
+        finally:
+            await self.close()
+
+    async def follow(self) -> None:
+        next_rescan = time.monotonic() + self.cfg.rescan_interval
+        while not self._stop.is_set():
+            if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty:
+                self.idle.clear()
+                await self.cycle()
+                continue
+            self.state = "watching"
+            self.idle.set()
+            timeout = max(0.0, next_rescan - time.monotonic())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout)
+            self.wakeup.clear()
+            if self.agent is not None and self.agent.error is not None:
+                raise SessionError(f"lost the agent: {self.agent.error}")
+            if time.monotonic() >= next_rescan:
+                self.local_full = self.remote_full = True
+                next_rescan = time.monotonic() + self.cfg.rescan_interval
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def _relative(self, path: str) -> str | None:
+        root = self.cfg.local.rstrip("/")
+        if path == root:
+            return ""
+        if not path.startswith(root + "/"):
+            return None
+        rel = path[len(root) + 1 :]
+        return None if is_temp_name(rel) else rel
+
+    async def _watch_local(self) -> None:
+        try:
+            async for changes in watchfiles.awatch(
+                self.cfg.local, debounce=200, step=10, stop_event=self._stop,
+                ignore_permission_denied=True, watch_filter=None, rust_timeout=1000,
+                yield_on_timeout=False,
+            ):
+                for _change, path in changes:
+                    rel = self._relative(path)
+                    if rel is None:
+                        continue
+                    if rel == "":
+                        self.local_full = True
+                    else:
+                        self.local_dirty.add(rel)
+                self.wakeup.set()
+        except Exception as exc:  # watchfiles raises plain errors, e.g. the watch limit
+            log.warning("%s: local watcher failed (%s); falling back to rescans every 2 s. "
+                        "If the watch limit was reached, raise sysctl fs.inotify.max_user_watches",
+                        self.cfg.name, exc)
+            while not self._stop.is_set():
+                self.local_full = True
+                self.wakeup.set()
+                await asyncio.sleep(2)
+
+    async def _pump_remote(self) -> None:
+        assert self.agent is not None
+        while True:
+            changes = await self.agent.changes.get()
+            if changes.overflow:
+                self.remote_full = True
+            self.remote_dirty.update(p for p in changes.paths if p and not is_temp_name(p))
+            if "" in changes.paths:
+                self.remote_full = True
+            self.wakeup.set()
+
+    # -- observing -----------------------------------------------------------------------------
+
+    def _ignored(self, path: str, kind: int) -> bool:
+        return self.rules.is_ignored(path, kind == m.DIR)
+
+    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool) -> Observed:
+        observed: Observed = {}
+        for entry in entries:
+            if not self._ignored(entry.path, entry.kind):
+                observed[entry.path] = entry
+        for path in absent:
+            observed[path] = None
+        if full:
+            forget = []
+            for path in self.base:
+                if path in observed:
+                    continue
+                agreed = self.base.get(path)
+                assert agreed is not None
+                if self._ignored(path, agreed.kind):
+                    forget.append(path)  # newly ignored: neither sent nor deleted
+                else:
+                    observed[path] = None
+            if forget:
+                self._commit([(p, None) for p in forget])
+        return observed
+
+    def _split_dirty(self, dirty: set[str]) -> tuple[list[str], list[str]]:
+        """Known directories need only a stat; anything else is walked if a directory."""
+        shallow, deep = [], []
+        for path in dirty:
+            agreed = self.base.get(path)
+            (shallow if agreed is not None and agreed.kind == m.DIR else deep).append(path)
+        return shallow, deep
+
+    async def _observe_local(self, full: bool, dirty: set[str]) -> Observed:
+        local = self.local
+        assert local is not None
+        for path in dirty:
+            if path == ".gitignore" or path.endswith("/.gitignore") or path == ".git/info/exclude":
+                local.reload_ignore_file(path)
+        if full:
+            if not os.path.isdir(self.cfg.local):
+                raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
+            entries = await asyncio.to_thread(local.scanner.scan_all)
+            return self._observe(entries, [], True)
+        shallow, deep = self._split_dirty(dirty)
+
+        def scan() -> tuple[list[m.Entry], list[str]]:
+            e1, a1 = local.scanner.scan_paths(shallow, recursive=False)
+            e2, a2 = local.scanner.scan_paths(deep, recursive=True)
+            return e1 + e2, a1 + a2
+
+        entries, absent = await asyncio.to_thread(scan)
+        return self._observe(entries, absent, False)
+
+    async def _observe_remote(self, full: bool, dirty: set[str]) -> Observed:
+        agent = self.agent
+        assert agent is not None
+        if full:
+            entries, absent = await agent.scan(None)
+        else:
+            shallow, deep = self._split_dirty(dirty)
+            entries, absent = await agent.scan(shallow, recursive=False) if shallow else ([], [])
+            if deep:
+                more, gone = await agent.scan(deep, recursive=True)
+                entries += more
+                absent += gone
+        observed = self._observe(entries, absent, full)
+        missing = needs_digest(self.base, observed, "remote")
+        if missing:
+            hashed, vanished = await agent.hash(missing)
+            for entry in hashed:
+                observed[entry.path] = entry
+            for path in vanished:
+                observed[path] = None
+            for path in missing:
+                current = observed.get(path)
+                if current is not None and current.digest is None:
+                    observed.pop(path)  # unreadable: leave it for a later cycle
+        return observed
+
+    # -- a cycle -------------------------------------------------------------------------------
+
+    async def cycle(self) -> None:
+        self.state = "scanning"
+        local_full, remote_full = self.local_full, self.remote_full
+        local_dirty, remote_dirty = self.local_dirty, self.remote_dirty
+        self.local_full = self.remote_full = False
+        self.local_dirty, self.remote_dirty = set(), set()
+        if not local_full:
+            local_dirty |= {p for p in remote_dirty}  # look at both sides of every path
+        if not remote_full:
+            remote_dirty |= {p for p in local_dirty}
+        local, remote = await asyncio.gather(
+            self._observe_local(local_full, local_dirty),
+            self._observe_remote(remote_full, remote_dirty),
+        )
+        self._check_roots(local, remote, local_full, remote_full)
+        moves = detect_moves(self.base, local, remote)
+        if moves:
+            await self._apply_moves(moves, local, remote)
+        plan = reconcile(self.base, local, remote, self._policy())
+        self._check_deletions(plan)
+        self.state = "syncing"
+        await self.execute(plan)
+        self.stats.cycles += 1
+        self.stats.last_cycle = time.time()
+
+    def _policy(self) -> Policy:
+        return Policy(self.cfg.mode, self.cfg.winner, self.rules.is_preserved, _stamp())
+
+    def _check_roots(self, local: Observed, remote: Observed, local_full: bool, remote_full: bool) -> None:
+        if not self.base:
+            return
+        for side, observed, full in (("local", local, local_full), ("remote", remote, remote_full)):
+            if full and not any(e is not None for e in observed.values()):
+                raise Halted(
+                    f"the {side} root is empty while {len(self.base)} entries are tracked; "
+                    "refusing to propagate the loss (resync or resume with --force)"
+                )
+
+    def _check_deletions(self, plan: Plan) -> None:
+        tracked = len(self.base)
+        for side in em.SIDES:
+            count = plan.deletions(side)
+            if count > self.cfg.max_delete_min and count > self.cfg.max_delete_ratio * tracked:
+                raise Halted(
+                    f"this cycle would delete {count} of {tracked} tracked entries on the {side} side; "
+                    "halted without changing anything (resync or resume with --force)"
+                )
+
+    async def _apply_moves(self, moves: list[Action], local: Observed, remote: Observed) -> None:
+        for move in moves:
+            op = m.Rename(move.path, move.dest, _expect(move.current))
+            if move.side == "remote":
+                assert self.agent is not None
+                (result,) = await self.agent.apply([op])
+            else:
+                assert self.local is not None
+                result = await asyncio.to_thread(self.local.root.apply, op)
+                await asyncio.to_thread(self.local.root.release)
+            if result.status != m.OK:
+                log.info("%s: rename %s -> %s on %s skipped: %s", self.cfg.name, move.path, move.dest,
+                         move.side, result.message)
+                continue
+            self.report(f"{'->' if move.side == 'remote' else '<-'} {move.side:6} move   {move.path} -> {move.dest}")
+            changed = [move.path, *self.base.under(move.path)]
+            rekey(self.base, move.path, move.dest)
+            updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
+            updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
+            self._commit(updates)
+            # The side that replayed the move was observed under the old names: drop those.
+            stale = local if move.side == "local" else remote
+            for path in list(stale):
+                if path == move.path or path.startswith(move.path + "/"):
+                    del stale[path]
+
+    def _commit(self, updates: list[tuple[str, Agreed | None]]) -> None:
+        if not updates:
+            return
+        for path, agreed in updates:
+            if agreed is None:
+                self.base.discard(path)
+            else:
+                self.base.set(agreed)
+        assert self.store is not None
+        self.store.commit(updates)
+
+    # -- executing a plan ----------------------------------------------------------------------
+
+    async def execute(self, plan: Plan) -> None:
+        if plan.records:
+            self._commit(list(plan.records.items()))
+        for conflict in plan.conflicts:
+            self.stats.conflicts.append(conflict)
+            self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
+                        f"other version kept as {conflict.loser_copy}")
+        remote_actions = [a for a in plan.actions if a.side == "remote"]
+        local_actions = [a for a in plan.actions if a.side == "local"]
+        await asyncio.gather(self._run_remote(remote_actions), self._run_local(local_actions))
+
+    def _record(self, action: Action, source: m.Entry, written: m.Entry | None) -> tuple[str, Agreed]:
+        ino = written.ino if written is not None else 0
+        if action.side == "remote":
+            return action.path, em.agreed_from(source, source.ino, ino)
+        return action.path, em.agreed_from(source, ino, source.ino)
+
+    def _settle(self, action: Action, result: m.OpResult, source: m.Entry | None,
+                updates: list[tuple[str, Agreed | None]]) -> None:
+        """Turn one operation's result into base updates, retries and messages."""
+        arrow = "->" if action.side == "remote" else "<-"
+        if result.status == m.OK:
+            if action.kind == em.DELETE:
+                updates.append((action.path, None))
+                self.stats.deleted += 1
+                self.report(f"{arrow} {action.side:6} delete {action.path}")
+            elif action.kind == em.ASIDE:
+                (self.remote_dirty if action.side == "remote" else self.local_dirty).add(action.dest)
+                self.report(f"{arrow} {action.side:6} keep   {action.path} as {action.dest}")
+            elif source is not None:
+                updates.append(self._record(action, source, result.entry))
+                size = source.size if source.kind == m.FILE and action.kind == em.COPY else 0
+                if action.side == "remote":
+                    self.stats.sent_files += 1
+                    self.stats.sent_bytes += size
+                else:
+                    self.stats.received_files += 1
+                    self.stats.received_bytes += size
+                what = {m.DIR: "mkdir ", m.SYMLINK: "link  "}.get(source.kind, "put   ")
+                if action.kind == em.META_ONLY:
+                    what = "meta  "
+                self.report(f"{arrow} {action.side:6} {what} {action.path}"
+                            + (f" ({size} bytes)" if size else ""))
+            return
+        # Nothing was done. CHANGED: the side moved on since the scan; look again.
+        self.local_dirty.add(action.path)
+        self.remote_dirty.add(action.path)
+        if result.status == m.CHANGED:
+            log.debug("%s: %s %s on %s deferred: %s", self.cfg.name, action.kind, action.path,
+                      action.side, result.message)
+            return
+        if action.kind == em.DELETE and "not empty" in result.message.lower():
+            return  # holds ignored or preserved entries: it stays, and so does its base row
+        message = f"{action.kind} {action.path} on {action.side}: {result.status}: {result.message}"
+        self.stats.errors = (self.stats.errors + [message])[-50:]
+        log.warning("%s: %s", self.cfg.name, message)
+        self.report(f"!! {message}")
+
+    def _ops_for(self, action: Action) -> list[m.Op]:
+        """Operations for every action but file copies (which need content)."""
+        expect = _expect(action.current)
+        current = action.current
+        if action.kind == em.DELETE:
+            return [m.Remove(action.path, expect)]
+        if action.kind == em.ASIDE:
+            if current is not None and current.kind == m.DIR:
+                return [m.Rename(action.path, action.dest, expect)]
+            return [m.CopyAside(action.path, action.dest, expect)]
+        source = action.source
+        assert source is not None
+        if action.kind == em.META_ONLY:
+            return [m.SetMeta(action.path, source.mode, source.mtime_ns if source.kind == m.FILE else 0, expect)]
+        ops: list[m.Op] = []
+        if current is not None and current.kind != source.kind:
+            ops.append(m.Remove(action.path, expect))  # a type change: clear the way first
+            expect = m.Expect(m.ABSENT)
+        if source.kind == m.DIR:
+            ops.append(m.MakeDir(action.path, source.mode, None))
+        elif source.kind == m.SYMLINK:
+            ops.append(m.MakeLink(action.path, source.target or "", expect))
+        return ops
+
+    async def _run_remote(self, actions: list[Action]) -> None:
+        if not actions:
+            return
+        agent = self.agent
+        local = self.local
+        assert agent is not None and local is not None
+        pending: list[tuple[asyncio.Task[tuple[m.OpResult, ...]], list[tuple[Action, m.Entry | None, bool]]]] = []
+        ops: list[m.Op] = []
+        owners: list[tuple[Action, m.Entry | None, bool]] = []  # (action, source, counts)
+        size = 0
+        updates: list[tuple[str, Agreed | None]] = []
+
+        def flush() -> None:
+            nonlocal ops, owners, size
+            if ops:
+                pending.append((asyncio.create_task(agent.apply(ops)), owners))
+            ops, owners, size = [], [], 0
+
+        async def drain_some() -> None:
+            # Keep the pipeline full without letting unacknowledged batches pile up.
+            while len(pending) > 8:
+                task, batch_owners = pending.pop(0)
+                self._settle_batch(await task, batch_owners, updates)
+
+        for action in actions:
+            source = action.source
+            if action.kind == em.COPY and source is not None and source.kind == m.FILE:
+                expect = _expect(action.current)
+                if action.current is not None and action.current.kind != m.FILE:
+                    ops.append(m.Remove(action.path, expect))
+                    owners.append((action, None, False))
+                    expect = m.Expect(m.ABSENT)
+                if source.size <= INLINE_MAX:
+                    read = await asyncio.to_thread(local.read_small, action.path)
+                    if isinstance(read, str):
+                        self.local_dirty.add(action.path)
+                        continue
+                    data, actual = read
+                    ops.append(m.PutFile(action.path, data, actual.mode, actual.mtime_ns, expect))
+                    owners.append((action, actual, True))
+                    size += len(data)
+                else:
+                    actual_or_none = await self._stream_blob(action.path)
+                    blob_id, actual_entry = actual_or_none
+                    if actual_entry is None:
+                        ops.append(m.DropBlob(action.path, blob_id))
+                        owners.append((action, None, False))
+                        self.local_dirty.add(action.path)
+                    else:
+                        ops.append(m.PutBlob(action.path, blob_id, actual_entry.mode, actual_entry.mtime_ns, expect))
+                        owners.append((action, actual_entry, True))
+                    size += BLOB_CHUNK
+            else:
+                for op in self._ops_for(action):
+                    ops.append(op)
+                    owners.append((action, source, True))
+            if size >= BATCH_BYTES or len(ops) >= BATCH_OPS:
+                flush()
+                await agent.drain()
+                await drain_some()
+        flush()
+        for task, batch_owners in pending:
+            self._settle_batch(await task, batch_owners, updates)
+        self._commit(updates)
+
+    def _settle_batch(self, results: tuple[m.OpResult, ...],
+                      owners: list[tuple[Action, m.Entry | None, bool]],
+                      updates: list[tuple[str, Agreed | None]]) -> None:
+        for result, (action, source, counts) in zip(results, owners, strict=True):
+            if not counts:
+                if result.status != m.OK:
+                    self._settle(action, result, None, updates)
+                continue
+            self._settle(action, result, source, updates)
+
+    async def _stream_blob(self, rel: str) -> tuple[int, m.Entry | None]:
+        """Send a large local file as BlobStart/BlobData; return its id and the entry read."""
+        agent = self.agent
+        local = self.local
+        assert agent is not None and local is not None
+        from syncd.fsops import read_file
+
+        blob_id = agent.new_blob_id()
+        agent.send(m.BlobStart(blob_id, rel, 0))
+        chunks = read_file(local.root, rel)
+        while True:
+            item = await asyncio.to_thread(next, chunks, None)
+            if item is None:
+                return blob_id, None
+            data, entry, error = item
+            if error:
+                return blob_id, None
+            if entry is not None:
+                return blob_id, entry
+            agent.send(m.BlobData(blob_id, data))
+            await agent.drain()
+
+    async def _run_local(self, actions: list[Action]) -> None:
+        if not actions:
+            return
+        local = self.local
+        assert local is not None
+        updates: list[tuple[str, Agreed | None]] = []
+        fetches: dict[str, asyncio.Task[tuple[int, m.Entry | None, str]]] = {}
+        sem = asyncio.Semaphore(FETCH_PARALLEL)
+        # Start every content download first; they stream while the rest is applied.
+        for action in actions:
+            source = action.source
+            if action.kind == em.COPY and source is not None and source.kind == m.FILE:
+                fetches[action.path] = asyncio.create_task(self._fetch(action.path, sem))
+        try:
+            for action in actions:
+                source = action.source
+                if action.kind == em.COPY and source is not None and source.kind == m.FILE:
+                    blob_id, actual, error = await fetches.pop(action.path)
+                    expect = _expect(action.current)
+                    ops: list[m.Op] = []
+                    if action.current is not None and action.current.kind != m.FILE:
+                        ops.append(m.Remove(action.path, expect))
+                        expect = m.Expect(m.ABSENT)
+                    if actual is None:
+                        await asyncio.to_thread(local.root.drop_blob, blob_id)
+                        self.remote_dirty.add(action.path)
+                        self.local_dirty.add(action.path)
+                        if error:
+                            log.info("%s: fetch %s: %s", self.cfg.name, action.path, error)
+                        continue
+                    ops.append(m.PutBlob(action.path, blob_id, actual.mode, actual.mtime_ns, expect))
+                    results = await asyncio.to_thread(self._apply_local, ops)
+                    self._settle(action, results[-1], actual, updates)
+                else:
+                    ops = self._ops_for(action)
+                    results = await asyncio.to_thread(self._apply_local, ops)
+                    for result in results:
+                        self._settle(action, result, source, updates)
+                        if result.status != m.OK:
+                            break
+        finally:
+            for task in fetches.values():
+                task.cancel()
+            await asyncio.gather(*fetches.values(), return_exceptions=True)
+            self._commit(updates)
+
+    def _apply_local(self, ops: list[m.Op]) -> list[m.OpResult]:
+        assert self.local is not None
+        out = []
+        for op in ops:
+            result = self.local.root.apply(op)
+            out.append(result)
+            if result.status != m.OK:
+                break
+        self.local.root.release()
+        return out
+
+    async def _fetch(self, rel: str, sem: asyncio.Semaphore) -> tuple[int, m.Entry | None, str]:
+        """Download a remote file into a local temp file beside its destination."""
+        agent = self.agent
+        local = self.local
+        assert agent is not None and local is not None
+        blob_id = agent.new_blob_id()
+        async with sem:
+            await asyncio.to_thread(local.root.start_blob, blob_id, rel)
+            async for part in agent.fetch(rel):
+                if part.error:
+                    return blob_id, None, part.error
+                if part.data:
+                    await asyncio.to_thread(local.root.blob_data, blob_id, part.data)
+                if part.entry is not None:
+                    return blob_id, part.entry, ""
+        return blob_id, None, "no data"
+
+
+__all__ = ["Session", "SessionError", "Halted", "TEMP_PREFIX"]

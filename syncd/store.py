@@ -1,0 +1,85 @@
+"""The base index on disk: one SQLite database per session, updated in transactions."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+
+from syncd.engine.index import BaseIndex
+from syncd.engine.model import Agreed
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS base (
+    path BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    digest BLOB,
+    target BLOB,
+    local_ino INTEGER NOT NULL,
+    remote_ino INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _enc(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+class Store:
+    """Persists the agreed entries. Paths are stored as raw bytes (names need not be UTF-8)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def load(self) -> BaseIndex:
+        rows = self.db.execute(
+            "SELECT path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino FROM base"
+        )
+        return BaseIndex(
+            Agreed(os.fsdecode(p), k, mo, s, mt, d, None if t is None else os.fsdecode(t), li, ri)
+            for p, k, mo, s, mt, d, t, li, ri in rows
+        )
+
+    def commit(self, changes: Iterable[tuple[str, Agreed | None]], meta: dict[str, str] | None = None) -> None:
+        """Apply base updates (None = forget the path) and metadata in one transaction."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN")
+        try:
+            for path, agreed in changes:
+                if agreed is None:
+                    cur.execute("DELETE FROM base WHERE path = ?", (os.fsencode(path),))
+                else:
+                    cur.execute(
+                        "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (os.fsencode(agreed.path), agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns,
+                         agreed.digest, _enc(agreed.target), agreed.local_ino, agreed.remote_ino),
+                    )
+            for key, value in (meta or {}).items():
+                cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def replace_all(self, entries: Iterable[Agreed]) -> None:
+        cur = self.db.cursor()
+        cur.execute("BEGIN")
+        cur.execute("DELETE FROM base")
+        cur.execute("COMMIT")
+        self.commit((a.path, a) for a in entries)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])

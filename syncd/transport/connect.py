@@ -1,0 +1,63 @@
+"""Start the agent on an endpoint and hand back a channel that speaks the protocol."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+
+from syncd.endpoint import Endpoint
+from syncd.transport import bootstrap, ssh
+from syncd.transport.channel import Channel, TransportError, spawn
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    python: str = "python3"  # interpreter on the remote
+    cache_dir: str = bootstrap.DEFAULT_CACHE_DIR
+    ssh: ssh.SshOptions = ssh.SshOptions()
+
+
+def _exit_reason(status: int | None, stderr: str) -> str:
+    if status == 127 or "python3: not found" in stderr or "No such file" in stderr and "python" in stderr:
+        return f"the remote has no python3 (exit {status}): {stderr or 'command not found'}"
+    if status == 64:
+        return stderr or "the remote python3 is too old (3.8 or newer is needed)"
+    return f"the agent failed to start (exit {status}): {stderr or 'no message'}"
+
+
+async def start_agent(endpoint: Endpoint, opts: AgentOptions) -> Channel:
+    """Run the loader on the endpoint, upload the zipapp if the cache lacks it, and return
+    the channel positioned at the agent's first protocol byte."""
+    command = bootstrap.loader_command(opts.python, opts.cache_dir)
+    if endpoint.kind == "ssh":
+        channel: Channel = await ssh.open_channel(endpoint.host, endpoint.user, opts.ssh, command)
+    elif endpoint.kind == "local":
+        python = sys.executable if opts.python == "python3" else opts.python
+        channel = await spawn(["/bin/sh", "-c", bootstrap.loader_command(python, opts.cache_dir)])
+    elif endpoint.kind == "exec":
+        channel = await spawn([*endpoint.command, "sh", "-c", command])
+    else:
+        raise TransportError(f"unknown endpoint kind {endpoint.kind!r}")
+    try:
+        line = await channel.readline()
+        if line == bootstrap.NEED:
+            channel.write(bootstrap.agent_zipapp())
+            await channel.drain()
+            line = await channel.readline()
+        if line != bootstrap.READY:
+            status = await channel.exit_status()
+            if status is None and line:
+                raise TransportError(f"the remote answered garbage while starting the agent: {line[:80]!r}")
+            raise TransportError(_exit_reason(status, channel.stderr_text()))
+    except (ConnectionError, OSError) as exc:
+        await channel.close()
+        raise TransportError(f"connection lost while starting the agent: {exc}") from None
+    except TransportError:
+        await channel.close()
+        raise
+    return channel
+
+
+def describe_command(endpoint: Endpoint) -> str:
+    return shlex.join(endpoint.command) if endpoint.kind == "exec" else endpoint.describe()
