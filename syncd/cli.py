@@ -44,7 +44,8 @@ def main() -> None:
 
 def session_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--ignore", "ignore", multiple=True, metavar="PAT", help="gitignore-style pattern not to sync (repeatable)"),
+        click.option("--ignore", "ignore", multiple=True, metavar="PAT",
+                     help="gitignore-style pattern not to sync (repeatable)"),
         click.option("--preserve-absent", "preserve", multiple=True, metavar="PAT",
                      help="local paths never deleted because the remote lacks them (repeatable)"),
         click.option("--mode", type=click.Choice(MODES), default="two-way", show_default=True),

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import time
+from collections.abc import Callable
 
 import click
 
@@ -15,13 +16,13 @@ from syncd.session.config import SessionConfig
 from syncd.session.session import Session
 
 
-async def _until(check: object, timeout: float = 10.0, task: asyncio.Task[None] | None = None) -> float:
+async def _until(check: Callable[[], bool], timeout: float = 10.0, task: asyncio.Task[None] | None = None) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if task is not None and task.done():
             task.result()
             raise RuntimeError("the session ended early")
-        if callable(check) and check():
+        if check():
             return time.monotonic() - start
         await asyncio.sleep(0.005)
     raise TimeoutError("change did not arrive in time")
@@ -53,7 +54,7 @@ async def run_demo(workdir: str) -> int:
         await _until(lambda: session.idle.is_set(), 30, task)
         click.echo(f"initial sync done: {sorted(os.listdir(remote))}\n")
 
-        steps = [
+        steps: list[tuple[str, Callable[[], object], Callable[[], bool]]] = [
             ("local edit  src/main.py", lambda: _write(local, "src/main.py", "print('edited locally')\n"),
              lambda: _read(os.path.join(remote, "src/main.py")) == "print('edited locally')\n"),
             ("remote new  notes.md", lambda: _write(remote, "notes.md", "# written by the agent\n"),
@@ -81,7 +82,7 @@ async def run_demo(workdir: str) -> int:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def _write(root: str, rel: str, text: str) -> None:
+def _write(root: str, rel: str, text: str) -> None:  # noqa: D103
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:

@@ -116,7 +116,9 @@ class Root:
                 fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UnsafePath("%r crosses a symlink or a non-directory at %r" % (rel, key))
+                    raise UnsafePath(
+                        "%r crosses a symlink or a non-directory at %r" % (rel, key)
+                    ) from None
                 raise
             self._dirs[key] = fd
         return fd, parts[-1]
@@ -144,7 +146,7 @@ class Root:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             if expect.kind != m.ABSENT:
-                raise Mismatch("expected an existing entry, found nothing")
+                raise Mismatch("expected an existing entry, found nothing") from None
             return
         kind = _kind_of(st)
         if expect.kind == m.ABSENT:
@@ -251,7 +253,9 @@ class Root:
         if blob is not None:
             self._close_blob_files(blob)
 
-    def commit_blob(self, blob_id: int, rel: str, mode: int, mtime_ns: int, expect: Optional[m.Expect]) -> Optional[Tuple[str, str]]:
+    def commit_blob(
+        self, blob_id: int, rel: str, mode: int, mtime_ns: int, expect: Optional[m.Expect]
+    ) -> Optional[Tuple[str, str]]:
         """Install a streamed file; returns (status, message) when it cannot."""
         blob = self._blobs.pop(blob_id, None)
         if blob is None:

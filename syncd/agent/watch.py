@@ -899,6 +899,7 @@ class _WatchfilesBackend:
                     self._note(change == added, path, skip)
                 w._batcher.flush()
         except Exception as exc:
+            w._stop.disarm()  # not ready: the fallback backend will say when it is
             if w._stop.is_set():
                 return None
             w._batcher.overflow()

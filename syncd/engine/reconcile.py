@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import (
     ASIDE,
-    COPY,
     CONTENT,
+    COPY,
     DELETE,
     DELETED,
     DIR,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import typing
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import msgpack
 
@@ -151,7 +151,7 @@ def encode(message: Any) -> bytes:
     """Return one framed message."""
     if type(message) not in m.MESSAGE_TYPES:
         raise TypeError("not a message: %r" % (message,))
-    body = msgpack.packb(_to_wire(message), use_bin_type=True, unicode_errors="surrogateescape")
+    body: bytes = msgpack.packb(_to_wire(message), use_bin_type=True, unicode_errors="surrogateescape")
     if len(body) > MAX_FRAME:
         raise ValueError("message of %d bytes exceeds the %d-byte limit" % (len(body), MAX_FRAME))
     return _HEADER.pack(len(body)) + body
@@ -172,7 +172,7 @@ def decode_body(body: bytes) -> Any:
     return _decode_struct(obj, _MESSAGE_TAGS)
 
 
-def _preview(data: bytes) -> str:
+def _preview(data: Union[bytes, bytearray]) -> str:
     text = bytes(data[:120]).decode("utf-8", "replace")
     return "".join(c if c.isprintable() else "." for c in text)
 

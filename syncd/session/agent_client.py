@@ -36,7 +36,7 @@ class AgentClient:
         self._reader = asyncio.create_task(self._read_loop())
         try:
             return await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AgentError("the agent did not answer the handshake") from None
 
     def _send_raw(self, data: bytes) -> None:
@@ -157,7 +157,7 @@ class AgentClient:
             if self.error is None:
                 self.send(m.Bye())
                 await asyncio.wait_for(self.channel.drain(), 2)
-        except (AgentError, ConnectionError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, AgentError, ConnectionError, OSError):
             pass
         if self._reader is not None:
             self._reader.cancel()

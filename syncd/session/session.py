@@ -246,7 +246,8 @@ class Session:
 
     def _split_dirty(self, dirty: set[str]) -> tuple[list[str], list[str]]:
         """Known directories need only a stat; anything else is walked if a directory."""
-        shallow, deep = [], []
+        shallow: list[str] = []
+        deep: list[str] = []
         for path in dirty:
             agreed = self.base.get(path)
             (shallow if agreed is not None and agreed.kind == m.DIR else deep).append(path)
@@ -369,11 +370,14 @@ class Session:
             updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
             updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
             self._commit(updates)
-            # The side that replayed the move was observed under the old names: drop those.
+            # The side that replayed the move was observed before it: under both names its
+            # observations are stale, and it now holds what the base says.
             stale = local if move.side == "local" else remote
             for path in list(stale):
-                if path == move.path or path.startswith(move.path + "/"):
-                    del stale[path]
+                for moved in (move.path, move.dest):
+                    if path == moved or path.startswith(moved + "/"):
+                        del stale[path]
+                        break
 
     def _commit(self, updates: list[tuple[str, Agreed | None]]) -> None:
         if not updates:

@@ -92,7 +92,7 @@ class ProcessChannel(Channel):
             self.proc.stdin.close()
         try:
             await asyncio.wait_for(self.proc.wait(), 3)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
         await asyncio.wait([self._stderr_task], timeout=1)
@@ -100,7 +100,7 @@ class ProcessChannel(Channel):
     async def exit_status(self, timeout: float = 2.0) -> int | None:
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         await asyncio.wait([self._stderr_task], timeout=1)
         return self.proc.returncode

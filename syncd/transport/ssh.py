@@ -76,18 +76,18 @@ class SshChannel(Channel):
             pass
         try:
             await asyncio.wait_for(self.proc.wait_closed(), 3)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+        except (TimeoutError, asyncssh.Error, OSError):
             self.proc.close()
         self.conn.close()
         try:
             await asyncio.wait_for(self.conn.wait_closed(), 3)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+        except (TimeoutError, asyncssh.Error, OSError):
             pass
 
     async def exit_status(self, timeout: float = 2.0) -> int | None:
         try:
             await asyncio.wait_for(self.proc.wait_closed(), timeout)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+        except (TimeoutError, asyncssh.Error, OSError):
             return None
         await asyncio.wait([self._stderr_task], timeout=1)
         return self.proc.exit_status
@@ -124,7 +124,7 @@ async def connect(host: str, user: str | None, opts: SshOptions) -> asyncssh.SSH
         raise TransportError(f"authentication failed for {user or 'default user'}@{where}") from None
     except asyncssh.DisconnectError as exc:
         raise TransportError(f"ssh to {where} failed: {exc.reason}") from None
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         raise TransportError(f"cannot reach {where}: timed out after {CONNECT_TIMEOUT:.0f}s") from None
     except socket.gaierror as exc:
         raise TransportError(f"cannot resolve {host}: {exc.strerror}") from None
