@@ -263,8 +263,9 @@ class Root:
         if blob.error is not None:
             self._close_blob_files(blob)
             return blob.error
-        dir_fd, name = self.parent(rel)
         try:
+            # Inside the try: if the path became unsafe meanwhile, the temp file still goes.
+            dir_fd, name = self.parent(rel)
             self._finish_file(blob.fd, mode, mtime_ns)
             os.close(blob.fd)
             blob.fd = -1

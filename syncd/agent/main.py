@@ -165,7 +165,9 @@ class Agent:
             except OSError:
                 pass  # the daemon went away; the main loop sees EOF
 
-        self.watcher = start_watcher(root, on_batch, is_ignored=self.rules.is_ignored)
+        # inotify first: unlike watchfiles it reports queue overflow (answered by a rescan)
+        # and copes with names that are not UTF-8.
+        self.watcher = start_watcher(root, on_batch, is_ignored=self.rules.is_ignored, prefer="inotify")
         return str(self.watcher.backend)
 
 

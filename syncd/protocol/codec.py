@@ -219,9 +219,13 @@ class Connection:
             end = pos + _HEADER.size + length
             if len(buf) < end:
                 break
-            message = decode_body(bytes(buf[pos + _HEADER.size : end]))
+            try:
+                message = decode_body(bytes(buf[pos + _HEADER.size : end]))
+                self._check(message)
+            except ProtocolError:
+                self.closed = True  # the stream cannot be trusted past a bad frame
+                raise
             pos = end
-            self._check(message)
             out.append(message)
         if pos:
             del buf[:pos]
