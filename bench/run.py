@@ -53,12 +53,13 @@ TARGET_NOOP_RATIO = 0.5
 
 SYNCD_TEMP_PREFIX = ".syncd-tmp-"  # syncd's in-flight temp files (syncd/scan.py)
 
-WORDS = (
+_WORDS_TEXT = (
     "def class return import from self if else elif for while in not and or None True False "
     "yield lambda try except finally with as pass break continue raise assert data value result "
     "index count item items key name path config buffer state node child parent size offset "
     "stream reader writer request response handler session error message status update"
-).split()
+)
+WORDS = _WORDS_TEXT.split()
 
 
 class BenchError(Exception):
@@ -120,7 +121,7 @@ def run_timed(argv: list[str], *, timeout: float, logfile: Path, what: str,
 def git(repo: Path, *args: str, timeout: float = T_GIT) -> str:
     env = dict(os.environ, GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.invalid",
                GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@example.invalid",
-               GIT_CONFIG_NOSYSTEM="1", HOME=str(repo.parent.parent))
+               GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
     result = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, timeout=timeout,
                             check=False)
     if result.returncode != 0:
@@ -401,8 +402,9 @@ class Ctx:
 class Syncd:
     """One ``syncd run`` process; always stopped (SIGTERM, then SIGKILL) by the caller."""
 
-    def __init__(self, ctx: Ctx, dst: Path, state: Path, name: str) -> None:
+    def __init__(self, ctx: Ctx, dst: Path, state: Path, name: str, local: Path | None = None) -> None:
         self.ctx = ctx
+        self.local = local or ctx.src
         self.dst = dst
         self.state = state
         self.logfile = ctx.logs / f"syncd-{name}.log"
@@ -411,7 +413,7 @@ class Syncd:
 
     def argv(self) -> list[str]:
         s = self.ctx.server
-        return [*self.ctx.syncd_cmd, "run", str(self.ctx.src), s.url(self.dst), "--identity",
+        return [*self.ctx.syncd_cmd, "run", str(self.local), s.url(self.dst), "--identity",
                 str(s.client_key), "--known-hosts", str(s.known_hosts), "--state-dir", str(self.state), "-q"]
 
     def start(self) -> None:
@@ -456,19 +458,24 @@ class Syncd:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, syncd: Syncd | None = None,
-             sleep: float = 0.001) -> float:
-    """Poll *pred* every *sleep* s; return perf_counter() of the first success."""
+             sleep: float = 0.001, adaptive: bool = False) -> float:
+    """Poll *pred* every *sleep* s; return perf_counter() of the first success.
+
+    With *adaptive*, an expensive predicate is polled at most a third of the time.
+    """
     deadline = time.perf_counter() + timeout
     n = 0
     while True:
+        start = time.perf_counter()
         if pred():
             return time.perf_counter()
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if now > deadline:
             raise BenchError(f"{what}: not done within {timeout:.0f} s")
         n += 1
         if syncd is not None and n % 50 == 0:
             syncd.check()
-        time.sleep(sleep)
+        time.sleep(max(sleep, 2 * (now - start)) if adaptive else sleep)
 
 
 def has_content(path: Path, data: bytes) -> Callable[[], bool]:
@@ -497,16 +504,16 @@ def edit_payload(rng: random.Random, i: int) -> bytes:
 
 
 class Bench:
-    def __init__(self, ctx: Ctx, tree: Tree, args: argparse.Namespace) -> None:
+    def __init__(self, ctx: Ctx, tree: Tree, args: argparse.Namespace, results: dict[str, Any]) -> None:
         self.ctx = ctx
         self.tree = tree
         self.args = args
+        self.r = results
         self.rng = random.Random(args.seed + 1)
         w = ctx.work
         self.dst = {"syncd": w / "dst-syncd", "rsync": w / "dst-rsync", "tar": w / "dst-tar",
                     "unison": w / "dst-unison"}
         self.state = w / "syncd-state"
-        self.r: dict[str, Any] = {"errors": []}
         self.src_manifest: dict[str, tuple[int, str]] = {}
         self.expected_sizes: dict[str, int] = {}
         self.edit_cursor = 0
@@ -560,10 +567,9 @@ class Bench:
         proc = Syncd(self.ctx, dst, self.state, "initial")
         polls = 0
         interval = 0.0
+        t0 = time.perf_counter()
+        deadline = t0 + T_INITIAL
         with proc.running():
-            t0 = time.perf_counter()
-            proc.start() if proc.proc is None else None
-            deadline = t0 + T_INITIAL
             while True:
                 proc.check()
                 w0 = time.perf_counter()
@@ -621,8 +627,8 @@ class Bench:
         data = f"marker {i} {time.time_ns()}\n".encode()
         local, remote = self.ctx.src / name, self.dst["syncd"] / name
         proc = Syncd(self.ctx, self.dst["syncd"], self.state, f"restart{i}")
+        t0 = time.perf_counter()
         with proc.running():
-            t0 = time.perf_counter()
             write(local, data)
             done = wait_for(has_content(remote, data), T_READY, "syncd restart marker", proc, sleep=0.002)
             local.unlink()
@@ -634,11 +640,11 @@ class Bench:
     def live(self) -> None:
         log("== 3. live propagation latency and 4. burst, syncd running")
         proc = Syncd(self.ctx, self.dst["syncd"], self.state, "live")
+        name = "bench-ready.txt"
+        data = f"ready {time.time_ns()}\n".encode()
+        t0 = time.perf_counter()
         with proc.running():
             try:
-                name = "bench-ready.txt"
-                data = f"ready {time.time_ns()}\n".encode()
-                t0 = time.perf_counter()
                 write(self.ctx.src / name, data)
                 ready = wait_for(has_content(self.dst["syncd"] / name, data), T_READY, "syncd ready", proc,
                                  sleep=0.002)
@@ -736,7 +742,7 @@ class Bench:
         t1 = time.perf_counter()
         pending, pred = self.burst_pending(self.dst["syncd"])
         try:
-            done = wait_for(pred, T_BURST, "syncd burst", proc, sleep=0.005)
+            done = wait_for(pred, T_BURST, "syncd burst", proc, sleep=0.002, adaptive=True)
         except BenchError as exc:
             raise BenchError(f"{exc}; {len(pending)} paths still differ, e.g. {sorted(pending)[:3]}") from None
         out = self.r.setdefault("burst", {})
@@ -817,12 +823,10 @@ class Bench:
 # ------------------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, unit: str) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "-"
-    if unit == "ms":
-        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
-    return f"{value:.2f} s" if value >= 0.1 else f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s" if value >= 1.0 else f"{value * 1000:.1f} ms"
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -864,8 +868,7 @@ def table(r: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     lines = []
     data = []
     for name, s, rs, t, u in rows:
-        lines.append((name, fmt(s, "ms"), fmt(rs, "s"), fmt(t, "s"), fmt(u, "s"), ratio(s, rs), ratio(s, t),
-                      ratio(s, u)))
+        lines.append((name, fmt(s), fmt(rs), fmt(t), fmt(u), ratio(s, rs), ratio(s, t), ratio(s, u)))
         data.append({"metric": name, "syncd_s": s, "rsync_s": rs, "tar_s": t, "unison_s": u})
     widths = [max(len(str(row[i])) for row in [head, *lines]) for i in range(len(head))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(head, widths, strict=True))]
@@ -906,6 +909,9 @@ def report(r: dict[str, Any]) -> str:
         value = "-" if c["value"] is None else (f"{c['value']:.1f} ms" if c["unit"] == "ms"
                                                  else f"{c['value']:.2f}x")
         lines.append(f"  [{verdict}] {c['target']}: {value}")
+    if r.get("ssh_true_s") is not None:
+        lines.append(f"ssh baseline: `ssh 127.0.0.1 true` takes {r['ssh_true_s'] * 1000:.0f} ms (median of 5); "
+                     "every rsync / tar / unison run and every syncd start pays it once")
     verify = r.get("verify", {})
     if verify:
         bad = [k for k, v in verify.items() if not v["ok"]]
@@ -1011,9 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.check_unison()
             results["host"]["unison"] = ctx.unison_reason
             log(f"sshd on {server.host}:{server.port}; unison: {ctx.unison_reason or 'ok'}")
+            results["ssh_true_s"] = ssh_baseline(server, logs)
+            log(f"ssh baseline (connect + remote login shell + `true`): median {results['ssh_true_s']:.3f} s")
             warm_up_syncd(ctx, results)
-            bench = Bench(ctx, tree, args)
-            bench.r = results
+            bench = Bench(ctx, tree, args, results)
             for step in (bench.initial, bench.noop, bench.live, bench.batch_runs):
                 try:
                     step()
@@ -1045,26 +1052,33 @@ def start_server(sshd: Any, work: Path, extra: list[str]) -> Iterator[Any]:
         yield server
 
 
+def ssh_baseline(server: Any, logs: Path) -> float | None:
+    """Median wall time of ``ssh HOST true``: the fixed cost every rsync, tar and unison run pays."""
+    try:
+        runs = [run_timed([*server.ssh_argv(), "true"], timeout=60, logfile=logs / "ssh.log", what="ssh true")
+                for _ in range(5)]
+    except BenchError as exc:
+        log(f"ssh baseline failed: {exc}")
+        return None
+    return statistics.median(runs)
+
+
 def warm_up_syncd(ctx: Ctx, results: dict[str, Any]) -> None:
     """One tiny session first, so the agent upload and cold imports are not in the timings."""
     src = ctx.work / "warm-src"
     dst = ctx.work / "warm-dst"
     write(src / "hello.txt", b"hello\n")
     dst.mkdir()
-    saved = ctx.src
-    ctx.src = src
-    proc = Syncd(ctx, dst, ctx.work / "warm-state", "warmup")
+    proc = Syncd(ctx, dst, ctx.work / "warm-state", "warmup", local=src)
     try:
+        t0 = time.perf_counter()
         with proc.running():
-            t0 = time.perf_counter()
             done = wait_for(has_content(dst / "hello.txt", b"hello\n"), 120, "syncd warm-up", proc, sleep=0.005)
         results["syncd_warmup_s"] = done - t0
         log(f"syncd warm-up session: first file after {done - t0:.2f} s")
     except BenchError as exc:
         results["errors"].append(f"syncd warm-up: {exc}")
         log(f"syncd warm-up FAILED: {exc}")
-    finally:
-        ctx.src = saved
 
 
 if __name__ == "__main__":

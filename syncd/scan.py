@@ -206,10 +206,14 @@ class Scanner:
                 return None
             if (fst.st_size, fst.st_mtime_ns, fst.st_ino) != (entry.size, entry.mtime_ns, entry.ino):
                 # Written while we read it: describe what we hashed; a later event follows.
+                # The digest may be of a mix of old and new content, so it must not be cached
+                # under the new stat: the follow-up scan would trust it.
                 fresh = entry_from_stat(rel, fst)
                 if fresh is None:
                     return None
-                entry = fresh
+                entry = Entry(rel, FILE, fresh.mode, fresh.size, fresh.mtime_ns, fresh.ino, digest)
+                self.cache.drop(rel)
+                return entry
         if digest is not None:
             entry = Entry(rel, FILE, entry.mode, entry.size, entry.mtime_ns, entry.ino, digest)
             self.cache.put(entry)

@@ -29,6 +29,15 @@ def _enc(text: str | None) -> bytes | None:
     return None if text is None else os.fsencode(text)
 
 
+# st_ino is unsigned 64-bit; SQLite integers are signed 64-bit. Store the same 64 bits.
+def _ino_in(ino: int) -> int:
+    return ino - (1 << 64) if ino >= 1 << 63 else ino
+
+
+def _ino_out(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
 class Store:
     """Persists the agreed entries. Paths are stored as raw bytes (names need not be UTF-8)."""
 
@@ -48,15 +57,22 @@ class Store:
             "SELECT path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino FROM base"
         )
         return BaseIndex(
-            Agreed(os.fsdecode(p), k, mo, s, mt, d, None if t is None else os.fsdecode(t), li, ri)
+            Agreed(os.fsdecode(p), k, mo, s, mt, d, None if t is None else os.fsdecode(t),
+                   _ino_out(li), _ino_out(ri))
             for p, k, mo, s, mt, d, t, li, ri in rows
         )
 
     def commit(self, changes: Iterable[tuple[str, Agreed | None]], meta: dict[str, str] | None = None) -> None:
         """Apply base updates (None = forget the path) and metadata in one transaction."""
+        self._write(changes, meta, clear=False)
+
+    def _write(self, changes: Iterable[tuple[str, Agreed | None]], meta: dict[str, str] | None,
+               clear: bool) -> None:
         cur = self.db.cursor()
         cur.execute("BEGIN")
         try:
+            if clear:
+                cur.execute("DELETE FROM base")
             for path, agreed in changes:
                 if agreed is None:
                     cur.execute("DELETE FROM base WHERE path = ?", (os.fsencode(path),))
@@ -64,7 +80,8 @@ class Store:
                     cur.execute(
                         "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (os.fsencode(agreed.path), agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns,
-                         agreed.digest, _enc(agreed.target), agreed.local_ino, agreed.remote_ino),
+                         agreed.digest, _enc(agreed.target), _ino_in(agreed.local_ino),
+                         _ino_in(agreed.remote_ino)),
                     )
             for key, value in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -74,11 +91,8 @@ class Store:
             raise
 
     def replace_all(self, entries: Iterable[Agreed]) -> None:
-        cur = self.db.cursor()
-        cur.execute("BEGIN")
-        cur.execute("DELETE FROM base")
-        cur.execute("COMMIT")
-        self.commit((a.path, a) for a in entries)
+        """Replace the whole base in one transaction (a crash leaves the old one whole)."""
+        self._write(((a.path, a) for a in entries), None, clear=True)
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

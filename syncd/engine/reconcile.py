@@ -113,6 +113,8 @@ class _Planner:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.plan = Plan()
+        # Losing directories of conflicts: their subtree goes with them to the conflict copy.
+        self.moved_aside: set[str] = set()
 
     def copy(self, to: Side, source: Entry, current: Entry | None) -> None:
         self.plan.actions.append(Action(to, COPY, source.path, source, current))
@@ -169,9 +171,18 @@ class _Planner:
         self.plan.actions.append(Action(lose, ASIDE, path, None, loser, aside))
         # After a directory is moved aside the path is free; a file copy leaves it in place.
         self.copy(lose, source, None if loser.kind == DIR else loser)
+        if loser.kind == DIR:
+            self.moved_aside.add(path)
         self.plan.conflicts.append(Conflict(path, win, aside, local, remote, self.policy.stamp))
 
     def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None) -> None:
+        if self.moved_aside and any(a in self.moved_aside for a in ancestors(path)):
+            # Under a directory that lost a conflict (decided first: parents sort first). The
+            # winner holds a non-directory there; the loser's entries travel with the conflict
+            # copy and are synced under its name in a later cycle.
+            if agreed is not None:
+                self.plan.records[path] = None
+            return
         mode = self.policy.mode
         if mode == "push":
             self.make_equal("local", local, remote, path)

@@ -309,17 +309,17 @@ def wait_trees_equal(
     """Wait until both trees have equal snapshots; return the snapshot."""
     last: list[tuple[Snapshot, Snapshot]] = []
 
-    def same() -> Optional[Snapshot]:
+    def same() -> bool:
         a, b = tree_snapshot(local, mtimes=mtimes), tree_snapshot(remote, mtimes=mtimes)
         last[:] = [(a, b)]
-        return a if a == b and all(v[2] is not None or v[0] != FILE for v in a.values()) else None
+        # A None digest means a file was being replaced while read: look again.
+        return a == b and all(v[2] is not None for v in a.values() if v[0] == FILE)
 
     def message() -> str:
         return f"{what}; " + (snapshot_diff(*last[0]) if last else "no snapshot")
 
-    result = wait_until(same, timeout, interval=interval, message=message, session=session)
-    assert result is not None
-    return result
+    wait_until(same, timeout, interval=interval, message=message, session=session)
+    return last[0][0]
 
 
 def bpath(root: StrPath, *parts: Union[str, bytes]) -> bytes:

@@ -20,7 +20,7 @@ EXPECT = m.Expect(m.FILE, 12, 1_700_000_000_123_456_789, 424242)
 
 FILE_ENTRY = m.Entry("src/" + CAFE, m.FILE, 0o755, 12, 1_700_000_000_123_456_789, 2**40 + 7, DIGEST, None)
 DIR_ENTRY = m.Entry("src", m.DIR, 0o700, 0, 1_600_000_000_000_000_000, 99, None, None)
-LINK_ENTRY = m.Entry("link", m.SYMLINK, 0o777, 0, 1, 100, None, "../" + CAFE)
+LINK_ENTRY = m.Entry("link", m.SYMLINK, 0o777, 0, -1, 2**64 - 1, None, "../" + CAFE)
 
 ALL_OPS: tuple[Any, ...] = (
     m.PutFile(CAFE, b"\x00\xffbinary", 0o644, 1_700_000_000_000_000_001, m.Expect(m.ABSENT)),

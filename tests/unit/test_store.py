@@ -1,0 +1,137 @@
+"""syncd.store.Store: the base index in SQLite."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncd.engine.model import Agreed
+from syncd.protocol.messages import DIR, FILE, SYMLINK
+from syncd.store import Store
+
+CAFE = os.fsdecode(b"dir/caf\xe9.txt")
+ROWS = [
+    Agreed("dir", DIR, 0o755, 0, 1_700_000_000_000_000_000, None, None, 11, 21),
+    Agreed(CAFE, FILE, 0o644, 5, 1_700_000_000_123_456_789, b"\x00" * 19 + b"\xff", None, 12, 22),
+    Agreed("link", SYMLINK, 0o777, 0, 1, None, os.fsdecode(b"../\xfe\xff"), 13, 23),
+    Agreed("empty", FILE, 0o600, 0, 0, b"d" * 20, None, 2**62, 0),
+]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "nested" / "base.sqlite")
+
+
+def rows(store: Store) -> dict[str, Agreed]:
+    return dict(store.load().mapping())
+
+
+def test_round_trip_and_reopen(db: str) -> None:
+    s = Store(db)
+    assert len(s.load()) == 0
+    s.commit([(r.path, r) for r in ROWS], {"version": "1", "remote_root": "/w"})
+    assert rows(s) == {r.path: r for r in ROWS}
+    s.close()
+    s2 = Store(db)
+    try:
+        got = rows(s2)
+        assert got == {r.path: r for r in ROWS}
+        assert os.fsencode(got[CAFE].path) == b"dir/caf\xe9.txt"
+        assert got["dir"].digest is None and got["dir"].target is None
+        assert os.fsencode(got["link"].target or "") == b"../\xfe\xff"
+        assert s2.get_meta("version") == "1"
+        assert s2.get_meta("remote_root") == "/w"
+        assert s2.get_meta("missing") is None
+    finally:
+        s2.close()
+
+
+def test_paths_are_stored_as_raw_bytes(db: str) -> None:
+    s = Store(db)
+    s.commit([(CAFE, ROWS[1])])
+    s.close()
+    con = sqlite3.connect(db)
+    try:
+        (path,) = con.execute("SELECT path FROM base").fetchone()
+    finally:
+        con.close()
+    assert path == b"dir/caf\xe9.txt"
+
+
+def test_commit_none_deletes_and_replace_updates(db: str) -> None:
+    s = Store(db)
+    s.commit([(r.path, r) for r in ROWS])
+    updated = Agreed(CAFE, FILE, 0o755, 6, 2, b"e" * 20, None, 14, 24)
+    s.commit([("dir", None), (CAFE, updated), ("never-there", None)], {"version": "2"})
+    s.close()
+    s = Store(db)
+    try:
+        got = rows(s)
+        assert set(got) == {CAFE, "link", "empty"}
+        assert got[CAFE] == updated
+        assert s.get_meta("version") == "2"
+    finally:
+        s.close()
+
+
+def test_failed_commit_is_rolled_back(db: str) -> None:
+    s = Store(db)
+    s.commit([(ROWS[0].path, ROWS[0])], {"k": "before"})
+
+    def changes():  # type: ignore[no-untyped-def]
+        yield ("dir", None)
+        yield (ROWS[1].path, ROWS[1])
+        raise RuntimeError("killed mid-way")
+
+    with pytest.raises(RuntimeError):
+        s.commit(changes(), {"k": "after"})
+    assert rows(s) == {"dir": ROWS[0]}
+    assert s.get_meta("k") == "before"
+    # The store is still usable.
+    s.commit([(ROWS[2].path, ROWS[2])])
+    assert set(rows(s)) == {"dir", "link"}
+    s.close()
+
+
+def test_replace_all(db: str) -> None:
+    s = Store(db)
+    s.commit([(r.path, r) for r in ROWS])
+    s.replace_all([ROWS[1]])
+    s.close()
+    s = Store(db)
+    try:
+        assert rows(s) == {CAFE: ROWS[1]}
+    finally:
+        s.close()
+
+
+def test_replace_all_is_one_transaction(db: str) -> None:
+    """A failure while writing the new rows must leave the old index whole, never empty."""
+    s = Store(db)
+    s.commit([(r.path, r) for r in ROWS])
+
+    def entries():  # type: ignore[no-untyped-def]
+        yield ROWS[1]
+        raise RuntimeError("killed mid-way")
+
+    with pytest.raises(RuntimeError):
+        s.replace_all(entries())
+    assert rows(s) == {r.path: r for r in ROWS}
+    s.close()
+
+
+def test_large_inode_numbers(db: str) -> None:
+    """st_ino is unsigned 64-bit; some filesystems hand out numbers above 2**63."""
+    big = Agreed("big", FILE, 0o644, 1, 1, b"x" * 20, None, 2**64 - 1, 2**63)
+    s = Store(db)
+    s.commit([("big", big)])
+    s.close()
+    s = Store(db)
+    try:
+        assert rows(s) == {"big": big}
+    finally:
+        s.close()
