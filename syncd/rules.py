@@ -18,10 +18,11 @@ dictionary look-up for its parent plus a handful of regex calls.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["DEFAULT_EXCLUDES", "PatternSet", "Rules", "load_root_rules"]
 
@@ -57,9 +58,6 @@ _POSIX_CLASSES = {
 }
 
 _Matcher = Callable[[str], Optional["re.Match[str]"]]
-#: One evaluation step: (fullmatch of a compiled run of same-sign patterns, its result).
-_Step = Tuple[_Matcher, bool]
-_Chain = Tuple[_Step, ...]
 
 
 # --------------------------------------------------------------------------- translation
@@ -188,7 +186,17 @@ def _translate(pat: str, anchored: bool) -> Optional[str]:
     return "".join(out)
 
 
-_Parsed = Tuple[str, bool, bool, bool]  # (regex body, negated, dir_only, anchored)
+class _Pattern:
+    """One effective gitignore line."""
+
+    __slots__ = ("raw", "regex", "negated", "dir_only", "anchored")
+
+    def __init__(self, raw: str, regex: str, negated: bool, dir_only: bool, anchored: bool):
+        self.raw = raw  # the pattern text without '!', leading '/' and trailing '/'
+        self.regex = regex
+        self.negated = negated
+        self.dir_only = dir_only
+        self.anchored = anchored
 
 
 def _trim_trailing_spaces(line: str) -> str:
@@ -212,7 +220,7 @@ def _trim_trailing_spaces(line: str) -> str:
     return line[:last_space] if last_space >= 0 else line
 
 
-def _parse(line: str) -> Optional[_Parsed]:
+def _parse(line: str) -> Optional[_Pattern]:
     """Parse one gitignore line; None for blanks, comments and patterns that never match."""
     if not line or line[0] == "#":
         return None
@@ -228,10 +236,10 @@ def _parse(line: str) -> Optional[_Parsed]:
         line = line[1:]
     if not line:
         return None
-    body = _translate(line, anchored)
-    if body is None:
+    regex = _translate(line, anchored)
+    if regex is None:
         return None
-    return body, negated, dir_only, anchored
+    return _Pattern(line, regex, negated, dir_only, anchored)
 
 
 def _split_lines(text: str) -> List[str]:
@@ -242,21 +250,111 @@ def _split_lines(text: str) -> List[str]:
     return [line[:-1] if line[-1:] == "\r" else line for line in lines]
 
 
+def _has_wildcard(text: str) -> bool:
+    return "*" in text or "?" in text or "[" in text or "\\" in text
+
+
+# A run of consecutive patterns with the same sign, before compilation. Inside a run the
+# order does not matter, so it is checked at once, with the cheapest tests first:
+# (basename literals, basename suffixes ("*.log" -> ".log"), basename regexes,
+#  full-path literals, full-path regexes, result).
+# Floating patterns (no slash) look at the basename only: an evaluation chain only holds
+# the pattern sets of the path's ancestors, so their base needs no check there.
+_Spec = Tuple[
+    FrozenSet[str], Tuple[str, ...], Tuple[str, ...], FrozenSet[str], Tuple[str, ...], bool
+]
+# The compiled form of a _Spec: the regexes become one ``fullmatch`` each (or None).
+_Step = Tuple[
+    FrozenSet[str], Tuple[str, ...], Optional[_Matcher], FrozenSet[str], Optional[_Matcher], bool
+]
+_Chain = Tuple[_Step, ...]
+
+
+def _make_spec(prefix: str, run: Sequence[_Pattern], result: bool) -> Optional[_Spec]:
+    if not run:
+        return None
+    names: List[str] = []
+    suffixes: List[str] = []
+    name_regexes: List[str] = []
+    paths: List[str] = []
+    path_regexes: List[str] = []
+    for pat in run:
+        raw = pat.raw
+        if pat.anchored:
+            if _has_wildcard(raw):
+                path_regexes.append(pat.regex)
+            else:
+                paths.append(prefix + raw)
+        elif not _has_wildcard(raw):
+            names.append(raw)
+        elif raw[0] == "*" and not _has_wildcard(raw[1:]):
+            suffixes.append(raw[1:])
+        else:
+            name_regexes.append(pat.regex)
+    path_sources: Tuple[str, ...] = ()
+    if path_regexes:
+        path_sources = (re.escape(prefix) + _alternation(_unique(path_regexes)),)
+    return (
+        frozenset(names),
+        _unique(suffixes),
+        _unique(name_regexes),
+        frozenset(paths),
+        path_sources,
+        result,
+    )
+
+
+def _unique(items: Iterable[str]) -> Tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
 def _alternation(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
 
 
-def _compile_run(prefix: str, parsed: Sequence[_Parsed]) -> Optional[_Matcher]:
-    """One regex for a run of same-sign patterns; None if the run is empty."""
-    if not parsed:
+@functools.lru_cache(maxsize=4096)
+def _compile(sources: Tuple[str, ...]) -> Optional[_Matcher]:
+    if not sources:
         return None
-    floating = [body for body, _neg, _dir, anchored in parsed if not anchored]
-    anchored_ = [body for body, _neg, _dir, anchored in parsed if anchored]
-    alts: List[str] = []
-    if floating:
-        alts.append("(?:.*/)?" + _alternation(floating))
-    alts.extend(anchored_)
-    return re.compile(prefix + _alternation(alts), re.DOTALL).fullmatch
+    return re.compile(_alternation(sources), re.DOTALL).fullmatch
+
+
+def _compile_chain(specs: Iterable[_Spec]) -> _Chain:
+    """Compile specs (in evaluation order, last pattern first), merging neighbours with the
+    same result: they would give the same answer, so one test is enough."""
+    merged: List[_Spec] = []
+    for spec in specs:
+        if merged and merged[-1][5] == spec[5]:
+            last = merged[-1]
+            spec = (
+                last[0] | spec[0],
+                _unique(last[1] + spec[1]),
+                _unique(last[2] + spec[2]),
+                last[3] | spec[3],
+                _unique(last[4] + spec[4]),
+                spec[5],
+            )
+            merged[-1] = spec
+        else:
+            merged.append(spec)
+    return tuple(
+        (names, suffixes, _compile(name_rx), paths, _compile(path_rx), result)
+        for names, suffixes, name_rx, paths, path_rx, result in merged
+    )
+
+
+def _evaluate(chain: _Chain, path: str, name: str) -> Optional[bool]:
+    """The result of the first step matching (``name`` is the basename of ``path``)."""
+    for names, suffixes, name_match, paths, path_match, result in chain:
+        if (
+            name in names
+            or name.endswith(suffixes)
+            or path in paths
+            or (name_match is not None and name_match(name) is not None)
+            or (path_match is not None and path_match(path) is not None)
+        ):
+            return result
+    return None
 
 
 # --------------------------------------------------------------------------- PatternSet
@@ -271,39 +369,42 @@ class PatternSet:
     are allowed and skipped).
     """
 
-    __slots__ = ("patterns", "base", "_file_chain", "_dir_chain")
+    __slots__ = ("patterns", "base", "_prefix", "_file_specs", "_dir_specs", "_chains")
 
     def __init__(self, patterns: Iterable[str], base: str = "") -> None:
         self.patterns: Tuple[str, ...] = _str_tuple(patterns, "patterns")
         self.base: str = _norm_dir(base)
-        prefix = re.escape(self.base) + "/" if self.base else ""
-        # Group consecutive patterns with the same sign: inside a run the order does not
-        # matter, so each run is one regex; runs are evaluated last first.
-        runs: List[Tuple[bool, List[_Parsed]]] = []
+        self._prefix = self.base + "/" if self.base else ""
+        # Group consecutive patterns with the same sign; runs are evaluated last first.
+        runs: List[List[_Pattern]] = []
         for line in self.patterns:
-            parsed = _parse(line)
-            if parsed is None:
+            pat = _parse(line)
+            if pat is None:
                 continue
-            if runs and runs[-1][0] == parsed[1]:
-                runs[-1][1].append(parsed)
+            if runs and runs[-1][0].negated == pat.negated:
+                runs[-1].append(pat)
             else:
-                runs.append((parsed[1], [parsed]))
-        file_chain: List[_Step] = []
-        dir_chain: List[_Step] = []
-        for negated, run in reversed(runs):
-            result = not negated
-            for_files = _compile_run(prefix, [p for p in run if not p[2]])
-            for_dirs = _compile_run(prefix, run)
+                runs.append([pat])
+        file_specs: List[_Spec] = []
+        dir_specs: List[_Spec] = []
+        for run in reversed(runs):
+            result = not run[0].negated
+            for_files = _make_spec(self._prefix, [p for p in run if not p.dir_only], result)
+            for_dirs = _make_spec(self._prefix, run, result)
             if for_files is not None:
-                file_chain.append((for_files, result))
+                file_specs.append(for_files)
             if for_dirs is not None:
-                dir_chain.append((for_dirs, result))
-        self._file_chain: _Chain = tuple(file_chain)
-        self._dir_chain: _Chain = tuple(dir_chain)
+                dir_specs.append(for_dirs)
+        self._file_specs: Tuple[_Spec, ...] = tuple(file_specs)
+        self._dir_specs: Tuple[_Spec, ...] = tuple(dir_specs)
+        self._chains: Tuple[_Chain, _Chain] = (
+            _compile_chain(self._file_specs),
+            _compile_chain(self._dir_specs),
+        )
 
     def __bool__(self) -> bool:
         """False when no line is an effective pattern."""
-        return bool(self._dir_chain)
+        return bool(self._dir_specs)
 
     def __repr__(self) -> str:
         return f"PatternSet({list(self.patterns)!r}, base={self.base!r})"
@@ -314,14 +415,9 @@ class PatternSet:
         True: ignored (matched); False: explicitly re-included by a '!' pattern; None: no
         pattern matched. ``is_dir`` must be False for a symlink, even to a directory.
         """
-        return _evaluate(self._dir_chain if is_dir else self._file_chain, path)
-
-
-def _evaluate(chain: _Chain, path: str) -> Optional[bool]:
-    for fullmatch, result in chain:
-        if fullmatch(path) is not None:
-            return result
-    return None
+        if self._prefix and not path.startswith(self._prefix):
+            return None
+        return _evaluate(self._chains[is_dir], path, path.rpartition("/")[2])
 
 
 def _str_tuple(items: Iterable[str], what: str) -> Tuple[str, ...]:

@@ -498,7 +498,30 @@ class Session:
                 task, batch_owners = pending.pop(0)
                 self._settle_batch(await task, batch_owners, updates)
 
-        for action in actions:
+        def small(action: Action) -> bool:
+            source = action.source
+            return (action.kind == em.COPY and source is not None and source.kind == m.FILE
+                    and source.size <= INLINE_MAX)
+
+        # Small files are read ahead in groups: one thread hop per group, not per file.
+        contents: dict[int, tuple[bytes, m.Entry] | str] = {}
+
+        async def read_ahead(start: int) -> None:
+            group: list[int] = []
+            budget = 0
+            for index in range(start, len(actions)):
+                action = actions[index]
+                if not small(action):
+                    continue
+                assert action.source is not None
+                group.append(index)
+                budget += action.source.size
+                if budget >= BATCH_BYTES or len(group) >= 512:
+                    break
+            read = await asyncio.to_thread(lambda: [local.read_small(actions[i].path) for i in group])
+            contents.update(zip(group, read, strict=True))
+
+        for index, action in enumerate(actions):
             source = action.source
             if action.kind == em.COPY and source is not None and source.kind == m.FILE:
                 expect = _expect(action.current)
@@ -507,7 +530,9 @@ class Session:
                     owners.append((action, None, False))
                     expect = m.Expect(m.ABSENT)
                 if source.size <= INLINE_MAX:
-                    read = await asyncio.to_thread(local.read_small, action.path)
+                    if index not in contents:
+                        await read_ahead(index)
+                    read = contents.pop(index)
                     if isinstance(read, str):
                         self.local_dirty.add(action.path)
                         continue
