@@ -9,11 +9,17 @@ surrogate-escaped (``os.fsdecode``) and are matched as they are, never encoded.
 
 Patterns follow git's ``wildmatch`` with ``WM_PATHNAME``: ``*``, ``?`` and ``[...]`` never
 match '/', ``**`` spans directories only when it is a whole path component (``**/x``,
-``x/**``, ``x/**/y``); elsewhere it is a plain ``*``. Matching is case-sensitive (git's
-default on Linux). Each pattern set is compiled once into a few regular expressions: one
-per run of consecutive patterns with the same sign, so "last match wins" costs one regex
-call per run, and results for directories are cached, so checking a file costs a
-dictionary look-up for its parent plus a handful of regex calls.
+``x/**``, ``x/**/y``); elsewhere it is a plain ``*`` (but see ``_translate`` for the one
+place where git differs from its documentation). Matching is case-sensitive (git's default
+on Linux). The behaviour was checked against ``git ls-files -o -i --exclude-standard`` on
+thousands of random trees and pattern files.
+
+Speed: ``is_ignored`` runs for every path of large trees. Patterns are compiled once;
+consecutive patterns with the same sign form one step ("last match wins" only needs the
+order of steps), tested cheapest first: literal names (a set), ``*.ext`` suffixes
+(``str.endswith``), then one combined regex for the basename and one for the whole path.
+Verdicts for directories are cached, so a file costs one dictionary look-up for its parent
+plus a few steps.
 """
 
 from __future__ import annotations
@@ -260,13 +266,9 @@ def _has_wildcard(text: str) -> bool:
 #  full-path literals, full-path regexes, result).
 # Floating patterns (no slash) look at the basename only: an evaluation chain only holds
 # the pattern sets of the path's ancestors, so their base needs no check there.
-_Spec = Tuple[
-    FrozenSet[str], Tuple[str, ...], Tuple[str, ...], FrozenSet[str], Tuple[str, ...], bool
-]
+_Spec = Tuple[FrozenSet[str], Tuple[str, ...], Tuple[str, ...], FrozenSet[str], Tuple[str, ...], bool]
 # The compiled form of a _Spec: the regexes become one ``fullmatch`` each (or None).
-_Step = Tuple[
-    FrozenSet[str], Tuple[str, ...], Optional[_Matcher], FrozenSet[str], Optional[_Matcher], bool
-]
+_Step = Tuple[FrozenSet[str], Tuple[str, ...], Optional[_Matcher], FrozenSet[str], Optional[_Matcher], bool]
 _Chain = Tuple[_Step, ...]
 
 
@@ -319,9 +321,10 @@ def _compile(sources: Tuple[str, ...]) -> Optional[_Matcher]:
     return re.compile(_alternation(sources), re.DOTALL).fullmatch
 
 
-def _compile_chain(specs: Iterable[_Spec]) -> _Chain:
+def _compile_chain(specs: Iterable[_Spec], only_true: bool = False) -> _Chain:
     """Compile specs (in evaluation order, last pattern first), merging neighbours with the
-    same result: they would give the same answer, so one test is enough."""
+    same result: they would give the same answer, so one test is enough. ``only_true``:
+    the caller tells False from None apart, so trailing '!' runs are dropped."""
     merged: List[_Spec] = []
     for spec in specs:
         if merged and merged[-1][5] == spec[5]:
@@ -337,6 +340,9 @@ def _compile_chain(specs: Iterable[_Spec]) -> _Chain:
             merged[-1] = spec
         else:
             merged.append(spec)
+    if only_true:
+        while merged and not merged[-1][5]:
+            merged.pop()
     return tuple(
         (names, suffixes, _compile(name_rx), paths, _compile(path_rx), result)
         for names, suffixes, name_rx, paths, path_rx, result in merged
@@ -447,43 +453,30 @@ def _ancestors(path: str) -> List[str]:
     return out
 
 
-class _DirCache:
-    """Per-directory verdicts "this directory or one of its ancestors matches"."""
-
-    __slots__ = ("_cache", "_match_dir")
-
-    def __init__(self, match_dir: Callable[[str], bool]) -> None:
-        self._cache: Dict[str, bool] = {}
-        self._match_dir = match_dir
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-    def get(self, directory: str) -> bool:
-        cache = self._cache
-        verdict = cache.get(directory)
-        if verdict is not None:
-            return verdict
-        # Walk up to the nearest cached ancestor (iteratively: paths can be deep), then
-        # resolve top-down; once a directory matches, everything below it does.
-        pending = [directory]
-        verdict = False
-        parent = directory.rpartition("/")[0]
-        while parent:
-            cached = cache.get(parent)
-            if cached is not None:
-                verdict = cached
-                break
-            pending.append(parent)
-            parent = parent.rpartition("/")[0]
-        if len(cache) + len(pending) > _CACHE_MAX:
-            cache.clear()
-        match_dir = self._match_dir
-        for d in reversed(pending):
-            if not verdict:
-                verdict = match_dir(d)
-            cache[d] = verdict
+def _resolve_dir(cache: Dict[str, bool], directory: str, match_dir: Callable[[str], bool]) -> bool:
+    """Whether ``directory`` or one of its ancestors matches, through ``cache``."""
+    verdict = cache.get(directory)
+    if verdict is not None:
         return verdict
+    # Walk up to the nearest cached ancestor (iteratively: paths can be deep), then resolve
+    # top-down; once a directory matches, everything below it does.
+    pending = [directory]
+    verdict = False
+    parent = directory.rpartition("/")[0]
+    while parent:
+        cached = cache.get(parent)
+        if cached is not None:
+            verdict = cached
+            break
+        pending.append(parent)
+        parent = parent.rpartition("/")[0]
+    if len(cache) + len(pending) > _CACHE_MAX:
+        cache.clear()
+    for d in reversed(pending):
+        if not verdict:
+            verdict = match_dir(d)
+        cache[d] = verdict
+    return verdict
 
 
 # --------------------------------------------------------------------------- Rules
@@ -521,9 +514,15 @@ class Rules:
         self._nested = False  # any .gitignore below the root?
         # Evaluation chains (last match first) per parent directory, built lazily.
         self._chains: Dict[str, Tuple[_Chain, _Chain]] = {}
+        # Chains shared by all directories with the same applicable .gitignore files.
+        self._chains_by_sets: Dict[Tuple[int, ...], Tuple[_Chain, _Chain]] = {}
         self._flat: Optional[Tuple[_Chain, _Chain]] = None
-        self._ignored_dirs = _DirCache(self._match_dir_ignored)
-        self._preserved_dirs = _DirCache(self._match_dir_preserved)
+        self._flat_files: Optional[_Chain] = None  # file chain when no nested .gitignore
+        # Per-directory verdicts "this directory or an ancestor is ignored / preserved".
+        self._ignored_dirs: Dict[str, bool] = {}
+        self._preserved_dirs: Dict[str, bool] = {}
+        self._preserve_files = _compile_chain(self._preserve._file_specs, True)
+        self._preserve_dirs = _compile_chain(self._preserve._dir_specs, True)
 
     def __repr__(self) -> str:
         return (
@@ -558,6 +557,8 @@ class Rules:
         Replaces any earlier text for that directory.
         """
         directory = _norm_dir(directory)
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         if self._gitignore_texts.get(directory) == text:
             return
         patterns = PatternSet(_split_lines(text), base=directory)
@@ -577,13 +578,17 @@ class Rules:
 
     def set_info_exclude(self, text: str) -> None:
         """Set the content of ``.git/info/exclude`` (patterns anchored at the root)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         self._info = PatternSet(_split_lines(text))
         self._invalidate()
 
     def _invalidate(self) -> None:
         self._nested = any(self._gitignores.keys() - {""})
         self._chains.clear()
+        self._chains_by_sets.clear()
         self._flat = None
+        self._flat_files = None
         self._ignored_dirs.clear()
 
     # ------------------------------------------------------------------ queries
@@ -592,31 +597,42 @@ class Rules:
         """True if ``path`` is ignored by itself or through an ignored ancestor directory."""
         if not path:
             return False  # the root itself
-        parent = path.rpartition("/")[0]
-        if parent and self._ignored_dirs.get(parent):
-            return True
+        parent, _, name = path.rpartition("/")
+        if parent:
+            verdict = self._ignored_dirs.get(parent)
+            if verdict is None:
+                verdict = _resolve_dir(self._ignored_dirs, parent, self._match_dir_ignored)
+            if verdict:
+                return True
         if is_dir:
-            return self._ignored_dirs.get(path)
-        return _evaluate(self._chain(parent)[0], path) is True
+            return _resolve_dir(self._ignored_dirs, path, self._match_dir_ignored)
+        chain = self._flat_files
+        if chain is None:
+            chain = self._chain(parent)[0]
+        return _evaluate(chain, path, name) is True
 
     def is_preserved(self, path: str, is_dir: bool) -> bool:
         """True if ``path`` matches a preserve-absent pattern or lies under a matching
         directory (e.g. any file under ``.claude/`` for the pattern ``.claude/``)."""
         if not path:
             return False
-        parent = path.rpartition("/")[0]
-        if parent and self._preserved_dirs.get(parent):
-            return True
+        parent, _, name = path.rpartition("/")
+        if parent:
+            verdict = self._preserved_dirs.get(parent)
+            if verdict is None:
+                verdict = _resolve_dir(self._preserved_dirs, parent, self._match_dir_preserved)
+            if verdict:
+                return True
         if is_dir:
-            return self._preserved_dirs.get(path)
-        return self._preserve.match(path, False) is True
+            return _resolve_dir(self._preserved_dirs, path, self._match_dir_preserved)
+        return _evaluate(self._preserve_files, path, name) is True
 
     def _match_dir_ignored(self, directory: str) -> bool:
-        parent = directory.rpartition("/")[0]
-        return _evaluate(self._chain(parent)[1], directory) is True
+        parent, _, name = directory.rpartition("/")
+        return _evaluate(self._chain(parent)[1], directory, name) is True
 
     def _match_dir_preserved(self, directory: str) -> bool:
-        return self._preserve.match(directory, True) is True
+        return _evaluate(self._preserve_dirs, directory, directory.rpartition("/")[2]) is True
 
     def _chain(self, parent: str) -> Tuple[_Chain, _Chain]:
         """(file chain, dir chain) for the children of ``parent``, last match first."""
@@ -624,6 +640,7 @@ class Rules:
             flat = self._flat
             if flat is None:
                 flat = self._flat = self._build_chain([self._gitignores.get("")])
+                self._flat_files = flat[0]
             return flat
         chains = self._chains.get(parent)
         if chains is None:
@@ -635,13 +652,19 @@ class Rules:
         return chains
 
     def _build_chain(self, gitignores: List[Optional[PatternSet]]) -> Tuple[_Chain, _Chain]:
-        sets = [self._default, self._info]
-        sets.extend(s for s in gitignores if s is not None)
-        sets.append(self._user)
-        sets.reverse()
-        files = tuple(step for s in sets for step in s._file_chain)
-        dirs = tuple(step for s in sets for step in s._dir_chain)
-        return files, dirs
+        key = tuple(id(s) for s in gitignores if s is not None)
+        chains = self._chains_by_sets.get(key)
+        if chains is None:
+            sets = [self._default, self._info]
+            sets.extend(s for s in gitignores if s is not None)
+            sets.append(self._user)
+            sets.reverse()
+            chains = (
+                _compile_chain((spec for s in sets for spec in s._file_specs), True),
+                _compile_chain((spec for s in sets for spec in s._dir_specs), True),
+            )
+            self._chains_by_sets[key] = chains
+        return chains
 
     # ------------------------------------------------------------------ wire format
 
@@ -664,7 +687,7 @@ class Rules:
             raise ValueError(f"rules: expected a mapping, got {type(data).__name__}")
         unknown = set(data) - set(_WIRE_KEYS)
         if unknown:
-            raise ValueError(f"rules: unknown keys {sorted(map(repr, unknown))!r}")
+            raise ValueError(f"rules: unknown keys {', '.join(sorted(map(repr, unknown)))}")
         kwargs: Dict[str, Tuple[str, ...]] = {}
         for key in _WIRE_KEYS:
             if key not in data:
@@ -720,8 +743,10 @@ def load_root_rules(
     ``.git/info/exclude`` and every ``.gitignore`` in the tree.
 
     Walks with ``os.scandir`` without following symlinks and without descending into
-    ignored directories (their ``.gitignore`` files do not count, as in git). Unreadable or
-    vanishing subdirectories are skipped; an unreadable root raises OSError.
+    ignored directories (their ``.gitignore`` files do not count, as in git) nor into
+    ``.git`` directories (git reads no ``.gitignore`` there). Symlinked ``.gitignore`` files
+    are not read (git >= 2.32 refuses them too). Unreadable or vanishing subdirectories are
+    skipped; an unreadable root raises OSError.
     """
     rules = Rules(ignore, preserve_absent, default_excludes)
     root = os.fspath(root)
@@ -745,7 +770,8 @@ def load_root_rules(
                     name = entry.name
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            subdirs.append(name)
+                            if name != ".git":
+                                subdirs.append(name)
                         elif name == ".gitignore":
                             text = _read_ignore_file(entry.path)
                             if text is not None:
