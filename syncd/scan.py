@@ -40,6 +40,22 @@ def is_temp_name(rel: str) -> bool:
     return rel[rel.rfind("/") + 1 :].startswith(TEMP_PREFIX)
 
 
+def is_stale_temp(name: str) -> bool:
+    """A temp file whose writer process is gone (killed mid-write): safe to remove.
+
+    Temp names carry the writer's pid (``.syncd-tmp-<pid>-<seq>-<name>``)."""
+    pid_text = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def entry_from_stat(rel: str, st: os.stat_result, target: Optional[str] = None) -> Optional[Entry]:
     """Build an Entry, or None for kinds syncd does not carry (FIFO, socket, device)."""
     fmt = stat.S_IFMT(st.st_mode)
@@ -237,6 +253,11 @@ class Scanner:
             for item in items:
                 name = item.name
                 if name.startswith(TEMP_PREFIX):
+                    if is_stale_temp(name):
+                        try:
+                            os.unlink(base + "/" + name)
+                        except OSError:
+                            pass
                     continue
                 rel = prefix + name
                 try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from syncd.engine.index import BaseIndex
-from syncd.engine.model import Agreed
+from syncd.engine.model import Agreed, Conflict, other
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS base (
@@ -22,6 +23,13 @@ CREATE TABLE IF NOT EXISTS base (
     remote_ino INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS conflicts (
+    path BLOB NOT NULL,
+    winner TEXT NOT NULL,
+    copy BLOB NOT NULL,
+    loser TEXT NOT NULL,
+    stamp TEXT NOT NULL
+);
 """
 
 
@@ -97,3 +105,26 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True)
+class ConflictRecord:
+    """A settled conflict as listed to users: where, who won, where the loser was kept."""
+
+    path: str
+    winner: str
+    loser: str
+    copy: str
+    stamp: str
+
+
+def add_conflicts(store: Store, conflicts: Iterable[Conflict]) -> None:
+    rows = [(os.fsencode(c.path), c.winner, os.fsencode(c.loser_copy), other(c.winner), c.stamp) for c in conflicts]
+    if rows:
+        with store.db:
+            store.db.executemany("INSERT INTO conflicts VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def list_conflicts(store: Store) -> list[ConflictRecord]:
+    rows = store.db.execute("SELECT path, winner, loser, copy, stamp FROM conflicts ORDER BY rowid")
+    return [ConflictRecord(os.fsdecode(p), w, lo, os.fsdecode(c), s) for p, w, lo, c, s in rows]

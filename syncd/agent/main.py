@@ -17,7 +17,7 @@ from syncd import __version__
 from syncd.fsops import Root, read_file
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
-from syncd.scan import Scanner, digest_bytes
+from syncd.scan import Scanner, digest_bytes, is_temp_name
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
@@ -167,7 +167,13 @@ class Agent:
 
         # inotify first: unlike watchfiles it reports queue overflow (answered by a rescan)
         # and copes with names that are not UTF-8.
-        self.watcher = start_watcher(root, on_batch, is_ignored=self.rules.is_ignored, prefer="inotify")
+        rules = self.rules
+
+        def ignored(rel: str, is_dir: bool) -> bool:
+            # Our own temp files come and go with every write: never report them.
+            return is_temp_name(rel) or bool(rules.is_ignored(rel, is_dir))
+
+        self.watcher = start_watcher(root, on_batch, is_ignored=ignored, prefer="inotify")
         return str(self.watcher.backend)
 
 

@@ -28,7 +28,7 @@ from syncd.scan import TEMP_PREFIX, is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
-from syncd.store import Store
+from syncd.store import Store, add_conflicts
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
@@ -395,6 +395,9 @@ class Session:
     async def execute(self, plan: Plan) -> None:
         if plan.records:
             self._commit(list(plan.records.items()))
+        if plan.conflicts:
+            assert self.store is not None
+            add_conflicts(self.store, plan.conflicts)
         for conflict in plan.conflicts:
             self.stats.conflicts.append(conflict)
             self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
