@@ -102,6 +102,9 @@ def run_foreground(cfg: SessionConfig, quiet: bool = False) -> int:
         _fail(f"halted: {exc}", EXIT_HALTED)
     except SessionError as exc:
         _fail(str(exc))
+    finally:
+        if session.stats.cycles and not quiet:
+            click.echo(f"syncd: stopped: {session.stats.summary()}")
     return EXIT_OK
 
 

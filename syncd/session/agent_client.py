@@ -29,7 +29,8 @@ class AgentClient:
         self._hello = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # wire bytes, framing included
+        self.bytes_received = 0
 
     async def start(self) -> m.Hello:
         self._send_raw(self.conn.initiate())
@@ -55,6 +56,7 @@ class AgentClient:
         try:
             while True:
                 data = await self.channel.read()
+                self.bytes_received += len(data)
                 if not data:
                     status = await self.channel.exit_status(1.0)
                     detail = self.channel.stderr_text()

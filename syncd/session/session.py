@@ -60,6 +60,13 @@ class Stats:
     conflicts: list[em.Conflict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_cycle: float = 0.0
+    wire_out: int = 0
+    wire_in: int = 0
+
+    def summary(self) -> str:
+        return (f"sent {self.sent_files} files ({self.sent_bytes} bytes), received {self.received_files} files "
+                f"({self.received_bytes} bytes), deleted {self.deleted}, conflicts {len(self.conflicts)}; "
+                f"wire out {self.wire_out} bytes, in {self.wire_in} bytes")
 
 
 Observed = dict[str, m.Entry | None]
@@ -129,6 +136,9 @@ class Session:
                  opened.watcher)
 
     async def close(self) -> None:
+        if self.agent is not None:
+            self.stats.wire_out = self.agent.bytes_sent
+            self.stats.wire_in = self.agent.bytes_received
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
