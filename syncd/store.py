@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -9,6 +10,11 @@ from dataclasses import dataclass
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import Agreed, Conflict, other
+
+
+class StoreBusy(Exception):
+    """The index is in use by another process."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS base (
@@ -52,6 +58,14 @@ class Store:
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         self.path = path
+        # One writer per index: a second process syncing the same session would corrupt
+        # the agreement between the base and the trees.
+        self._lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise StoreBusy(f"another syncd process is already syncing this session ({path})") from None
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -59,6 +73,7 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        os.close(self._lock)
 
     def load(self) -> BaseIndex:
         rows = self.db.execute(

@@ -28,7 +28,7 @@ from syncd.scan import TEMP_PREFIX, is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
-from syncd.store import Store, add_conflicts
+from syncd.store import Store, StoreBusy, add_conflicts
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
@@ -116,7 +116,10 @@ class Session:
         cfg = self.cfg
         if not os.path.isdir(cfg.local):
             raise SessionError(f"local directory {cfg.local} does not exist")
-        self.store = Store(cfg.index_path())
+        try:
+            self.store = Store(cfg.index_path())
+        except StoreBusy as exc:
+            raise SessionError(str(exc)) from None
         self.base = self.store.load()
         self.local = LocalSide(cfg.local, self.rules, self.base)
         self.state = "connecting"
