@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
-import difflib
+import functools
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,8 +29,6 @@ from tests.sshd import SshServer
 StrPath = Union[str, "os.PathLike[str]"]
 T = TypeVar("T")
 
-# How the CLI is started: ``python -m syncd.cli`` works (cli.py ends with main()).
-CLI: list[str] = [sys.executable, "-m", "syncd.cli"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POLL_INTERVAL = 0.02
 STOP_TIMEOUT = 20.0
@@ -38,6 +37,21 @@ STOP_TIMEOUT = 20.0
 # ---------------------------------------------------------------------------------------
 # running the CLI
 # ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def cli_argv() -> tuple[str, ...]:
+    """How to start the CLI: ``python -m syncd.cli`` (cli.py calls main() when run as a
+    module), else the ``syncd`` console script."""
+    module = (sys.executable, "-m", "syncd.cli")
+    probe = subprocess.run([*module, "--version"], capture_output=True, env=cli_env(), check=False)
+    if probe.returncode == 0:
+        return module
+    script = shutil.which("syncd")
+    if script is None:
+        raise RuntimeError("neither `python -m syncd.cli` nor a `syncd` script works:\n"
+                           + probe.stderr.decode(errors="replace"))
+    return (script,)
 
 
 def cli_env() -> dict[str, str]:
@@ -129,7 +143,7 @@ def start_session(
     stdout_path = logs / f"{name}.out"
     stderr_path = logs / f"{name}.err"
     argv = [
-        *CLI, "run", os.fspath(local), server.url(remote), *ssh_args(server),
+        *cli_argv(), "run", os.fspath(local), server.url(remote), *ssh_args(server),
         "--state-dir", os.fspath(state_dir), *(["-v"] if verbose else []), *extra,
     ]
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
@@ -140,7 +154,7 @@ def start_session(
 def run_cli(args: Sequence[str], timeout: float = 30.0) -> "subprocess.CompletedProcess[str]":
     """Run ``syncd ARGS`` to completion (for invocations expected to fail fast)."""
     return subprocess.run(
-        [*CLI, *args],
+        [*cli_argv(), *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
