@@ -14,7 +14,7 @@ import threading
 from typing import Any, List, Optional, Set
 
 from syncd import __version__
-from syncd.fsops import Root, read_file
+from syncd.fsops import Root, UnsafePath, read_file, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import Scanner, digest_bytes, is_temp_name
@@ -78,6 +78,14 @@ class Agent:
             return
         if self.root is None or self.scanner is None:
             raise ProtocolError("%s before Open" % type(msg).__name__)
+        paths = getattr(msg, "paths", None)
+        if isinstance(msg, (m.Scan, m.Hash)) and paths is not None:
+            try:
+                for path in paths:
+                    split_path(path)
+            except UnsafePath as exc:
+                self.send(m.Failure(msg.req, "unsafe", str(exc)))
+                return
         if isinstance(msg, m.Scan):
             if msg.paths is None:
                 entries = self.scanner.scan_all(hash_files=False)

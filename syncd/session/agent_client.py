@@ -142,11 +142,34 @@ class AgentClient:
         return await self._entries(lambda req: m.Hash(req, tuple(paths)))
 
     async def apply(self, ops: list[m.Op]) -> tuple[m.OpResult, ...]:
-        reply = await self.call(lambda req: m.Apply(req, tuple(ops)))
-        assert isinstance(reply, m.Applied)
-        if len(reply.results) != len(ops):
-            raise AgentError("the agent answered a batch with the wrong number of results")
-        return reply.results
+        return await self.submit_apply(ops)
+
+    def submit_apply(self, ops: list[m.Op]) -> asyncio.Future[tuple[m.OpResult, ...]]:
+        """Write an Apply batch now (so it precedes whatever is sent next) and return a
+        future for its results."""
+        req = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiting[req] = queue
+        try:
+            self.send(m.Apply(req, tuple(ops)))
+        except BaseException:
+            self._waiting.pop(req, None)
+            raise
+
+        async def results() -> tuple[m.OpResult, ...]:
+            try:
+                item = await queue.get()
+            finally:
+                self._waiting.pop(req, None)
+            if isinstance(item, BaseException):
+                raise AgentError(str(item))
+            if isinstance(item, m.Failure):
+                raise AgentError(item.message)
+            if not isinstance(item, m.Applied) or len(item.results) != len(ops):
+                raise AgentError("the agent answered a batch with the wrong number of results")
+            return item.results
+
+        return asyncio.ensure_future(results())
 
     def fetch(self, path: str) -> AsyncIterator[m.FileData]:
         return self._request(lambda req: m.Fetch(req, path))

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import watchfiles
-
+from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import Action, Agreed, Plan, Policy
@@ -102,6 +101,7 @@ class Session:
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self._stop = asyncio.Event()
+        self._local_armed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
 
@@ -159,7 +159,8 @@ class Session:
         try:
             self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
-            await asyncio.sleep(0.05)  # let the local watcher arm before the first scan
+            # Watch before scanning, so nothing changed during the first scan is missed.
+            await self._local_armed.wait()
             await self.follow()
         finally:
             await self.close()
@@ -185,39 +186,34 @@ class Session:
 
     # -- watching -----------------------------------------------------------------------------
 
-    def _relative(self, path: str) -> str | None:
-        root = self.cfg.local.rstrip("/")
-        if path == root:
-            return ""
-        if not path.startswith(root + "/"):
-            return None
-        rel = path[len(root) + 1 :]
-        return None if is_temp_name(rel) else rel
+    def _on_local_batch(self, paths: set[str], overflow: bool) -> None:
+        """Runs on the event loop: record a watcher batch and wake the cycle."""
+        if overflow or "" in paths:
+            self.local_full = True
+        self.local_dirty.update(p for p in paths if p and not is_temp_name(p))
+        self.wakeup.set()
 
     async def _watch_local(self) -> None:
+        """watchfiles first (it falls back to our inotify watcher on names that are not
+        UTF-8 or when the watch limit is reached, with a warning naming the sysctl)."""
+        loop = asyncio.get_running_loop()
+
+        def on_batch(paths: set[str], overflow: bool) -> None:
+            loop.call_soon_threadsafe(self._on_local_batch, set(paths), overflow)
+
+        def ignored(rel: str, is_dir: bool) -> bool:
+            return is_temp_name(rel) or self.rules.is_ignored(rel, is_dir)
+
         try:
-            async for changes in watchfiles.awatch(
-                self.cfg.local, debounce=200, step=10, stop_event=self._stop,
-                ignore_permission_denied=True, watch_filter=None, rust_timeout=1000,
-                yield_on_timeout=False,
-            ):
-                for _change, path in changes:
-                    rel = self._relative(path)
-                    if rel is None:
-                        continue
-                    if rel == "":
-                        self.local_full = True
-                    else:
-                        self.local_dirty.add(rel)
-                self.wakeup.set()
-        except Exception as exc:  # watchfiles raises plain errors, e.g. the watch limit
-            log.warning("%s: local watcher failed (%s); falling back to rescans every 2 s. "
-                        "If the watch limit was reached, raise sysctl fs.inotify.max_user_watches",
-                        self.cfg.name, exc)
-            while not self._stop.is_set():
-                self.local_full = True
-                self.wakeup.set()
-                await asyncio.sleep(2)
+            watcher = await asyncio.to_thread(
+                start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
+            )
+        finally:
+            self._local_armed.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await asyncio.to_thread(watcher.stop)
 
     async def _pump_remote(self) -> None:
         assert self.agent is not None
@@ -496,7 +492,7 @@ class Session:
         agent = self.agent
         local = self.local
         assert agent is not None and local is not None
-        pending: list[tuple[asyncio.Task[tuple[m.OpResult, ...]], list[tuple[Action, m.Entry | None, bool]]]] = []
+        pending: list[tuple[asyncio.Future[tuple[m.OpResult, ...]], list[tuple[Action, m.Entry | None, bool]]]] = []
         ops: list[m.Op] = []
         owners: list[tuple[Action, m.Entry | None, bool]] = []  # (action, source, counts)
         size = 0
@@ -505,7 +501,7 @@ class Session:
         def flush() -> None:
             nonlocal ops, owners, size
             if ops:
-                pending.append((asyncio.create_task(agent.apply(ops)), owners))
+                pending.append((agent.submit_apply(ops), owners))
             ops, owners, size = [], [], 0
 
         async def drain_some() -> None:
@@ -557,6 +553,7 @@ class Session:
                     owners.append((action, actual, True))
                     size += len(data)
                 else:
+                    flush()  # the directory this file goes into must be made first
                     actual_or_none = await self._stream_blob(action.path)
                     blob_id, actual_entry = actual_or_none
                     if actual_entry is None:
@@ -620,15 +617,23 @@ class Session:
         updates: list[tuple[str, Agreed | None]] = []
         fetches: dict[str, asyncio.Task[tuple[int, m.Entry | None, str]]] = {}
         sem = asyncio.Semaphore(FETCH_PARALLEL)
-        # Start every content download first; they stream while the rest is applied.
-        for action in actions:
-            source = action.source
-            if action.kind == em.COPY and source is not None and source.kind == m.FILE:
-                fetches[action.path] = asyncio.create_task(self._fetch(action.path, sem))
+
+        def start_fetches(start: int) -> None:
+            # Actions are ordered: by the first file copy, every directory is made, so the
+            # downloads (which stage beside their destination) can all start together.
+            for later in actions[start:]:
+                src = later.source
+                if later.kind == em.COPY and src is not None and src.kind == m.FILE:
+                    fetches[later.path] = asyncio.create_task(self._fetch(later.path, sem))
+
+        started = False
         try:
-            for action in actions:
+            for index, action in enumerate(actions):
                 source = action.source
                 if action.kind == em.COPY and source is not None and source.kind == m.FILE:
+                    if not started:
+                        start_fetches(index)
+                        started = True
                     blob_id, actual, error = await fetches.pop(action.path)
                     expect = _expect(action.current)
                     ops: list[m.Op] = []

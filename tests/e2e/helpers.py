@@ -169,6 +169,10 @@ def run_cli(args: Sequence[str], timeout: float = 30.0) -> "subprocess.Completed
 # ---------------------------------------------------------------------------------------
 
 
+# Deadlines are generous on purpose: they catch hangs, not slowness (benchmarks do that).
+TIMEOUT_SCALE = float(os.environ.get("SYNCD_TEST_TIMEOUT_SCALE", "2"))
+
+
 def wait_until(
     predicate: Callable[[], T],
     timeout: float = 15.0,
@@ -181,6 +185,7 @@ def wait_until(
 
     Raises AssertionError after *timeout* s, or at once when *session* has exited.
     """
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -394,12 +394,6 @@ def _unexpected(session: SyncProcess) -> list[str]:
     return [line for line in session.stdout_lines() if line.startswith("!!")]
 
 
-@pytest.mark.xfail(
-    reason="syncd bug: the local watcher (watchfiles, syncd/session/session.py _watch_local) dies on "
-    "the first event once a non-UTF-8 name exists (WatchfilesRustInternalError: Unable to decode path); "
-    "the session then falls back to a full rescan every 2 s for the rest of its life",
-    strict=False,
-)
 def test_local_watcher_survives_non_utf8_names(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                                sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
@@ -421,13 +415,6 @@ def test_local_watcher_survives_non_utf8_names(sshd: SshServer, dirs: tuple[Path
     assert "local watcher failed" not in session.stderr(), session.stderr()
 
 
-@pytest.mark.xfail(
-    reason="syncd bug: a file in a directory created in the same cycle is streamed (BlobStart / "
-    "Root.start_blob) before the MakeDir of its parent is applied, so its first copy fails with "
-    "'No such file or directory' and is only retried in a later cycle "
-    "(syncd/session/session.py _run_remote/_stream_blob and _run_local/_fetch)",
-    strict=False,
-)
 def test_new_directories_with_files_sync_without_errors(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                                         sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
