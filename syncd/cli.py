@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from syncd import __version__
+from syncd.control import wire
+from syncd.control.client import DaemonUnavailable, RemoteError, call, default_socket_path
 from syncd.endpoint import EndpointError, parse_remote
 from syncd.session.config import MODES, WINNERS, SessionConfig, default_state_dir
 from syncd.session.session import Halted, Session, SessionError
+from syncd.session.spec import SessionSpec, SpecError
 from syncd.transport.connect import AgentOptions
 from syncd.transport.ssh import SshOptions
 
@@ -23,7 +28,19 @@ from syncd.transport.ssh import SshOptions
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+EXIT_UNKNOWN_SESSION = 4
 EXIT_HALTED = 5
+EXIT_TIMEOUT = 6
+EXIT_CONFLICTS = 7
+
+_CODE_EXITS = {
+    wire.E_UNKNOWN_SESSION: EXIT_UNKNOWN_SESSION,
+    wire.E_HALTED: EXIT_HALTED,
+    wire.E_TIMEOUT: EXIT_TIMEOUT,
+    wire.E_INVALID: EXIT_USAGE,
+    wire.E_EXISTS: EXIT_ERROR,
+}
 
 
 def _setup_logging(verbose: int) -> None:
@@ -135,6 +152,196 @@ def demo(workdir: str) -> None:
 
     _setup_logging(0)
     sys.exit(asyncio.run(run_demo(workdir)))
+
+
+socket_option = click.option(
+    "--socket", "socket_path", envvar="SYNCD_SOCKET", default=None, metavar="PATH",
+    help="control socket (default: $SYNCD_SOCKET, /run/syncd/syncd.sock for root, else $XDG_RUNTIME_DIR/syncd)",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+
+
+def _call(socket_path: str | None, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 30.0) -> Any:
+    """One request to the daemon; typed failures become documented exit codes."""
+    try:
+        return call(socket_path or default_socket_path(), cmd, args, timeout)
+    except DaemonUnavailable as exc:
+        _fail(str(exc), EXIT_NO_DAEMON)
+    except RemoteError as exc:
+        _fail(str(exc), _CODE_EXITS.get(exc.code, EXIT_ERROR))
+    raise AssertionError("unreachable")
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with [daemon] settings and [sessions.NAME] tables")
+@socket_option
+@click.option("-v", "--verbose", count=True)
+def daemon(config_path: str | None, socket_path: str | None, verbose: int) -> None:
+    """Run the daemon in the foreground (systemd's ExecStart)."""
+    from syncd.daemon.registry import ConfigError
+    from syncd.daemon.server import DaemonError, run_daemon
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO - 10 * min(verbose, 1),
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    try:
+        asyncio.run(run_daemon(config_path, socket_path))
+    except (DaemonError, ConfigError) as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("local", type=click.Path())
+@click.argument("remote")
+@click.option("--replace", is_flag=True, help="change an existing session with other settings")
+@socket_option
+@session_options
+def add(name: str, local: str, remote: str, replace: bool, socket_path: str | None, verbose: int,
+        **opts: Any) -> None:
+    """Add a session (idempotent: the same settings again change nothing)."""
+    spec = SessionSpec(
+        name=name, local=os.path.abspath(local), remote=remote,
+        ignore=tuple(opts.get("ignore") or ()), preserve_absent=tuple(opts.get("preserve") or ()),
+        mode=opts.get("mode") or "two-way", conflict_winner=opts.get("winner") or "remote",
+        port=opts.get("port"),
+        identity=os.path.abspath(opts["identity"]) if opts.get("identity") else None,
+        known_hosts=os.path.abspath(opts["known_hosts"]) if opts.get("known_hosts") else None,
+        ssh_config=os.path.abspath(opts["ssh_config"]) if opts.get("ssh_config") else None,
+        remote_python=opts.get("remote_python") or "python3",
+    )
+    try:
+        spec.validate()
+    except SpecError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = _call(socket_path, "add", {"name": name, "spec": spec.to_dict(), "replace": replace})
+    click.echo(f"{name}: {'added' if result['changed'] else 'unchanged'}")
+
+
+@main.command()
+@click.argument("name")
+@socket_option
+def rm(name: str, socket_path: str | None) -> None:
+    """Stop a session and forget it (files stay as they are)."""
+    _call(socket_path, "rm", {"name": name})
+    click.echo(f"{name}: removed")
+
+
+@main.command(name="list")
+@socket_option
+@json_option
+def list_sessions(socket_path: str | None, as_json: bool) -> None:
+    """List sessions."""
+    rows = _call(socket_path, "list")
+    if as_json:
+        _print_json({"sessions": rows})
+        return
+    if not rows:
+        click.echo("no sessions")
+    for row in rows:
+        click.echo(f"{row['name']:20} {row['state']:13} {row['local']}  <->  {row['remote']}")
+
+
+def _age(ts: float) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0, int(time.time() - ts))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+@main.command()
+@click.argument("name", required=False)
+@socket_option
+@json_option
+def status(name: str | None, socket_path: str | None, as_json: bool) -> None:
+    """State, last cycle, pending changes, transfers, conflicts and errors."""
+    rows = _call(socket_path, "status", {"name": name} if name else {})
+    if as_json:
+        _print_json({"sessions": rows})
+        return
+    if not rows:
+        click.echo("no sessions")
+        return
+    click.echo(f"{'NAME':18} {'STATE':13} {'LAST CYCLE':11} {'PENDING':8} {'SENT':>10} {'RECEIVED':>10} CONFLICTS")
+    for row in rows:
+        pending = row["pending_local"] + row["pending_remote"]
+        click.echo(f"{row['name']:18} {row['state']:13} {_age(row['last_cycle']):11} {pending:<8} "
+                   f"{_size(row['sent_bytes']):>10} {_size(row['received_bytes']):>10} {row['conflicts']}")
+        for problem in filter(None, [row["halt_reason"], row["last_error"], *row["errors"]]):
+            click.echo(f"    ! {problem}")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds before giving up (exit 6)")
+@socket_option
+@json_option
+def flush(name: str, timeout: float, socket_path: str | None, as_json: bool) -> None:
+    """Return once every change made before the call is on both sides (a barrier).
+
+    Exits 7 when the session has recorded conflicts (see `syncd conflicts`)."""
+    started = time.monotonic()
+    row = _call(socket_path, "flush", {"name": name, "timeout": timeout}, timeout=timeout + 10)
+    row["flush_seconds"] = round(time.monotonic() - started, 3)
+    if as_json:
+        _print_json(row)
+    else:
+        click.echo(f"{name}: in sync ({row['flush_seconds']:.2f}s)")
+    if row.get("conflicts"):
+        if not as_json:
+            click.echo(f"{name}: {row['conflicts']} conflicts recorded; see `syncd conflicts {name}`", err=True)
+        sys.exit(EXIT_CONFLICTS)
+
+
+@main.command()
+@click.argument("name")
+@socket_option
+def pause(name: str, socket_path: str | None) -> None:
+    """Stop syncing a session until resumed."""
+    _call(socket_path, "pause", {"name": name})
+    click.echo(f"{name}: paused")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="after a safety halt: propagate what halted it")
+@socket_option
+def resume(name: str, force: bool, socket_path: str | None) -> None:
+    """Resume a paused or halted session."""
+    result = _call(socket_path, "resume", {"name": name, "force": force})
+    click.echo(f"{name}: {result['state']}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--clear", is_flag=True, help="forget the listed conflicts (the copies stay on disk)")
+@socket_option
+@json_option
+def conflicts(name: str, clear: bool, socket_path: str | None, as_json: bool) -> None:
+    """List conflicts: the path, the winner, and where the losing version was kept."""
+    rows = _call(socket_path, "conflicts", {"name": name, "clear": clear})
+    if as_json:
+        _print_json({"conflicts": rows})
+        return
+    if not rows:
+        click.echo("no conflicts")
+    for row in rows:
+        click.echo(f"{row['time']}  {row['path']}: {row['winner']} won; {row['loser']} version kept as {row['copy']}")
 
 
 @main.command(hidden=True)

@@ -143,3 +143,8 @@ def add_conflicts(store: Store, conflicts: Iterable[Conflict]) -> None:
 def list_conflicts(store: Store) -> list[ConflictRecord]:
     rows = store.db.execute("SELECT path, winner, loser, copy, stamp FROM conflicts ORDER BY rowid")
     return [ConflictRecord(os.fsdecode(p), w, lo, os.fsdecode(c), s) for p, w, lo, c, s in rows]
+
+
+def clear_conflicts(store: Store) -> int:
+    with store.db:
+        return store.db.execute("DELETE FROM conflicts").rowcount

@@ -104,6 +104,10 @@ class Session:
         self._local_armed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
+        self.started_cycles = 0
+        self.finished_cycles = 0
+        self.force_next = False  # skip the safety halts for one cycle (resume --force)
+        self.connected = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -135,6 +139,7 @@ class Session:
             await self.agent.close()
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
+        self.connected = True
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 
@@ -311,7 +316,28 @@ class Session:
 
     # -- a cycle -------------------------------------------------------------------------------
 
+    async def flush(self) -> None:
+        """A barrier: return once everything changed on either side before the call has
+        been applied to the other side and recorded. Both sides are rescanned (watchers
+        are only hints), then follow-up work is drained."""
+        target = self.started_cycles + 1
+        self.local_full = self.remote_full = True
+        self.wakeup.set()
+        while True:
+            if self.agent is not None and self.agent.error is not None:
+                raise SessionError(f"lost the agent: {self.agent.error}")
+            if (self.finished_cycles >= target and self.idle.is_set() and not self.local_dirty
+                    and not self.remote_dirty and not self.local_full and not self.remote_full):
+                return
+            if self._stop.is_set():
+                raise SessionError("the session stopped")
+            await asyncio.sleep(0.01)
+
+    def pending(self) -> tuple[int, int]:
+        return len(self.local_dirty), len(self.remote_dirty)
+
     async def cycle(self) -> None:
+        self.started_cycles += 1
         self.state = "scanning"
         local_full, remote_full = self.local_full, self.remote_full
         local_dirty, remote_dirty = self.local_dirty, self.remote_dirty
@@ -333,6 +359,8 @@ class Session:
         self._check_deletions(plan)
         self.state = "syncing"
         await self.execute(plan)
+        self.force_next = False
+        self.finished_cycles += 1
         self.stats.cycles += 1
         self.stats.last_cycle = time.time()
 
@@ -340,7 +368,7 @@ class Session:
         return Policy(self.cfg.mode, self.cfg.winner, self.rules.is_preserved, _stamp())
 
     def _check_roots(self, local: Observed, remote: Observed, local_full: bool, remote_full: bool) -> None:
-        if not self.base:
+        if not self.base or self.force_next:
             return
         for side, observed, full in (("local", local, local_full), ("remote", remote, remote_full)):
             if full and not any(e is not None for e in observed.values()):
@@ -350,6 +378,8 @@ class Session:
                 )
 
     def _check_deletions(self, plan: Plan) -> None:
+        if self.force_next:
+            return
         tracked = len(self.base)
         for side in em.SIDES:
             count = plan.deletions(side)
