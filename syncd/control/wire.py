@@ -40,6 +40,9 @@ COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
     "pause": {"name": (_STR, True)},
     "resume": {"name": (_STR, True), "force": (_BOOL, False)},
     "conflicts": {"name": (_STR, True), "clear": (_BOOL, False)},
+    # Test hook (only with SYNCD_DEBUG_HOOKS=1 in the daemon's environment): block the
+    # event loop, to prove the systemd watchdog restarts a hung daemon.
+    "debug-hang": {"seconds": (_FLOAT, False)},
 }
 
 

@@ -49,6 +49,16 @@ def daemon_state_dir() -> str:
     )
 
 
+def default_config_path() -> str | None:
+    """/etc/syncd/syncd.toml for root, else $XDG_CONFIG_HOME/syncd/syncd.toml, if present."""
+    if os.geteuid() == 0:
+        path = "/etc/syncd/syncd.toml"
+    else:
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        path = os.path.join(base, "syncd", "syncd.toml")
+    return path if os.path.exists(path) else None
+
+
 def load_settings(config_path: str | None, socket_override: str | None) -> tuple[DaemonSettings, dict[str, Any]]:
     data = read_toml(config_path) if config_path else {}
     if config_path and not os.path.exists(config_path):
@@ -72,6 +82,7 @@ def load_settings(config_path: str | None, socket_override: str | None) -> tuple
 
 class Daemon:
     def __init__(self, config_path: str | None, socket_override: str | None) -> None:
+        config_path = config_path or default_config_path()
         self.config_path = config_path
         self.socket_override = socket_override
         self.settings, config = load_settings(config_path, socket_override)
@@ -286,6 +297,14 @@ class Daemon:
             return wire.error(wire.E_EXISTS, str(exc))
 
     async def _handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "debug-hang":
+            if os.environ.get("SYNCD_DEBUG_HOOKS") != "1":
+                raise ValueError("debug hooks are disabled")
+            import time
+
+            log.warning("debug-hang: blocking the event loop on purpose")
+            time.sleep(float(args.get("seconds", 3600.0)))  # noqa: ASYNC251 - the point of the hook
+            return None
         if cmd == "ping":
             return {"sessions": len(self.runners), "pid": os.getpid()}
         if cmd == "list":
