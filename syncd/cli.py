@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from syncd.session.config import MODES, WINNERS, SessionConfig, default_state_di
 from syncd.session.session import Halted, Session, SessionError
 from syncd.session.spec import SessionSpec, SpecError
 from syncd.transport.connect import AgentOptions
-from syncd.transport.ssh import SshOptions
+from syncd.transport.options import SshOptions
 
 # Stable exit codes (documented in README).
 EXIT_OK = 0
@@ -172,6 +173,12 @@ def _call(socket_path: str | None, cmd: str, args: dict[str, Any] | None = None,
     raise AssertionError("unreachable")
 
 
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter("must be a finite number of seconds")
+    return value
+
+
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
@@ -288,7 +295,8 @@ def _size(n: int) -> str:
 
 @main.command()
 @click.argument("name")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds before giving up (exit 6)")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=120.0, show_default=True,
+              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up (exit 6)")
 @socket_option
 @json_option
 def flush(name: str, timeout: float, socket_path: str | None, as_json: bool) -> None:

@@ -51,7 +51,10 @@ def call(socket_path: str, cmd: str, args: dict[str, Any] | None = None, timeout
             raise DaemonUnavailable(f"the syncd daemon is not running (no socket at {socket_path})") from None
         except PermissionError:
             raise DaemonUnavailable(f"permission denied on {socket_path}") from None
-        sock.sendall(wire.pack({"v": wire.VERSION, "cmd": cmd, "args": args or {}}))
+        try:
+            sock.sendall(wire.pack({"v": wire.VERSION, "cmd": cmd, "args": args or {}}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered before reading (a refusal): read that answer
         try:
             length = wire.check_length(_recv_exact(sock, wire.HEADER.size))
             reply = wire.unpack_body(_recv_exact(sock, length))

@@ -81,7 +81,7 @@ def parse_request(obj: Any) -> Request:
     """Validate a decoded request against the schema."""
     if not isinstance(obj, dict):
         raise WireError("a request must be a map")
-    if obj.get("v") != VERSION:
+    if type(obj.get("v")) is not int or obj.get("v") != VERSION:
         raise WireError(f"unsupported control protocol version {obj.get('v')!r} (expected {VERSION})")
     cmd = obj.get("cmd")
     if not isinstance(cmd, str) or cmd not in COMMANDS:
@@ -97,6 +97,8 @@ def parse_request(obj: Any) -> Request:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
             args[key] = value
+        if expected is float and isinstance(value, float) and not (0 < value < 1e9):
+            raise WireError(f"{cmd}: {key} must be a positive, finite number")
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise WireError(f"{cmd}: {key} must be {expected.__name__}")
     for key, (_, required) in schema.items():

@@ -83,7 +83,7 @@ class SessionRunner:
             if self.paused or self.halt_reason:
                 await self._idle_until_woken(None)
                 continue
-            session = Session(self.spec.to_config(self.state_dir), self._report)
+            session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected)
             session.force_next = self._force
             self._force = False
             self.session = session
@@ -121,6 +121,9 @@ class SessionRunner:
                 self.state = "stopped"
         if not self.paused and not self.halt_reason:
             self.state = "stopped"
+
+    def _connected(self) -> None:
+        self.last_error = ""
 
     def _collect(self, session: Session) -> None:
         stats = session.stats

@@ -132,9 +132,12 @@ class Daemon:
         self.dynamic = self.registry.load()
         for spec, paused in {**self.static, **self.dynamic}.values():
             self._spawn(spec, paused)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The umask only around bind(): nothing else may run meanwhile (agents started by
+        # the sessions would inherit it).
         old_umask = os.umask(0o177 if self._gid is None else 0o117)
         try:
-            self.server = await asyncio.start_unix_server(self._serve, path=self.settings.socket)
+            listener.bind(self.settings.socket)
         finally:
             os.umask(old_umask)
         if self._gid is not None:
@@ -142,6 +145,7 @@ class Daemon:
             os.chmod(self.settings.socket, 0o660)
         else:
             os.chmod(self.settings.socket, 0o600)
+        self.server = await asyncio.start_unix_server(self._serve, sock=listener)
         log.info("listening on %s with %d sessions", self.settings.socket, len(self.runners))
         self.notifier.send("READY=1", f"STATUS={self.summary()}")
 

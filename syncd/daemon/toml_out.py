@@ -14,10 +14,21 @@ def _value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        # A JSON string is a valid TOML basic string for everything json.dumps emits
-        # with ensure_ascii (escapes \uXXXX; lone surrogates are refused below).
-        value.encode("utf-8")
-        return json.dumps(value, ensure_ascii=True)
+        value.encode("utf-8")  # lone surrogates cannot be written: refuse them
+        out = []
+        for ch in value:
+            code = ord(ch)
+            if ch in ('"', "\\"):
+                out.append("\\" + ch)
+            elif code < 0x20 or code == 0x7F:
+                out.append("\\u%04X" % code)
+            elif code > 0xFFFF:
+                out.append("\\U%08X" % code)  # TOML has no surrogate pairs
+            elif code > 0x7E:
+                out.append("\\u%04X" % code)
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -84,8 +84,10 @@ def _stamp() -> str:
 
 
 class Session:
-    def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None,
+                 on_connected: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_connected = on_connected
         self.report = report or (lambda line: None)
         self.state = "starting"
         self.stats = Stats()
@@ -137,9 +139,12 @@ class Session:
             opened = await self.agent.open(cfg.remote.path, self.rules.to_wire(), True, True)
         except AgentError as exc:
             await self.agent.close()
+            self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
         self.connected = True
+        if self.on_connected is not None:
+            self.on_connected()
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 
@@ -153,15 +158,29 @@ class Session:
         self._tasks.clear()
         if self.agent is not None:
             await self.agent.close()
+            self.agent = None
         if self.local is not None:
             self.local.close()
+            self.local = None
         if self.store is not None:
             self.store.close()
+            self.store = None
+        self.connected = False
 
     async def run(self) -> None:
         """Connect, sync, then follow changes on both sides until stopped."""
-        await self.connect()
         try:
+            # A stop request must not wait for a hung handshake (connect timeout).
+            connecting = asyncio.ensure_future(self.connect())
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SessionError):
+                    await connecting
+                return
+            connecting.result()
             self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             # Watch before scanning, so nothing changed during the first scan is missed.
@@ -347,18 +366,25 @@ class Session:
             local_dirty |= {p for p in remote_dirty}  # look at both sides of every path
         if not remote_full:
             remote_dirty |= {p for p in local_dirty}
+        t0 = time.perf_counter()
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
         )
+        t1 = time.perf_counter()
         self._check_roots(local, remote, local_full, remote_full)
         moves = detect_moves(self.base, local, remote)
         if moves:
             await self._apply_moves(moves, local, remote)
         plan = reconcile(self.base, local, remote, self._policy())
         self._check_deletions(plan)
+        t2 = time.perf_counter()
         self.state = "syncing"
         await self.execute(plan)
+        log.debug("%s: cycle %d: observed %d local%s, %d remote%s in %.3fs, planned %d actions in %.3fs, "
+                  "applied in %.3fs", self.cfg.name, self.started_cycles, len(local), " (full)" * local_full,
+                  len(remote), " (full)" * remote_full, t1 - t0, len(plan.actions), t2 - t1,
+                  time.perf_counter() - t2)
         self.force_next = False
         self.finished_cycles += 1
         self.stats.cycles += 1

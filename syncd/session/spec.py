@@ -10,7 +10,7 @@ from typing import Any
 from syncd.endpoint import EndpointError, parse_remote
 from syncd.session.config import MODES, WINNERS, SessionConfig
 from syncd.transport.connect import AgentOptions
-from syncd.transport.ssh import SshOptions
+from syncd.transport.options import SshOptions
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -35,8 +35,12 @@ class SessionSpec:
     remote_python: str = "python3"
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             raise SpecError(f"session name {self.name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+        try:
+            self.local.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(f"{self.name}: local path {self.local!r} is not valid UTF-8") from None
         if not os.path.isabs(self.local):
             raise SpecError(f"{self.name}: local path {self.local!r} must be absolute")
         try:
@@ -47,6 +51,8 @@ class SessionSpec:
             raise SpecError(f"{self.name}: mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.conflict_winner not in WINNERS:
             raise SpecError(f"{self.name}: conflict_winner {self.conflict_winner!r} is not one of {', '.join(WINNERS)}")
+        if not isinstance(self.remote_python, str) or not self.remote_python.strip():
+            raise SpecError(f"{self.name}: remote_python must name a python interpreter")
         if self.port is not None and not 0 < self.port < 65536:
             raise SpecError(f"{self.name}: port {self.port} is out of range")
 

@@ -7,15 +7,16 @@ import sys
 from dataclasses import dataclass
 
 from syncd.endpoint import Endpoint
-from syncd.transport import bootstrap, ssh
+from syncd.transport import bootstrap
 from syncd.transport.channel import Channel, TransportError, spawn
+from syncd.transport.options import SshOptions
 
 
 @dataclass(frozen=True)
 class AgentOptions:
     python: str = "python3"  # interpreter on the remote
     cache_dir: str = bootstrap.DEFAULT_CACHE_DIR
-    ssh: ssh.SshOptions = ssh.SshOptions()
+    ssh: SshOptions = SshOptions()
 
 
 def _exit_reason(status: int | None, stderr: str) -> str:
@@ -31,6 +32,8 @@ async def start_agent(endpoint: Endpoint, opts: AgentOptions) -> Channel:
     the channel positioned at the agent's first protocol byte."""
     command = bootstrap.loader_command(opts.python, opts.cache_dir)
     if endpoint.kind == "ssh":
+        from syncd.transport import ssh  # asyncssh is heavy: load it only when needed
+
         channel: Channel = await ssh.open_channel(endpoint.host, endpoint.user, opts.ssh, command)
     elif endpoint.kind == "local":
         python = sys.executable if opts.python == "python3" else opts.python

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass
 
 import asyncssh
 
 from syncd.transport.channel import Channel, TransportError
+from syncd.transport.options import SshOptions
 
 PREFERRED_CIPHERS = [
     "aes128-gcm@openssh.com",
@@ -23,16 +23,6 @@ PREFERRED_CIPHERS = [
     "aes256-ctr",
 ]
 CONNECT_TIMEOUT = 15.0
-
-
-@dataclass(frozen=True)
-class SshOptions:
-    port: int | None = None
-    identity: str | None = None
-    known_hosts: str | None = None
-    ssh_config: str | None = None
-    keepalive_interval: float = 10.0
-    keepalive_count_max: int = 3
 
 
 class SshChannel(Channel):
