@@ -627,13 +627,6 @@ def test_session_recovers_after_the_remote_comes_back(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.log()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "syncd bug: Daemon.start() sets os.umask(0o177) around `await asyncio.start_unix_server()`, "
-    "which yields to the loop (it ends with `await sleep(0)`); the session tasks spawned just "
-    "before run then, and the local/exec agents they fork inherit umask 0177 for life (dirs "
-    "they create without an explicit chmod, e.g. ~/.cache/syncd, come out 0600: not even "
-    "searchable by their non-root owner). Bind the socket and chmod it before listen(), or "
-    "restore the umask before anything can await"))
 def test_agents_started_with_the_daemon_keep_a_normal_umask(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
