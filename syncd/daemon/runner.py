@@ -97,10 +97,10 @@ class SessionRunner:
             except SessionError as exc:
                 self.last_error = str(exc)
                 self.state = "disconnected"
+                if session.connected or session.stats.cycles:
+                    backoff = BACKOFF_FIRST  # it worked for a while: start over
                 delay = backoff * random.uniform(0.5, 1.0)
                 log.warning("%s: %s (retrying in %.1fs)", self.spec.name, exc, delay)
-                if session.connected:
-                    backoff = BACKOFF_FIRST  # it worked for a while: start over
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 self._collect(session)
                 self.session = None

@@ -159,7 +159,8 @@ class Daemon:
         for runner in self.runners.values():
             states[runner.live_state] = states.get(runner.live_state, 0) + 1
         detail = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        return f"{len(self.runners)} sessions" + (f": {detail}" if detail else "")
+        count = len(self.runners)
+        return f"{count} session{'' if count == 1 else 's'}" + (f": {detail}" if detail else "")
 
     # -- running ------------------------------------------------------------------------------------
 

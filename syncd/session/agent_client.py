@@ -42,7 +42,11 @@ class AgentClient:
 
     def _send_raw(self, data: bytes) -> None:
         self.bytes_sent += len(data)
-        self.channel.write(data)
+        try:
+            self.channel.write(data)
+        except (ConnectionError, OSError) as exc:
+            self._fail(AgentError(f"link lost: {exc}"))
+            raise AgentError(f"link lost: {exc}") from None
 
     def send(self, message: Any) -> None:
         if self.error is not None:
@@ -50,7 +54,11 @@ class AgentClient:
         self._send_raw(self.conn.send(message))
 
     async def drain(self) -> None:
-        await self.channel.drain()
+        try:
+            await self.channel.drain()
+        except (ConnectionError, OSError) as exc:
+            self._fail(AgentError(f"link lost: {exc}"))
+            raise AgentError(f"link lost: {exc}") from None
 
     async def _read_loop(self) -> None:
         try:

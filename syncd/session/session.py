@@ -14,7 +14,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
@@ -32,6 +34,7 @@ from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
 log = logging.getLogger("syncd.session")
+T = TypeVar("T")
 
 INLINE_MAX = 256 * 1024  # files up to this size ride inside the Apply batch
 BATCH_BYTES = 4 * 1024 * 1024
@@ -104,6 +107,7 @@ class Session:
         self.idle = asyncio.Event()
         self._stop = asyncio.Event()
         self._local_armed = asyncio.Event()
+        self._fs_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-fs-{cfg.name}")
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
         self.started_cycles = 0
@@ -149,23 +153,31 @@ class Session:
                  opened.watcher)
 
     async def close(self) -> None:
+        """Release everything; each step runs even if an earlier one failed, so the index
+        lock is always given back."""
         if self.agent is not None:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        if self.agent is not None:
-            await self.agent.close()
-            self.agent = None
-        if self.local is not None:
-            self.local.close()
-            self.local = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        self.connected = False
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            if self.agent is not None:
+                agent, self.agent = self.agent, None
+                await agent.close()
+        finally:
+            try:
+                if self.local is not None:
+                    local, self.local = self.local, None
+                    await asyncio.get_running_loop().run_in_executor(self._fs_pool, local.close)
+            finally:
+                if self.store is not None:
+                    store, self.store = self.store, None
+                    store.close()
+                self.connected = False
+                self._fs_pool.shutdown(wait=False)
+                self._fs_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-fs-{self.cfg.name}")
 
     async def run(self) -> None:
         """Connect, sync, then follow changes on both sides until stopped."""
@@ -186,6 +198,8 @@ class Session:
             # Watch before scanning, so nothing changed during the first scan is missed.
             await self._local_armed.wait()
             await self.follow()
+        except (AgentError, ConnectionError) as exc:
+            raise SessionError(f"lost the link to {self.cfg.remote.describe()}: {exc}") from None
         finally:
             await self.close()
 
@@ -390,6 +404,11 @@ class Session:
         self.stats.cycles += 1
         self.stats.last_cycle = time.time()
 
+    def _fs(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run an operation on the local root. One worker thread, so the root's cached
+        directory descriptors are never used and released concurrently."""
+        return asyncio.get_running_loop().run_in_executor(self._fs_pool, func, *args)
+
     def _policy(self) -> Policy:
         return Policy(self.cfg.mode, self.cfg.winner, self.rules.is_preserved, _stamp())
 
@@ -423,8 +442,8 @@ class Session:
                 (result,) = await self.agent.apply([op])
             else:
                 assert self.local is not None
-                result = await asyncio.to_thread(self.local.root.apply, op)
-                await asyncio.to_thread(self.local.root.release)
+                result = await self._fs(self.local.root.apply, op)
+                await self._fs(self.local.root.release)
             if result.status != m.OK:
                 log.info("%s: rename %s -> %s on %s skipped: %s", self.cfg.name, move.path, move.dest,
                          move.side, result.message)
@@ -586,7 +605,7 @@ class Session:
                 budget += action.source.size
                 if budget >= BATCH_BYTES or len(group) >= 512:
                     break
-            read = await asyncio.to_thread(lambda: [local.read_small(actions[i].path) for i in group])
+            read = await self._fs(lambda: [local.read_small(actions[i].path) for i in group])
             contents.update(zip(group, read, strict=True))
 
         for index, action in enumerate(actions):
@@ -654,7 +673,7 @@ class Session:
         agent.send(m.BlobStart(blob_id, rel, 0))
         chunks = read_file(local.root, rel)
         while True:
-            item = await asyncio.to_thread(next, chunks, None)
+            item = await self._fs(next, chunks, None)
             if item is None:
                 return blob_id, None
             data, entry, error = item
@@ -697,18 +716,18 @@ class Session:
                         ops.append(m.Remove(action.path, expect))
                         expect = m.Expect(m.ABSENT)
                     if actual is None:
-                        await asyncio.to_thread(local.root.drop_blob, blob_id)
+                        await self._fs(local.root.drop_blob, blob_id)
                         self.remote_dirty.add(action.path)
                         self.local_dirty.add(action.path)
                         if error:
                             log.info("%s: fetch %s: %s", self.cfg.name, action.path, error)
                         continue
                     ops.append(m.PutBlob(action.path, blob_id, actual.mode, actual.mtime_ns, expect))
-                    results = await asyncio.to_thread(self._apply_local, ops)
+                    results = await self._fs(self._apply_local, ops)
                     self._settle(action, results[-1], actual, updates)
                 else:
                     ops = self._ops_for(action)
-                    results = await asyncio.to_thread(self._apply_local, ops)
+                    results = await self._fs(self._apply_local, ops)
                     for result in results:
                         self._settle(action, result, source, updates)
                         if result.status != m.OK:
@@ -737,12 +756,12 @@ class Session:
         assert agent is not None and local is not None
         blob_id = agent.new_blob_id()
         async with sem:
-            await asyncio.to_thread(local.root.start_blob, blob_id, rel)
+            await self._fs(local.root.start_blob, blob_id, rel)
             async for part in agent.fetch(rel):
                 if part.error:
                     return blob_id, None, part.error
                 if part.data:
-                    await asyncio.to_thread(local.root.blob_data, blob_id, part.data)
+                    await self._fs(local.root.blob_data, blob_id, part.data)
                 if part.entry is not None:
                     return blob_id, part.entry, ""
         return blob_id, None, "no data"
