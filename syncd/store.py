@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from syncd.engine.index import BaseIndex
-from syncd.engine.model import Agreed, Conflict, other
+from syncd.engine.model import Agreed, Conflict, Intent, other
 
 
 class StoreBusy(Exception):
@@ -29,6 +29,23 @@ CREATE TABLE IF NOT EXISTS base (
     remote_ino INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Operations sent but not yet confirmed: if the link or the process dies before the
+-- results come back, the next start adopts those that did land instead of mistaking
+-- syncd's own writes for edits made on that side.
+CREATE TABLE IF NOT EXISTS intents (
+    side TEXT NOT NULL,
+    path BLOB NOT NULL,
+    dest BLOB,
+    kind INTEGER,
+    mode INTEGER,
+    size INTEGER,
+    mtime_ns INTEGER,
+    digest BLOB,
+    target BLOB,
+    local_ino INTEGER,
+    remote_ino INTEGER,
+    PRIMARY KEY (side, path)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conflicts (
     path BLOB NOT NULL,
     winner TEXT NOT NULL,
@@ -148,3 +165,37 @@ def list_conflicts(store: Store) -> list[ConflictRecord]:
 def clear_conflicts(store: Store) -> int:
     with store.db:
         return store.db.execute("DELETE FROM conflicts").rowcount
+
+
+def record_intents(store: Store, intents: Iterable[Intent]) -> None:
+    rows = []
+    for it in intents:
+        a = it.after
+        rows.append((
+            it.side, os.fsencode(it.path), None if it.dest is None else os.fsencode(it.dest),
+            None if a is None else a.kind, None if a is None else a.mode, None if a is None else a.size,
+            None if a is None else a.mtime_ns, None if a is None else a.digest, None if a is None else _enc(a.target),
+            None if a is None else _ino_in(a.local_ino), None if a is None else _ino_in(a.remote_ino),
+        ))
+    if rows:
+        with store.db:
+            store.db.executemany("INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def load_intents(store: Store) -> list[Intent]:
+    out = []
+    for side, path, dest, kind, mode, size, mtime, digest, target, li, ri in store.db.execute(
+        "SELECT side, path, dest, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino FROM intents"
+    ):
+        rel = os.fsdecode(path)
+        after = None if kind is None else Agreed(
+            rel, kind, mode, size, mtime, digest, None if target is None else os.fsdecode(target),
+            _ino_out(li), _ino_out(ri),
+        )
+        out.append(Intent(side, rel, after, None if dest is None else os.fsdecode(dest)))
+    return out
+
+
+def clear_intents(store: Store) -> None:
+    with store.db:
+        store.db.execute("DELETE FROM intents")

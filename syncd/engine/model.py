@@ -48,6 +48,17 @@ def agreed_from(source: Entry, local_ino: int, remote_ino: int) -> Agreed:
                   source.digest, source.target, local_ino, remote_ino)
 
 
+@dataclass(frozen=True)
+class Intent:
+    """An operation on ``side`` awaiting confirmation: ``after`` is the base row it leads to
+    (None = the path is deleted); ``dest`` is set for a rename of ``path``."""
+
+    side: str
+    path: str
+    after: Agreed | None
+    dest: str | None = None
+
+
 # How a side's entry compares with the base.
 UNCHANGED = "unchanged"
 META = "meta"  # same content, other mode or mtime

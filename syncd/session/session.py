@@ -21,15 +21,16 @@ from typing import Any, TypeVar
 from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
 from syncd.engine.index import BaseIndex
-from syncd.engine.model import Action, Agreed, Plan, Policy
+from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
 from syncd.engine.reconcile import detect_moves, needs_digest, reconcile, rekey
+from syncd.engine.recovery import adopt
 from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import TEMP_PREFIX, is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
-from syncd.store import Store, StoreBusy, add_conflicts
+from syncd.store import Store, StoreBusy, add_conflicts, clear_intents, load_intents, record_intents
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
@@ -110,6 +111,7 @@ class Session:
         self._fs_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-fs-{cfg.name}")
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
+        self._intents: list[Intent] = []
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -131,6 +133,7 @@ class Session:
         except StoreBusy as exc:
             raise SessionError(str(exc)) from None
         self.base = self.store.load()
+        self._intents = load_intents(self.store)
         self.local = LocalSide(cfg.local, self.rules, self.base)
         self.state = "connecting"
         try:
@@ -386,6 +389,16 @@ class Session:
             self._observe_remote(remote_full, remote_dirty),
         )
         t1 = time.perf_counter()
+        if self._intents and local_full and remote_full:
+            # The last run was cut before these operations were confirmed: adopt those
+            # that landed, so they are not mistaken for edits made on their side.
+            adopted = adopt(self.base, self._intents, local, remote)
+            if adopted:
+                log.info("%s: adopted %d operations confirmed after a cut", self.cfg.name, len(adopted))
+            self._commit(adopted)
+            self._intents = []
+            assert self.store is not None
+            clear_intents(self.store)
         self._check_roots(local, remote, local_full, remote_full)
         moves = detect_moves(self.base, local, remote)
         if moves:
@@ -435,6 +448,8 @@ class Session:
                 )
 
     async def _apply_moves(self, moves: list[Action], local: Observed, remote: Observed) -> None:
+        assert self.store is not None
+        record_intents(self.store, [Intent(mv.side, mv.path, None, mv.dest) for mv in moves])
         for move in moves:
             op = m.Rename(move.path, move.dest, _expect(move.current))
             if move.side == "remote":
@@ -462,6 +477,8 @@ class Session:
                     if path == moved or path.startswith(moved + "/"):
                         del stale[path]
                         break
+        assert self.store is not None
+        clear_intents(self.store)
 
     def _commit(self, updates: list[tuple[str, Agreed | None]]) -> None:
         if not updates:
@@ -488,7 +505,23 @@ class Session:
                         f"other version kept as {conflict.loser_copy}")
         remote_actions = [a for a in plan.actions if a.side == "remote"]
         local_actions = [a for a in plan.actions if a.side == "local"]
+        assert self.store is not None
+        record_intents(self.store, self._intents_for(plan.actions))
         await asyncio.gather(self._run_remote(remote_actions), self._run_local(local_actions))
+        if plan.actions and self.store is not None:
+            clear_intents(self.store)
+
+    def _intents_for(self, actions: list[Action]) -> list[Intent]:
+        out = []
+        for action in actions:
+            if action.kind == em.DELETE:
+                out.append(Intent(action.side, action.path, None))
+            elif action.kind in (em.COPY, em.META_ONLY) and action.source is not None:
+                source = action.source
+                # The side being written gets its inode number when adopted.
+                inos = (0, source.ino) if action.side == "local" else (source.ino, 0)
+                out.append(Intent(action.side, action.path, em.agreed_from(source, *inos)))
+        return out
 
     def _record(self, action: Action, source: m.Entry, written: m.Entry | None) -> tuple[str, Agreed]:
         ino = written.ino if written is not None else 0
