@@ -186,7 +186,10 @@ class Root:
         except OSError:
             pass
 
-    def put_file(self, rel: str, data: bytes, mode: int, mtime_ns: int, expect: Optional[m.Expect]) -> None:
+    def put_file(
+        self, rel: str, data: bytes, mode: int, mtime_ns: int, expect: Optional[m.Expect]
+    ) -> Optional[m.Entry]:
+        """Write a file atomically; return its entry (the inode survives the rename)."""
         dir_fd, name = self.parent(rel)
         temp = _temp_name(name, self._next_tag())
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
@@ -196,12 +199,14 @@ class Root:
                 written = os.write(fd, view)
                 view = view[written:]
             self._finish_file(fd, mode, mtime_ns)
+            st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             self._unlink_quiet(dir_fd, temp)
             raise
         os.close(fd)
         self._install(dir_fd, temp, name, expect)
+        return entry_from_stat(rel, st)
 
     def start_blob(self, blob_id: int, rel: str) -> None:
         """Open a temp file beside ``rel`` for a streamed file; errors surface at commit."""
@@ -364,7 +369,7 @@ class Root:
         """Run one operation; never raises for OS errors, unsafe paths or mismatches."""
         try:
             if isinstance(op, m.PutFile):
-                self.put_file(op.path, op.data, op.mode, op.mtime_ns, op.expect)
+                return m.OpResult(m.OK, "", self.put_file(op.path, op.data, op.mode, op.mtime_ns, op.expect))
             elif isinstance(op, m.PutBlob):
                 err = self.commit_blob(op.blob, op.path, op.mode, op.mtime_ns, op.expect)
                 if err is not None:

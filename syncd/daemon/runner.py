@@ -131,7 +131,11 @@ class SessionRunner:
             self.totals[key] += getattr(stats, key)
 
     def _report(self, line: str) -> None:
-        log.info("%s: %s", self.spec.name, line)
+        # One line per file would flood the journal on a big sync: cycles log a summary.
+        if line.startswith("!!"):
+            log.warning("%s: %s", self.spec.name, line[3:])
+        else:
+            log.debug("%s: %s", self.spec.name, line)
 
     # -- queries ----------------------------------------------------------------------------------
 

@@ -408,6 +408,9 @@ class Session:
         t2 = time.perf_counter()
         self.state = "syncing"
         await self.execute(plan)
+        if plan.actions:
+            log.info("%s: cycle %d applied %d changes (%s)", self.cfg.name, self.started_cycles,
+                     len(plan.actions), self.stats.summary())
         log.debug("%s: cycle %d: observed %d local%s, %d remote%s in %.3fs, planned %d actions in %.3fs, "
                   "applied in %.3fs", self.cfg.name, self.started_cycles, len(local), " (full)" * local_full,
                   len(remote), " (full)" * remote_full, t1 - t0, len(plan.actions), t2 - t1,
