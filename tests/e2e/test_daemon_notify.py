@@ -105,7 +105,7 @@ def test_ready_status_watchdog_stopping(tmp_path: Path, listener: NotifyListener
         ready_at = listener.times_of("READY=1")[0]
         ready_message = next(fs for _, fs in listener.messages if "READY=1" in fs)
         # Sessions were loaded before READY: the summary sent with it counts the static one.
-        assert any(f.startswith("STATUS=1 sessions") for f in ready_message), ready_message
+        assert any(f.startswith("STATUS=1 session") for f in ready_message), ready_message
         assert [r["name"] for r in daemon.rpc("list")] == ["static"]
 
         time.sleep(max(0.0, ready_at + 1.05 - time.monotonic()))
