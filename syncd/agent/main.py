@@ -122,8 +122,11 @@ class Agent:
 
     def fetch(self, msg: m.Fetch) -> None:
         assert self.root is not None
-        for data, entry, error in read_file(self.root, msg.path):
-            self.send(m.FileData(msg.req, data, entry, error))
+        try:
+            for data, entry, error in read_file(self.root, msg.path):
+                self.send(m.FileData(msg.req, data, entry, error))
+        finally:
+            self.root.release()  # cached directory descriptors must not outlive the request
 
     def send_entries(self, req: int, entries: List[m.Entry], absent: List[str]) -> None:
         for start in range(0, max(len(entries), 1), SCAN_CHUNK):

@@ -236,9 +236,11 @@ def _sort_key(action: Action) -> tuple[int, int, int, str]:
     return (_ORDER[action.kind], 0, depth, action.path)
 
 
-def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry | None]]) -> None:
+def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry | None]], policy: Policy) -> None:
     """Whatever is written on a side needs its parent directories there: cancel their
-    deletion and re-create them where they were deleted (modify beats delete)."""
+    deletion and re-create them where they were deleted (modify beats delete). A parent
+    replaced by a file on that side is a conflict the directory wins: the file is kept
+    aside as a conflict copy."""
     deleting = {(a.side, a.path): a for a in plan.actions if a.kind == DELETE}
     copying = {(a.side, a.path) for a in plan.actions if a.kind == COPY}
     for action in list(plan.actions):
@@ -246,6 +248,19 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
             continue
         side = action.side
         for parent in ancestors(action.path):
+            here = views[side].get(parent)
+            there = views[other(side)].get(parent)
+            if (here is not None and here.kind != DIR and there is not None and there.kind == DIR
+                    and (side, parent) not in copying):
+                for doomed_copy in [a for a in plan.actions if a.path == parent and a.side == other(side)]:
+                    plan.actions.remove(doomed_copy)
+                aside = conflict_name(parent, side, policy.stamp)
+                plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
+                plan.actions.append(Action(side, COPY, parent, there, here))
+                copying.add((side, parent))
+                plan.conflicts.append(Conflict(parent, other(side), aside, views["local"].get(parent),
+                                               views["remote"].get(parent), policy.stamp))
+                continue
             doomed = deleting.pop((side, parent), None)
             if doomed is not None:
                 plan.actions.remove(doomed)
@@ -290,7 +305,7 @@ def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy
                 if parent not in views[view_side]:
                     agreed = base.get(parent)
                     views[view_side][parent] = None if agreed is None else agreed.as_entry(view_side)  # type: ignore[arg-type]
-    _keep_parents(plan, base, views)
+    _keep_parents(plan, base, views, policy)
     plan.actions.sort(key=_sort_key)
     return plan
 

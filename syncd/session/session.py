@@ -318,11 +318,29 @@ class Session:
 
         def scan() -> tuple[list[m.Entry], list[str]]:
             e1, a1 = local.scanner.scan_paths(shallow, recursive=False)
-            e2, a2 = local.scanner.scan_paths(deep, recursive=True)
-            return e1 + e2, a1 + a2
+            replaced = self._replaced_dirs(e1, "local")
+            e2, a2 = local.scanner.scan_paths(deep + replaced, recursive=True)
+            e1 = [e for e in e1 if e.path not in replaced]
+            return e1 + e2, a1 + a2 + self._vanished_under(replaced, e2)
 
         entries, absent = await asyncio.to_thread(scan)
         return self._observe(entries, absent, False)
+
+    def _replaced_dirs(self, entries: list[m.Entry], side: em.Side) -> list[str]:
+        """Known directories whose inode changed: replaced (e.g. renamed away and made
+        again), so their contents must be walked, not assumed."""
+        out = []
+        for entry in entries:
+            agreed = self.base.get(entry.path)
+            if (entry.kind == m.DIR and agreed is not None and agreed.kind == m.DIR
+                    and agreed.ino(side) and entry.ino != agreed.ino(side)):
+                out.append(entry.path)
+        return out
+
+    def _vanished_under(self, dirs: list[str], found: list[m.Entry]) -> list[str]:
+        """Base paths under walked directories that the walk did not find."""
+        seen = {e.path for e in found}
+        return [p for d in dirs for p in self.base.under(d) if p not in seen]
 
     async def _observe_remote(self, full: bool, dirty: set[str]) -> Observed:
         agent = self.agent
@@ -332,10 +350,13 @@ class Session:
         else:
             shallow, deep = self._split_dirty(dirty)
             entries, absent = await agent.scan(shallow, recursive=False) if shallow else ([], [])
-            if deep:
-                more, gone = await agent.scan(deep, recursive=True)
+            replaced = self._replaced_dirs(entries, "remote")
+            if replaced:
+                entries = [e for e in entries if e.path not in replaced]
+            if deep or replaced:
+                more, gone = await agent.scan(deep + replaced, recursive=True)
                 entries += more
-                absent += gone
+                absent += gone + self._vanished_under(replaced, more)
         observed = self._observe(entries, absent, full)
         missing = needs_digest(self.base, observed, "remote")
         if missing:
@@ -508,8 +529,10 @@ class Session:
                         f"other version kept as {conflict.loser_copy}")
         remote_actions = [a for a in plan.actions if a.side == "remote"]
         local_actions = [a for a in plan.actions if a.side == "local"]
-        assert self.store is not None
+        assert self.store is not None and self.local is not None
         record_intents(self.store, self._intents_for(plan.actions))
+        # Directory descriptors cached by an earlier cycle may name renamed directories.
+        await self._fs(self.local.root.release)
         await asyncio.gather(self._run_remote(remote_actions), self._run_local(local_actions))
         if plan.actions and self.store is not None:
             clear_intents(self.store)

@@ -171,10 +171,7 @@ ROWS: list[Row] = [
         (("rename", "f.txt", "h.txt"),), {**K, "g.txt": "v0\n", "h.txt": "v0\n"}),
     Row("dir-to-file-remote-modified-inside-local", {**K, "d": DIR_MARK, "d/a.txt": "a\n"},
         (("write", "d/a.txt", "L1\n"),), (("rm", "d"), ("write", "d", "R\n")), {},
-        contains=("L1\n", "R\n"),
-        bug="reconcile misses the conflict between a directory replaced by a file on one side and "
-            "a change inside it on the other: the session retries 'Directory not empty' / 'crosses "
-            "a non-directory' in a hot loop forever and leaks .syncd-tmp-* blob files and fds"),
+        contains=("L1\n", "R\n")),
     Row("nested-dir-deleted-local-added-remote",
         {**K, "d": DIR_MARK, "d/e": DIR_MARK, "d/e/a.txt": "a\n", "d/z.txt": "z\n"},
         (("rm", "d"),), (("write", "d/e/new.txt", "R\n"),),
@@ -372,10 +369,10 @@ REPLACED_DIR = ("Session._observe_* scan a directory known to the base shallowly
 
 
 @pytest.mark.parametrize(("side", "delay"), [
-    pytest.param("remote", 0.0, marks=pytest.mark.xfail(reason=REPLACED_DIR, strict=False), id="remote-at-once"),
-    pytest.param("local", 0.0, marks=pytest.mark.xfail(reason=REPLACED_DIR, strict=False), id="local-at-once"),
+    pytest.param("remote", 0.0, id="remote-at-once"),
+    pytest.param("local", 0.0, id="local-at-once"),
     pytest.param("remote", 0.4, id="remote-later"),
-    pytest.param("local", 0.4, marks=pytest.mark.xfail(reason=STALE_DIR_FD, strict=False), id="local-later"),
+    pytest.param("local", 0.4, id="local-later"),
 ])
 def test_live_directory_renamed_then_recreated(pair: Pair, side: str, delay: float) -> None:
     """``mv d12 d23; mkdir d12; echo > d12/new.txt``: old files follow the rename, the new
@@ -396,8 +393,6 @@ def test_live_directory_renamed_then_recreated(pair: Pair, side: str, delay: flo
     s.stop()
 
 
-@pytest.mark.xfail(reason=STALE_DIR_FD + ": a file pulled into the re-created directory is written into "
-                   "the renamed one", strict=False)
 def test_live_pull_into_recreated_local_directory(pair: Pair) -> None:
     make_tree(pair.local, {"d12/f0.txt": "0\n", "d12/f1.txt": "1\n"})
     s = pair.start()

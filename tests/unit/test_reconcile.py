@@ -394,13 +394,15 @@ def test_preserved_child_keeps_its_dir_in_pull_mode() -> None:
     assert plan.records == {"dir/.env": None}
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: a directory replaced by a file on one side "
-                   "while a file inside it was modified on the other is not turned into a conflict")
 def test_dir_replaced_by_file_vs_modified_child_is_a_conflict() -> None:
+    """The directory keeps the content changed inside it (modify beats delete); the file
+    that replaced it is kept aside on its side, and the directory comes back there."""
     base = base_of(*BASE_TREE)
     plan = reconcile(base, {"dir/b.txt": f("dir/b.txt", "b1")}, {"dir": f("dir", "t", side="remote")}, policy())
-    # Design: both sides changed "dir"; remote wins, the local directory is kept aside.
-    assert summary(plan) == [("local", ASIDE, "dir", cname("dir", "local")), ("local", COPY, "dir")]
+    assert summary(plan) == [("remote", ASIDE, "dir", cname("dir", "remote")), ("remote", COPY, "dir"),
+                             ("remote", COPY, "dir/b.txt")]
+    (conflict,) = plan.conflicts
+    assert (conflict.path, conflict.winner, conflict.loser_copy) == ("dir", "local", cname("dir", "remote"))
 
 
 # ---- detect_moves and rekey --------------------------------------------------------------------------
