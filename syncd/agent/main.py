@@ -91,7 +91,9 @@ class Agent:
                 entries = self.scanner.scan_all(hash_files=False)
                 absent: List[str] = []
             else:
-                entries, absent = self.scanner.scan_paths(msg.paths, msg.recursive, hash_files=False)
+                # Dirty paths are mostly changed files: hashing them now saves the daemon a
+                # Hash round trip (our own writes are in the digest cache already).
+                entries, absent = self.scanner.scan_paths(msg.paths, msg.recursive, hash_files=True)
             self.send_entries(msg.req, entries, absent)
         elif isinstance(msg, m.Hash):
             entries, absent = self.scanner.hash_paths(msg.paths)
@@ -184,7 +186,7 @@ class Agent:
             # Our own temp files come and go with every write: never report them.
             return is_temp_name(rel) or bool(rules.is_ignored(rel, is_dir))
 
-        self.watcher = start_watcher(root, on_batch, is_ignored=ignored, prefer="inotify")
+        self.watcher = start_watcher(root, on_batch, is_ignored=ignored, prefer="inotify", step_ms=10)
         return str(self.watcher.backend)
 
 
