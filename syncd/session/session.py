@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
@@ -493,14 +493,18 @@ class Session:
             updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
             updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
             self._commit(updates)
-            # The side that replayed the move was observed before it: under both names its
-            # observations are stale, and it now holds what the base says.
-            stale = local if move.side == "local" else remote
-            for path in list(stale):
-                for moved in (move.path, move.dest):
-                    if path == moved or path.startswith(moved + "/"):
-                        del stale[path]
-                        break
+            # The side that replayed the move was observed before it: what it held under the
+            # old name (changes inside included) now lives under the new one.
+            seen = local if move.side == "local" else remote
+            carried: Observed = {}
+            for path in list(seen):
+                if path == move.dest or path.startswith(move.dest + "/"):
+                    del seen[path]
+                elif path == move.path or path.startswith(move.path + "/"):
+                    entry = seen.pop(path)
+                    moved = move.dest + path[len(move.path):]
+                    carried[moved] = None if entry is None else replace(entry, path=moved)
+            seen.update(carried)
         assert self.store is not None
         clear_intents(self.store)
 
