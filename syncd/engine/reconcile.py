@@ -76,6 +76,9 @@ def expand_absent(base: BaseIndex, observed: Observed) -> dict[str, Entry | None
     out = dict(observed)
     for path, entry in observed.items():
         if entry is None or entry.kind != DIR:
+            agreed = base.get(path)
+            if agreed is None or agreed.kind != DIR:
+                continue  # only a directory can have had descendants
             for child in base.under(path):
                 if child not in observed:
                     out[child] = None

@@ -272,11 +272,16 @@ class Session:
     def _ignored(self, path: str, kind: int) -> bool:
         return self.rules.is_ignored(path, kind == m.DIR)
 
-    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool) -> Observed:
+    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False) -> Observed:
+        """Scan results as an observation. ``filtered``: already passed through our rules
+        (the local scanner); the remote's answer is checked against local rules too."""
         observed: Observed = {}
-        for entry in entries:
-            if not self._ignored(entry.path, entry.kind):
-                observed[entry.path] = entry
+        if filtered:
+            observed = {entry.path: entry for entry in entries}
+        else:
+            for entry in entries:
+                if not self._ignored(entry.path, entry.kind):
+                    observed[entry.path] = entry
         for path in absent:
             observed[path] = None
         if full:
@@ -313,7 +318,7 @@ class Session:
             if not os.path.isdir(self.cfg.local):
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
             entries = await asyncio.to_thread(local.scanner.scan_all)
-            return self._observe(entries, [], True)
+            return self._observe(entries, [], True, filtered=True)
         shallow, deep = self._split_dirty(dirty)
 
         def scan() -> tuple[list[m.Entry], list[str]]:
