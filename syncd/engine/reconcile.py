@@ -61,6 +61,16 @@ def conflict_name(path: str, side: Side, stamp: str) -> str:
     return posixpath.join(head, new) if head else new
 
 
+def free_conflict_name(path: str, side: Side, stamp: str, base: BaseIndex, observed: Observed) -> str:
+    """conflict_name(), with "-2", "-3"... after the stamp when that name is in use."""
+    name = conflict_name(path, side, stamp)
+    n = 2
+    while observed.get(name) is not None or (name not in observed and name in base):
+        name = conflict_name(path, side, "%s-%d" % (stamp, n))
+        n += 1
+    return name
+
+
 def ancestors(path: str) -> list[str]:
     out = []
     cut = path.rfind("/")
@@ -113,11 +123,18 @@ def _refreshed(agreed: Agreed, local: Entry, remote: Entry) -> Agreed | None:
 
 
 class _Planner:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, base: BaseIndex | None = None,
+                 observed: dict[Side, Observed] | None = None) -> None:
         self.policy = policy
         self.plan = Plan()
+        self.base = base if base is not None else BaseIndex()
+        self.observed: dict[Side, Observed] = observed or {"local": {}, "remote": {}}
         # Losing directories of conflicts: their subtree goes with them to the conflict copy.
         self.moved_aside: set[str] = set()
+
+    def aside_name(self, path: str, side: Side) -> str:
+        """A conflict-copy name not taken on that side (names have one-second resolution)."""
+        return free_conflict_name(path, side, self.policy.stamp, self.base, self.observed[side])
 
     def copy(self, to: Side, source: Entry, current: Entry | None) -> None:
         self.plan.actions.append(Action(to, COPY, source.path, source, current))
@@ -170,7 +187,7 @@ class _Planner:
         lose = other(win)
         loser = local if lose == "local" else remote
         source = remote if win == "remote" else local
-        aside = conflict_name(path, lose, self.policy.stamp)
+        aside = self.aside_name(path, lose)
         self.plan.actions.append(Action(lose, ASIDE, path, None, loser, aside))
         # After a directory is moved aside the path is free; a file copy leaves it in place.
         self.copy(lose, source, None if loser.kind == DIR else loser)
@@ -257,7 +274,7 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
                     and (side, parent) not in copying):
                 for doomed_copy in [a for a in plan.actions if a.path == parent and a.side == other(side)]:
                     plan.actions.remove(doomed_copy)
-                aside = conflict_name(parent, side, policy.stamp)
+                aside = free_conflict_name(parent, side, policy.stamp, base, views[side])
                 plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
                 plan.actions.append(Action(side, COPY, parent, there, here))
                 copying.add((side, parent))
@@ -292,7 +309,7 @@ def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy
     """Decide, for every observed path, what each side must do to agree."""
     local = expand_absent(base, local)
     remote = expand_absent(base, remote)
-    planner = _Planner(policy)
+    planner = _Planner(policy, base, {"local": local, "remote": remote})
     views: dict[Side, dict[str, Entry | None]] = {"local": {}, "remote": {}}
     for path in sorted(set(local) | set(remote)):
         agreed = base.get(path)

@@ -431,6 +431,7 @@ class Session:
             await self._apply_moves(moves, local, remote)
         plan = reconcile(self.base, local, remote, self._policy())
         self._check_deletions(plan)
+        await self._check_not_emptied(plan)
         t2 = time.perf_counter()
         self.state = "syncing"
         await self.execute(plan)
@@ -468,12 +469,45 @@ class Session:
         if self.force_next:
             return
         tracked = len(self.base)
+        forgotten = sum(1 for path, row in plan.records.items() if row is None and path in self.base)
         for side in em.SIDES:
             count = plan.deletions(side)
             if count > self.cfg.max_delete_min and count > self.cfg.max_delete_ratio * tracked:
                 raise Halted(
                     f"this cycle would delete {count} of {tracked} tracked entries on the {side} side; "
                     "halted without changing anything (resync or resume with --force)"
+                )
+            gone = sum(1 for a in plan.actions if a.side == side and a.kind == em.DELETE and a.path in self.base)
+            if gone and tracked > 1 and gone + forgotten >= tracked:
+                # Everything would go: the other root was emptied (or vanished), whatever
+                # the size of the tree. Live events reach here without a full scan.
+                raise Halted(
+                    f"the {em.other(side)} root is empty ({tracked} tracked entries gone); "
+                    "refusing to propagate the loss (resync or resume with --force)"
+                )
+
+    async def _check_not_emptied(self, plan: Plan) -> None:
+        """Before deleting on one side what the other deleted, make sure the other root
+        still holds something: a root emptied by a stream of live events is a halt, not
+        a thousand small deletions."""
+        if self.force_next or not self.base:
+            return
+        top = [p for p in self.base if "/" not in p]
+        for side in em.SIDES:
+            if not any(a.side == side and a.kind == em.DELETE for a in plan.actions):
+                continue
+            origin = em.other(side)
+            if origin == "local":
+                local = self.local
+                assert local is not None
+                entries, _ = await asyncio.to_thread(local.scanner.scan_paths, top, False, False)
+            else:
+                assert self.agent is not None
+                entries, _ = await self.agent.scan(top, recursive=False)
+            if not entries:
+                raise Halted(
+                    f"the {origin} root is empty ({len(self.base)} tracked entries gone); "
+                    "refusing to propagate the loss (resync or resume with --force)"
                 )
 
     async def _apply_moves(self, moves: list[Action], local: Observed, remote: Observed) -> None:
@@ -542,6 +576,16 @@ class Session:
         record_intents(self.store, self._intents_for(plan.actions))
         # Directory descriptors cached by an earlier cycle may name renamed directories.
         await self._fs(self.local.root.release)
+        asides = [a for a in plan.actions if a.kind == em.ASIDE]
+        if asides:
+            # Conflict copies first: a loser that could not be kept aside is not overwritten.
+            await asyncio.gather(self._run_remote([a for a in asides if a.side == "remote"]),
+                                 self._run_local([a for a in asides if a.side == "local"]))
+            # A copy kept aside marks its new name dirty (see _settle); a failed one did not.
+            failed = {(a.side, a.path) for a in asides
+                      if a.dest not in (self.remote_dirty if a.side == "remote" else self.local_dirty)}
+            remote_actions = [a for a in remote_actions if a.kind != em.ASIDE and ("remote", a.path) not in failed]
+            local_actions = [a for a in local_actions if a.kind != em.ASIDE and ("local", a.path) not in failed]
         await asyncio.gather(self._run_remote(remote_actions), self._run_local(local_actions))
         if plan.actions and self.store is not None:
             clear_intents(self.store)
@@ -592,8 +636,10 @@ class Session:
                             + (f" ({size} bytes)" if size else ""))
             return
         # Nothing was done. CHANGED: the side moved on since the scan; look again.
-        self.local_dirty.add(action.path)
-        self.remote_dirty.add(action.path)
+        not_empty = "not empty" in result.message.lower()
+        if not not_empty:  # a directory holding ignored entries stays until the next rescan
+            self.local_dirty.add(action.path)
+            self.remote_dirty.add(action.path)
         if result.status == m.CHANGED:
             log.debug("%s: %s %s on %s deferred: %s", self.cfg.name, action.kind, action.path,
                       action.side, result.message)
@@ -809,10 +855,13 @@ class Session:
     def _apply_local(self, ops: list[m.Op]) -> list[m.OpResult]:
         assert self.local is not None
         out = []
-        for op in ops:
+        for index, op in enumerate(ops):
             result = self.local.root.apply(op)
             out.append(result)
             if result.status != m.OK:
+                for skipped in ops[index + 1 :]:
+                    if isinstance(skipped, m.PutBlob):
+                        self.local.root.drop_blob(skipped.blob)  # its temp file must not linger
                 break
         self.local.root.release()
         return out

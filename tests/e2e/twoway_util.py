@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -30,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+import pytest
 
 from tests.e2e.helpers import (
     FILE,
@@ -130,6 +133,19 @@ def snapshot(root: Path, keep: Optional[Filter] = None) -> Snapshot:
     return snap
 
 
+class Diverged(AssertionError):
+    """The trees differ, nothing changes any more and syncd is idle: they will not converge
+    (short of the periodic full rescan)."""
+
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+STUCK = 2.5  # seconds of unequal but unchanging trees, with syncd idle, that count as stuck
+PLATEAU = 6.0  # seconds of unequal but unchanging trees that count as stuck, busy or not
+
+
 def wait_quiescent(
     local: Path,
     remote: Path,
@@ -145,13 +161,19 @@ def wait_quiescent(
 
     Snapshots hold kind, permission bits and file digests (no directory mtimes). With a
     *session*, its stdout must not grow during the quiet period either, and its early exit
-    fails at once. Returns the local snapshot.
+    fails at once; and when the trees differ but have not changed for ``STUCK`` seconds
+    while syncd used no CPU, or for ``PLATEAU`` seconds whatever syncd does (a retry loop),
+    :class:`Diverged` is raised without waiting for *timeout*.
+    Returns the local snapshot.
     """
     deadline = time.monotonic() + timeout
     if session is not None and "-v" in session.argv:
         wait_connected(session, timeout)  # before that, "stable" means nothing
     last: Any = None
     since = time.monotonic()
+    trees: Any = None
+    trees_since = since
+    cpu_at_since = cpu_seconds(session.proc.pid) if session is not None and session.alive() else 0.0
     a: Snapshot = {}
     b: Snapshot = {}
     while True:
@@ -161,12 +183,24 @@ def wait_quiescent(
         ok = complete and (a == b or not equal)
         state = (a, b, out_len)
         now = time.monotonic()
-        if not ok or state != last:
-            last, since = state, now
-        elif now - since >= quiet:
-            return a
         if session is not None and not session.alive():
             raise AssertionError(f"syncd exited while waiting for {what}\n" + session.describe())
+        if (a, b) != trees:
+            trees, trees_since = (a, b), now
+        if state != last:
+            last, since = state, now
+            cpu_at_since = cpu_seconds(session.proc.pid) if session is not None else 0.0
+        elif ok and now - since >= quiet:
+            return a
+        elif (not ok and complete and session is not None and now - since >= STUCK
+              and cpu_seconds(session.proc.pid) - cpu_at_since < 0.05 * (now - since)):
+            paths = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise Diverged(f"the trees stopped changing while different ({what}), syncd idle: "
+                           f"{snapshot_diff(a, b)}\n{session.describe()}", paths)
+        if equal and not ok and complete and session is not None and now - trees_since >= PLATEAU:
+            paths = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise Diverged(f"the trees have not changed for {PLATEAU:.0f} s while different ({what}): "
+                           f"{snapshot_diff(a, b)}\n{session.describe()}", paths)
         if now >= deadline:
             detail = snapshot_diff(a, b) if equal else "trees kept changing"
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {detail}"
@@ -260,16 +294,8 @@ def renameat2_works(tmp: Path) -> bool:
         return False
     finally:
         for p in (a, b):
-            with _suppress():
+            with contextlib.suppress(OSError):
                 p.unlink()
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 class Ledger:
@@ -286,16 +312,22 @@ class Ledger:
         self.superseded = 0
         # side -> path -> "write" | "gone": the last thing that side's churner did there.
         self.last: dict[str, dict[str, str]] = {"local": {}, "remote": {}}
+        # Directories some side renamed into place: files can legitimately appear under
+        # them without a write by either side there (the other side's files travel along
+        # when syncd replays the rename).
+        self.dir_dests: set[str] = set()
 
     def mark(self, side: str, rel: str, what: str) -> None:
         with self.lock:
             self.last[side][rel] = what
 
     def resurrected(self, snap: Snapshot) -> list[str]:
-        """Files present although the last operation of *both* sides there removed them."""
+        """Files present although the last operation of *both* sides there removed them
+        (outside directories renamed into place, see ``dir_dests``)."""
         local, remote = self.last["local"], self.last["remote"]
         return sorted(p for p, v in snap.items()
-                      if v[0] == FILE and local.get(p) == "gone" and remote.get(p) == "gone")
+                      if v[0] == FILE and local.get(p) == "gone" and remote.get(p) == "gone"
+                      and not any(p.startswith(d + "/") for d in self.dir_dests))
 
     def wrote(self, data: bytes, what: str) -> None:
         with self.lock:
@@ -315,14 +347,6 @@ class Ledger:
                 if value[0] == FILE and value[2] is not None:
                     present.add(value[2])
         return {d: w for d, w in self.live.items() if d not in present}
-
-
-# A known syncd bug (see test_twoway_matrix.py::test_live_directory_renamed_then_recreated):
-# a directory renamed or deleted and re-created at the same path before syncd looks is
-# taken for the unchanged directory, and its vanished children are never removed on the
-# other side. The churners leave a directory name they just removed alone for this long,
-# so that the churn tests keep guarding everything else; set it to 0 once that is fixed.
-RECREATE_GUARD = 1.0
 
 
 class Churner:
@@ -346,7 +370,6 @@ class Churner:
         self.errors = 0
         self.dir_ops = dir_ops
         self.log: list[str] = []
-        self.removed_dirs: dict[str, float] = {}  # directory -> when this side removed it
         stage.mkdir(parents=True, exist_ok=True)
 
     # -- primitives --------------------------------------------------------------------------
@@ -363,29 +386,21 @@ class Churner:
     def _forget(self, path: Path, rel: str = "") -> None:
         """Everything in *path* (moved out of the root by us, from *rel*) is superseded."""
         if path.is_symlink() or not path.is_dir():
-            with _suppress():
+            with contextlib.suppress(OSError):
                 self.ledger.gone(path.read_bytes())
-            with _suppress():
+            with contextlib.suppress(OSError):
                 path.unlink()
             return
         for dirpath, _dirs, files in os.walk(path):
             for name in files:
                 full = Path(dirpath, name)
-                with _suppress():
+                with contextlib.suppress(OSError):
                     self.ledger.gone(full.read_bytes())
                 if rel:
                     self.ledger.mark(self.side, f"{rel}/{full.relative_to(path)}", "gone")
         shutil.rmtree(path, ignore_errors=True)
 
-    def _guarded(self, rel: str) -> bool:
-        top = rel.split("/", 1)[0]
-        removed = self.removed_dirs.get(top)
-        return removed is not None and time.monotonic() - removed < RECREATE_GUARD
-
     def write(self, rel: str, data: Optional[bytes] = None) -> bool:
-        if self._guarded(rel):
-            self.errors += 1
-            return False
         data = self._content(rel) if data is None else data
         tmp = self._tmp()
         tmp.write_bytes(data)
@@ -409,7 +424,7 @@ class Churner:
                 if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTDIR):
                     raise
         self.errors += 1
-        with _suppress():
+        with contextlib.suppress(OSError):
             tmp.unlink()
         return False
 
@@ -422,16 +437,11 @@ class Churner:
             self.errors += 1
             return False
         self.ledger.mark(self.side, rel, "gone")
-        if "/" not in rel:
-            self.removed_dirs[rel] = time.monotonic()
         self._forget(tmp, rel)
         self.log.append(f"delete {rel}")
         return True
 
     def rename(self, rel: str, new: str) -> bool:
-        if self._guarded(new):
-            self.errors += 1
-            return False
         src, dst = self.root / rel, self.root / new
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -441,9 +451,9 @@ class Churner:
             return False
         self.ledger.mark(self.side, rel, "gone")
         self.ledger.mark(self.side, new, "write")
-        if "/" not in rel:
-            self.removed_dirs[rel] = time.monotonic()
         if dst.is_dir() and not dst.is_symlink():
+            with self.ledger.lock:
+                self.ledger.dir_dests.add(new)
             for dirpath, _dirs, files in os.walk(dst):
                 for name in files:
                     sub = Path(dirpath, name).relative_to(dst)
@@ -455,7 +465,7 @@ class Churner:
     # -- random operations -------------------------------------------------------------------
 
     def existing_files(self) -> list[str]:
-        out = []
+        out: list[str] = []
         for d in self.dirs:
             try:
                 names = os.listdir(self.root / d)
@@ -566,3 +576,34 @@ def wait_idle(session: SyncProcess, timeout: float = 10.0, window: float = 0.5, 
 def assert_idle(session: SyncProcess) -> None:
     """Both trees are quiescent: the session must settle to ~0 CPU soon, not spin."""
     wait_idle(session)
+
+
+# ---------------------------------------------------------------------------------------
+# known bugs the churn tests can run into (each also described in the report that added it)
+# ---------------------------------------------------------------------------------------
+
+MISSING_PARENT_LOOP = (
+    "known bug: a directory deleted on one side while the other changed a file inside it, when the "
+    "cycle that deletes the directory's contents on the other side fails for that file (CHANGED) and "
+    "for the directory ('not empty'), leaves the directory's base row although it is gone; later "
+    "cycles observe only the file, reconcile() takes the unobserved parent from the base (present), "
+    "_keep_parents() does not re-create it, and 'copy DIR/FILE: No such file or directory' repeats "
+    "in a hot loop")
+
+
+def _missing_parent_loop(session: SyncProcess, paths: list[str]) -> bool:
+    lines = session.stdout_lines()[-200:]
+    return any(sum(1 for ln in lines if ln.startswith(f"!! copy {p} on ") and "No such file" in ln) > 20
+               for p in paths)
+
+
+def converge_or_known_bug(local: Path, remote: Path, session: SyncProcess, *, timeout: float,
+                          what: str) -> Snapshot:
+    """:func:`wait_quiescent`; a divergence with the signature of a known syncd bug marks
+    the test xfail (with the bug), any other one fails it."""
+    try:
+        return wait_quiescent(local, remote, session, timeout=timeout, what=what)
+    except Diverged as exc:
+        if _missing_parent_loop(session, exc.paths):
+            pytest.xfail(f"{MISSING_PARENT_LOOP}: {exc.paths[:4]}")
+        raise
