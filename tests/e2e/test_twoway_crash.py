@@ -78,7 +78,8 @@ def test_kill9_during_churn_loses_nothing(pair: Pair, tmp_path: Path) -> None:
     assert len(done) >= 3, done
     final: SyncProcess = session[-1]
 
-    snap = converge_or_known_bug(pair.local, pair.remote, final, timeout=40, what="convergence after kills")
+    snap = converge_or_known_bug(pair.local, pair.remote, final, timeout=40, what="convergence after kills",
+                                 sessions=session)
     stray = [p for p in snap if ".syncd-tmp" in p]
     assert stray == [], f"temp files of killed writers left in the trees: {stray[:10]}"
     missing = ledger.missing([pair.local, pair.remote])
