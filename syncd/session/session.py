@@ -22,7 +22,7 @@ from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
-from syncd.engine.reconcile import detect_moves, needs_digest, reconcile, rekey
+from syncd.engine.reconcile import ancestors, detect_moves, needs_digest, reconcile, rekey
 from syncd.engine.recovery import adopt
 from syncd.protocol import messages as m
 from syncd.rules import Rules
@@ -42,6 +42,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 1000
 BLOB_CHUNK = 1024 * 1024
 FETCH_PARALLEL = 32
+RETRIES = 3  # immediate retries of a failing path before it waits for a full rescan
 
 
 class SessionError(Exception):
@@ -111,6 +112,7 @@ class Session:
         self._fs_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-fs-{cfg.name}")
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
+        self._failures: dict[str, int] = {}  # path -> consecutive failed attempts
         self._intents: list[Intent] = []
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -400,6 +402,8 @@ class Session:
 
     async def cycle(self) -> None:
         self.started_cycles += 1
+        if self.local_full and self.remote_full:
+            self._failures.clear()  # a full rescan gives every path a fresh chance
         self.state = "scanning"
         local_full, remote_full = self.local_full, self.remote_full
         local_dirty, remote_dirty = self.local_dirty, self.remote_dirty
@@ -613,6 +617,7 @@ class Session:
         """Turn one operation's result into base updates, retries and messages."""
         arrow = "->" if action.side == "remote" else "<-"
         if result.status == m.OK:
+            self._failures.pop(action.path, None)
             if action.kind == em.DELETE:
                 updates.append((action.path, None))
                 self.stats.deleted += 1
@@ -635,11 +640,23 @@ class Session:
                 self.report(f"{arrow} {action.side:6} {what} {action.path}"
                             + (f" ({size} bytes)" if size else ""))
             return
-        # Nothing was done. CHANGED: the side moved on since the scan; look again.
+        # Nothing was done. CHANGED: the side moved on since the scan; look again, with
+        # its parents (a missing parent is the usual cause) - but a path that keeps failing
+        # waits for the next full rescan instead of spinning.
+        if result.status == m.CHANGED:
+            failures = 1  # a race with a writer, not a failure: always look again
+        else:
+            failures = self._failures[action.path] = self._failures.get(action.path, 0) + 1
         not_empty = "not empty" in result.message.lower()
-        if not not_empty:  # a directory holding ignored entries stays until the next rescan
-            self.local_dirty.add(action.path)
-            self.remote_dirty.add(action.path)
+        if not not_empty and failures <= RETRIES:
+            for path in [action.path, *ancestors(action.path)]:
+                self.local_dirty.add(path)
+                self.remote_dirty.add(path)
+        elif failures == RETRIES + 1:
+            log.warning("%s: %s on %s keeps failing (%s); retrying at the next full rescan",
+                        self.cfg.name, action.path, action.side, result.message)
+        if failures > RETRIES + 1:
+            return  # already reported
         if result.status == m.CHANGED:
             log.debug("%s: %s %s on %s deferred: %s", self.cfg.name, action.kind, action.path,
                       action.side, result.message)
