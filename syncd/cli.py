@@ -293,6 +293,44 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _with_progress(socket_path: str | None, name: str, work: Callable[[], Any]) -> Any:
+    """Run a long request while a status line (state, pending, bytes, rate) updates on
+    the terminal."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = work()
+        except SystemExit as exc:
+            result["exit"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    started = time.monotonic()
+    first: int | None = None
+    while worker.is_alive():
+        worker.join(0.5)
+        if not worker.is_alive():
+            break
+        try:
+            (row,) = call(socket_path or default_socket_path(), "status", {"name": name}, 5.0)
+        except (DaemonUnavailable, RemoteError, ValueError):
+            continue
+        moved = row["sent_bytes"] + row["received_bytes"]
+        first = moved if first is None else first
+        elapsed = time.monotonic() - started
+        rate = (moved - first) / elapsed if elapsed > 0 else 0.0
+        pending = row["pending_local"] + row["pending_remote"]
+        click.echo(f"\r{name}: {row['state']:<12} pending {pending:<6} moved {_size(moved):>10} "
+                   f"{_size(int(rate)):>10}/s  {elapsed:5.1f}s", err=True, nl=False)
+    click.echo("\r\033[K", err=True, nl=False)
+    if "exit" in result:
+        raise result["exit"]
+    return result.get("value")
+
+
 @main.command()
 @click.argument("name")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=120.0, show_default=True,
@@ -304,7 +342,11 @@ def flush(name: str, timeout: float, socket_path: str | None, as_json: bool) -> 
 
     Exits 7 when the session has recorded conflicts (see `syncd conflicts`)."""
     started = time.monotonic()
-    row = _call(socket_path, "flush", {"name": name, "timeout": timeout}, timeout=timeout + 10)
+    if sys.stderr.isatty() and not as_json:
+        row = _with_progress(socket_path, name, lambda: _call(
+            socket_path, "flush", {"name": name, "timeout": timeout}, timeout=timeout + 10))
+    else:
+        row = _call(socket_path, "flush", {"name": name, "timeout": timeout}, timeout=timeout + 10)
     row["flush_seconds"] = round(time.monotonic() - started, 3)
     if as_json:
         _print_json(row)
