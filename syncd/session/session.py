@@ -42,6 +42,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_OPS = 1000
 BLOB_CHUNK = 1024 * 1024
 FETCH_PARALLEL = 32
+MOVE_WINDOW = 2.0  # seconds during which events under a moved directory's old name are translated
 RETRIES = 3  # immediate retries of a failing path before it waits for a full rescan
 
 
@@ -113,6 +114,8 @@ class Session:
         self._tasks: list[asyncio.Task[None]] = []
         self.remote_root = ""
         self._failures: dict[str, int] = {}  # path -> consecutive failed attempts
+        self._recent_moves: list[tuple[str, str, float]] = []  # (old, new, when) replayed moves
+        self._walk_next: set[str] = set()  # known directories to walk, not just stat, next cycle
         self._intents: list[Intent] = []
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -233,7 +236,7 @@ class Session:
         """Runs on the event loop: record a watcher batch and wake the cycle."""
         if overflow or "" in paths:
             self.local_full = True
-        self.local_dirty.update(p for p in paths if p and not is_temp_name(p))
+        self.local_dirty.update(self._translate({p for p in paths if p and not is_temp_name(p)}))
         self.wakeup.set()
 
     async def _watch_local(self) -> None:
@@ -264,7 +267,7 @@ class Session:
             changes = await self.agent.changes.get()
             if changes.overflow:
                 self.remote_full = True
-            self.remote_dirty.update(p for p in changes.paths if p and not is_temp_name(p))
+            self.remote_dirty.update(self._translate({p for p in changes.paths if p and not is_temp_name(p)}))
             if "" in changes.paths:
                 self.remote_full = True
             self.wakeup.set()
@@ -305,10 +308,26 @@ class Session:
         """Known directories need only a stat; anything else is walked if a directory."""
         shallow: list[str] = []
         deep: list[str] = []
+        walk = self._walk_next
         for path in dirty:
             agreed = self.base.get(path)
-            (shallow if agreed is not None and agreed.kind == m.DIR else deep).append(path)
+            known_dir = agreed is not None and agreed.kind == m.DIR and path not in walk
+            (shallow if known_dir else deep).append(path)
         return shallow, deep
+
+    def _translate(self, paths: set[str]) -> set[str]:
+        """Events can name a path under a directory this session just moved (they were
+        queued before the move): look at the new name too."""
+        if not self._recent_moves:
+            return paths
+        now = time.monotonic()
+        self._recent_moves = [mv for mv in self._recent_moves if now - mv[2] < MOVE_WINDOW]
+        extra = set()
+        for old, new, _ in self._recent_moves:
+            for path in paths:
+                if path.startswith(old + "/"):
+                    extra.add(new + path[len(old):])
+        return paths | extra
 
     async def _observe_local(self, full: bool, dirty: set[str]) -> Observed:
         local = self.local
@@ -328,7 +347,8 @@ class Session:
             replaced = self._replaced_dirs(e1, "local")
             e2, a2 = local.scanner.scan_paths(deep + replaced, recursive=True)
             e1 = [e for e in e1 if e.path not in replaced]
-            return e1 + e2, a1 + a2 + self._vanished_under(replaced, e2)
+            walked = replaced + [p for p in deep if p in self._walk_next]
+            return e1 + e2, a1 + a2 + self._vanished_under(walked, e2)
 
         entries, absent = await asyncio.to_thread(scan)
         return self._observe(entries, absent, False)
@@ -363,7 +383,8 @@ class Session:
             if deep or replaced:
                 more, gone = await agent.scan(deep + replaced, recursive=True)
                 entries += more
-                absent += gone + self._vanished_under(replaced, more)
+                walked = replaced + [p for p in deep if p in self._walk_next]
+                absent += gone + self._vanished_under(walked, more)
         observed = self._observe(entries, absent, full)
         missing = needs_digest(self.base, observed, "remote")
         if missing:
@@ -419,6 +440,7 @@ class Session:
             self._observe_remote(remote_full, remote_dirty),
         )
         t1 = time.perf_counter()
+        self._walk_next.clear()  # both sides were walked where asked
         if self._intents and local_full and remote_full:
             # The last run was cut before these operations were confirmed: adopt those
             # that landed, so they are not mistaken for edits made on their side.
@@ -533,6 +555,14 @@ class Session:
             self.report(f"{'->' if move.side == 'remote' else '<-'} {move.side:6} move   {move.path} -> {move.dest}")
             changed = [move.path, *self.base.under(move.path)]
             rekey(self.base, move.path, move.dest)
+            # What either side changed inside it around the move may have been reported
+            # under the old name: walk the new one next cycle, on both sides.
+            self._recent_moves.append((move.path, move.dest, time.monotonic()))
+            self.local_dirty = self._translate(self.local_dirty)
+            self.remote_dirty = self._translate(self.remote_dirty)
+            self._walk_next.add(move.dest)
+            self.local_dirty.add(move.dest)
+            self.remote_dirty.add(move.dest)
             updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
             updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
             self._commit(updates)
