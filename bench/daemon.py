@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -47,32 +46,9 @@ SMALL_TREE_FILES = 50
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-class BenchError(Exception):
-    """A step failed (timeout, non-zero exit, wrong result); the message says which."""
-
-
-# ------------------------------------------------------------------------------------------
-# small helpers
-# ------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
+# Shared with the other benchmarks (bench/run.py, imported as a sibling module).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import BenchError, log, percentile, tail  # noqa: E402
 
 
 def write_file(path: Path, data: bytes) -> None:

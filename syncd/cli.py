@@ -18,12 +18,10 @@ import click
 from syncd import __version__
 from syncd.control import wire
 from syncd.control.client import DaemonUnavailable, RemoteError, call, default_socket_path
-from syncd.endpoint import EndpointError, parse_remote
+from syncd.endpoint import EndpointError
 from syncd.session.config import MODES, WINNERS, SessionConfig, default_state_dir
 from syncd.session.session import Halted, Session, SessionError
 from syncd.session.spec import SessionSpec, SpecError
-from syncd.transport.connect import AgentOptions
-from syncd.transport.options import SshOptions
 
 # Stable exit codes (documented in README).
 EXIT_OK = 0
@@ -81,23 +79,18 @@ def session_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def build_config(name: str, local: str, remote: str, opts: dict[str, Any]) -> SessionConfig:
-    try:
-        endpoint = parse_remote(remote)
-    except EndpointError as exc:
-        raise click.UsageError(str(exc)) from None
-    ssh = SshOptions(port=opts.get("port") or endpoint.port, identity=opts.get("identity"),
-                     known_hosts=opts.get("known_hosts"), ssh_config=opts.get("ssh_config"))
-    return SessionConfig(
-        name=name,
-        local=os.path.abspath(local),
-        remote=endpoint,
-        ignore=tuple(opts.get("ignore") or ()),
-        preserve_absent=tuple(opts.get("preserve") or ()),
-        mode=opts.get("mode") or "two-way",
-        winner=opts.get("winner") or "remote",
-        agent=AgentOptions(python=opts.get("remote_python") or "python3", ssh=ssh),
-        state_dir=opts.get("state_dir") or default_state_dir(),
+def _spec(name: str, local: str, remote: str, opts: dict[str, Any]) -> SessionSpec:
+    """The session the command-line options describe (paths made absolute)."""
+
+    def absolute(key: str) -> str | None:
+        return os.path.abspath(opts[key]) if opts.get(key) else None
+
+    return SessionSpec(
+        name=name, local=os.path.abspath(local), remote=remote,
+        ignore=tuple(opts.get("ignore") or ()), preserve_absent=tuple(opts.get("preserve") or ()),
+        mode=opts.get("mode") or "two-way", conflict_winner=opts.get("winner") or "remote",
+        port=opts.get("port"), identity=absolute("identity"), known_hosts=absolute("known_hosts"),
+        ssh_config=absolute("ssh_config"), remote_python=opts.get("remote_python") or "python3",
     )
 
 
@@ -139,7 +132,11 @@ def run(local: str, remote: str, name: str | None, quiet: bool, verbose: int, **
     exec:"docker exec -i box"::/path.
     """
     _setup_logging(verbose)
-    cfg = build_config(name or os.path.basename(os.path.abspath(local)) or "root", local, remote, opts)
+    spec = _spec(name or os.path.basename(os.path.abspath(local)) or "root", local, remote, opts)
+    try:
+        cfg = spec.to_config(opts.get("state_dir") or default_state_dir())
+    except EndpointError as exc:
+        raise click.UsageError(str(exc)) from None
     if not os.path.isdir(cfg.local):
         _fail(f"local directory {cfg.local} does not exist")
     sys.exit(run_foreground(cfg, quiet))
@@ -213,16 +210,7 @@ def daemon(config_path: str | None, socket_path: str | None, verbose: int) -> No
 def add(name: str, local: str, remote: str, replace: bool, socket_path: str | None, verbose: int,
         **opts: Any) -> None:
     """Add a session (idempotent: the same settings again change nothing)."""
-    spec = SessionSpec(
-        name=name, local=os.path.abspath(local), remote=remote,
-        ignore=tuple(opts.get("ignore") or ()), preserve_absent=tuple(opts.get("preserve") or ()),
-        mode=opts.get("mode") or "two-way", conflict_winner=opts.get("winner") or "remote",
-        port=opts.get("port"),
-        identity=os.path.abspath(opts["identity"]) if opts.get("identity") else None,
-        known_hosts=os.path.abspath(opts["known_hosts"]) if opts.get("known_hosts") else None,
-        ssh_config=os.path.abspath(opts["ssh_config"]) if opts.get("ssh_config") else None,
-        remote_python=opts.get("remote_python") or "python3",
-    )
+    spec = _spec(name, local, remote, opts)
     try:
         spec.validate()
     except SpecError as exc:

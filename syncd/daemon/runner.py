@@ -12,7 +12,7 @@ from typing import Any
 
 from syncd.session.session import Halted, Session, SessionError
 from syncd.session.spec import SessionSpec
-from syncd.store import Store, StoreBusy, clear_conflicts, list_conflicts
+from syncd.store import ConflictRecord, Store, StoreBusy, clear_conflicts, list_conflicts
 
 log = logging.getLogger("syncd.daemon")
 
@@ -170,25 +170,27 @@ class SessionRunner:
 
     def conflicts(self, clear: bool = False) -> list[dict[str, Any]]:
         """Conflicts recorded so far; ``clear`` forgets them once listed."""
-        config = self.spec.to_config(self.state_dir)
         session = self.session
         if session is not None and session.store is not None:
-            records = list_conflicts(session.store)
-            if clear:
-                clear_conflicts(session.store)
+            records = self._conflicts_in(session.store, clear)
         else:
             try:
-                store = Store(config.index_path())
+                store = Store(self.spec.to_config(self.state_dir).index_path())
             except StoreBusy:
                 return []
             try:
-                records = list_conflicts(store)
-                if clear:
-                    clear_conflicts(store)
+                records = self._conflicts_in(store, clear)
             finally:
                 store.close()
         return [{"path": r.path, "winner": r.winner, "loser": r.loser, "copy": r.copy, "time": r.stamp}
                 for r in records]
+
+    @staticmethod
+    def _conflicts_in(store: Store, clear: bool) -> list[ConflictRecord]:
+        records = list_conflicts(store)
+        if clear:
+            clear_conflicts(store)
+        return records
 
     def status(self) -> dict[str, Any]:
         session = self.session

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import (
     ASIDE,
-    CONTENT,
     COPY,
     DELETE,
     DELETED,
@@ -390,7 +389,3 @@ def rekey(base: BaseIndex, old: str, new: str) -> None:
         moved = new + path[len(old):]
         base.set(Agreed(moved, agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
                         agreed.target, agreed.local_ino, agreed.remote_ino))
-
-
-__all__ = ["reconcile", "detect_moves", "rekey", "expand_absent", "needs_digest", "conflict_name",
-           "CONTENT", "META"]

@@ -3,14 +3,11 @@ applying operations through the same fsops as the agent, and reading file conten
 
 from __future__ import annotations
 
-import os
-import stat
-
 from syncd.engine.index import BaseIndex
-from syncd.fsops import Root, UnsafePath
+from syncd.fsops import Root, read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import DigestCache, Scanner, digest_bytes, file_digest, join
+from syncd.scan import DigestCache, Scanner, file_digest, join
 
 
 class BaseDigests(DigestCache):
@@ -61,30 +58,16 @@ class LocalSide:
         self.root.close()
 
     def read_small(self, rel: str) -> tuple[bytes, m.Entry] | str:
-        """Whole content and the entry it belongs to, or a reason it cannot be read."""
-        try:
-            dir_fd, name = self.root.parent(rel)
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        except (OSError, UnsafePath) as exc:
-            return f"cannot read {rel}: {getattr(exc, 'strerror', None) or exc}"
-        try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):
-                return f"{rel} is no longer a regular file"
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            after = os.fstat(fd)
-        except OSError as exc:
-            return f"reading {rel}: {exc.strerror}"
-        finally:
-            os.close(fd)
-        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-            return f"{rel} changed while it was read"
-        data = b"".join(chunks)
-        entry = m.Entry(rel, m.FILE, stat.S_IMODE(after.st_mode), after.st_size, after.st_mtime_ns,
-                        after.st_ino, digest_bytes(data))
-        return data, entry
+        """Whole content and the entry (with digest) it belongs to, or a reason it cannot
+        be read; the same checked read as a streamed file, held in memory."""
+        chunks: list[bytes] = []
+        for data, entry, error in read_file(self.root, rel):
+            if error:
+                return error
+            if entry is not None:
+                return b"".join(chunks), entry
+            chunks.append(data)
+        return f"{rel}: no data"
 
     def digest_of(self, rel: str) -> bytes | None:
         try:

@@ -24,9 +24,10 @@ from syncd.engine.index import BaseIndex
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
 from syncd.engine.reconcile import ancestors, detect_moves, needs_digest, reconcile, rekey
 from syncd.engine.recovery import adopt
+from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import TEMP_PREFIX, is_temp_name
+from syncd.scan import is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
@@ -184,8 +185,7 @@ class Session:
                     store, self.store = self.store, None
                     store.close()
                 self.connected = False
-                self._fs_pool.shutdown(wait=False)
-                self._fs_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncd-fs-{self.cfg.name}")
+                self._fs_pool.shutdown(wait=False)  # a Session runs once; the runner makes a new one
 
     async def run(self) -> None:
         """Connect, sync, then follow changes on both sides until stopped."""
@@ -691,7 +691,7 @@ class Session:
             log.debug("%s: %s %s on %s deferred: %s", self.cfg.name, action.kind, action.path,
                       action.side, result.message)
             return
-        if action.kind == em.DELETE and "not empty" in result.message.lower():
+        if action.kind == em.DELETE and not_empty:
             return  # holds ignored or preserved entries: it stays, and so does its base row
         message = f"{action.kind} {action.path} on {action.side}: {result.status}: {result.message}"
         self.stats.errors = (self.stats.errors + [message])[-50:]
@@ -828,8 +828,6 @@ class Session:
         agent = self.agent
         local = self.local
         assert agent is not None and local is not None
-        from syncd.fsops import read_file
-
         blob_id = agent.new_blob_id()
         agent.send(m.BlobStart(blob_id, rel, 0))
         chunks = read_file(local.root, rel)
@@ -931,4 +929,4 @@ class Session:
         return blob_id, None, "no data"
 
 
-__all__ = ["Session", "SessionError", "Halted", "TEMP_PREFIX"]
+__all__ = ["Session", "SessionError", "Halted"]

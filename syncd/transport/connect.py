@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from dataclasses import dataclass
 
@@ -60,7 +59,3 @@ async def start_agent(endpoint: Endpoint, opts: AgentOptions) -> Channel:
         await channel.close()
         raise
     return channel
-
-
-def describe_command(endpoint: Endpoint) -> str:
-    return shlex.join(endpoint.command) if endpoint.kind == "exec" else endpoint.describe()
