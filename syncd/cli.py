@@ -281,9 +281,25 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _with_progress(socket_path: str | None, name: str, work: Callable[[], Any]) -> Any:
-    """Run a long request while a status line (state, pending, bytes, rate) updates on
-    the terminal."""
+def _flush_line(name: str, row: dict[str, Any], moved: int, rate: float, elapsed: float) -> str:
+    pending = row["pending_local"] + row["pending_remote"]
+    return (f"{name}: {row['state']:<12} pending {pending:<6} moved {_size(moved):>10} "
+            f"{_size(int(rate)):>10}/s  {elapsed:5.1f}s")
+
+
+def _resync_line(name: str, row: dict[str, Any], moved: int, rate: float, elapsed: float) -> str:
+    progress = row.get("resync")
+    if not progress:
+        return f"{name}: {row['state']:<12} {elapsed:5.1f}s"
+    eta = "" if progress["eta"] is None else f" ETA {progress['eta']:.0f}s"
+    return (f"{name}: {progress['direction']} {progress['phase']:<9} {progress['files']}/{progress['total_files']} "
+            f"files {_size(progress['bytes'])}/{_size(progress['total_bytes'])} "
+            f"{_size(progress['rate'])}/s{eta}  {elapsed:5.1f}s")
+
+
+def _with_progress(socket_path: str | None, name: str, work: Callable[[], Any],
+                   line: Callable[[str, dict[str, Any], int, float, float], str] = _flush_line) -> Any:
+    """Run a long request while a status line updates on the terminal."""
     import threading
 
     result: dict[str, Any] = {}
@@ -310,9 +326,7 @@ def _with_progress(socket_path: str | None, name: str, work: Callable[[], Any]) 
         first = moved if first is None else first
         elapsed = time.monotonic() - started
         rate = (moved - first) / elapsed if elapsed > 0 else 0.0
-        pending = row["pending_local"] + row["pending_remote"]
-        click.echo(f"\r{name}: {row['state']:<12} pending {pending:<6} moved {_size(moved):>10} "
-                   f"{_size(int(rate)):>10}/s  {elapsed:5.1f}s", err=True, nl=False)
+        click.echo("\r" + line(name, row, moved, rate, elapsed) + "\033[K", err=True, nl=False)
     click.echo("\r\033[K", err=True, nl=False)
     if "exit" in result:
         raise result["exit"]
@@ -380,6 +394,67 @@ def conflicts(name: str, clear: bool, socket_path: str | None, as_json: bool) ->
         click.echo("no conflicts")
     for row in rows:
         click.echo(f"{row['time']}  {row['path']}: {row['winner']} won; {row['loser']} version kept as {row['copy']}")
+
+
+def _print_skipped(skipped: list[dict[str, Any]]) -> None:
+    for skip in skipped[:20]:
+        click.echo(f"    skipped {skip['path']}: {skip['reason']} ({skip['detail']})", err=True)
+    if len(skipped) > 20:
+        click.echo(f"    ... and {len(skipped) - 20} more (see --json)", err=True)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--push", "direction", flag_value="push", help="rebuild the remote from the local tree")
+@click.option("--pull", "direction", flag_value="pull", help="rebuild the local tree from the remote")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=3600.0, show_default=True,
+              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up waiting (exit 6)")
+@socket_option
+@json_option
+def resync(name: str, direction: str | None, timeout: float, socket_path: str | None, as_json: bool) -> None:
+    """Rebuild one side from the other as one tar stream, then sync live again.
+
+    Ignored entries stay on both sides; with --pull, preserve-absent entries stay too. A
+    resync cut short leaves the destination as it was. Lifts a halt or a pause."""
+    if direction is None:
+        _fail("say which side is the truth: --push (local) or --pull (remote)", EXIT_USAGE)
+    args = {"name": name, "direction": direction, "timeout": timeout}
+    if sys.stderr.isatty() and not as_json:
+        row = _with_progress(socket_path, name, lambda: _call(socket_path, "resync", args, timeout=timeout + 10),
+                             _resync_line)
+    else:
+        row = _call(socket_path, "resync", args, timeout=timeout + 10)
+    if as_json:
+        _print_json(row)
+        return
+    click.echo(f"{name}: resync --{direction}: {row['files']} entries, {_size(row['bytes'])} in "
+               f"{row['seconds']:.2f}s, {row['deleted']} deleted, {len(row['skipped'])} skipped; syncing live")
+    _print_skipped(row["skipped"])
+
+
+@main.command()
+@click.argument("name")
+@click.argument("local_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("remote_dir")
+@click.option("--follow-symlinks", is_flag=True, help="send what symlinks point to, as regular files and directories")
+@click.option("--exclude", multiple=True, metavar="PAT", help="gitignore-style pattern not to send (repeatable)")
+@click.option("--runtime", is_flag=True, help="REMOTE_DIR is under the agent's runtime directory, not the remote root")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=3600.0, show_default=True,
+              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up (exit 6)")
+@socket_option
+@json_option
+def upload(name: str, local_dir: str, remote_dir: str, follow_symlinks: bool, exclude: tuple[str, ...],
+           runtime: bool, timeout: float, socket_path: str | None, as_json: bool) -> None:
+    """Replace REMOTE_DIR (relative to the session's remote root) with LOCAL_DIR's content."""
+    args = {"name": name, "local": os.path.abspath(local_dir), "remote": remote_dir, "runtime": runtime,
+            "follow_symlinks": follow_symlinks, "exclude": list(exclude), "timeout": timeout}
+    row = _call(socket_path, "upload", args, timeout=timeout + 10)
+    if as_json:
+        _print_json(row)
+        return
+    click.echo(f"{name}: uploaded {row['files']} entries, {_size(row['bytes'])} to {row['where']} "
+               f"in {row['seconds']:.2f}s")
+    _print_skipped(row["skipped"])
 
 
 @main.command(hidden=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import stat
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -37,7 +38,8 @@ def parent_of(rel: str) -> str:
 
 
 def is_temp_name(rel: str) -> bool:
-    return rel[rel.rfind("/") + 1 :].startswith(TEMP_PREFIX)
+    """Our temp files, and anything inside a staging directory of a resync."""
+    return rel.startswith(TEMP_PREFIX) or ("/" + TEMP_PREFIX) in rel
 
 
 def is_stale_temp(name: str) -> bool:
@@ -87,6 +89,17 @@ def file_digest(path: str) -> Tuple[bytes, os.stat_result]:
 
 def digest_bytes(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def _remove_stale(path: str, is_dir: bool) -> None:
+    """Remove a killed writer's temp file or a killed resync's staging directory."""
+    try:
+        if is_dir:
+            shutil.rmtree(path)  # never follows symlinks inside
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 class DigestCache:
@@ -254,10 +267,7 @@ class Scanner:
                 name = item.name
                 if name.startswith(TEMP_PREFIX):
                     if is_stale_temp(name):
-                        try:
-                            os.unlink(base + "/" + name)
-                        except OSError:
-                            pass
+                        _remove_stale(base + "/" + name, item.is_dir(follow_symlinks=False))
                     continue
                 rel = prefix + name
                 try:

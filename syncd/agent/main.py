@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from syncd import __version__
 from syncd.fsops import Root, UnsafePath, read_file, split_path
@@ -21,7 +21,7 @@ from syncd.scan import Scanner, digest_bytes, is_temp_name
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
-CAPABILITIES = ("scan", "hash", "apply", "blob", "watch")
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar")
 
 
 class Agent:
@@ -34,6 +34,7 @@ class Agent:
         self.scanner: Optional[Scanner] = None
         self.watcher: Any = None
         self.rules: Any = None
+        self.receiving: Dict[int, Any] = {}  # req -> tar_jobs.Receive in progress
 
     def send(self, message: Any) -> None:
         data = self.conn.send(message)
@@ -65,6 +66,9 @@ class Agent:
                 pass
             return 2
         finally:
+            for job in self.receiving.values():
+                job.abort()  # the daemon went away mid-stream: the root stays as it was
+            self.receiving.clear()
             if self.watcher is not None:
                 self.watcher.stop()
             if self.root is not None:
@@ -107,8 +111,44 @@ class Agent:
         elif isinstance(msg, m.Apply):
             self.send(m.Applied(msg.req, tuple(self.apply_one(op) for op in msg.ops)))
             self.root.release()
+        elif isinstance(msg, (m.TarReceive, m.TarData, m.TarEnd, m.TarSend)):
+            self.tar(msg)
         else:
             raise ProtocolError("unexpected %s from the daemon" % type(msg).__name__)
+
+    def tar(self, msg: Any) -> None:
+        from syncd.agent import tar_jobs  # imported late: only needed for resyncs and uploads
+        from syncd.tarstream import ExtractError
+
+        assert self.root is not None and self.scanner is not None
+        if isinstance(msg, m.TarSend):
+            try:
+                tar_jobs.send_root(self.root, self.scanner, msg.req, self.send)
+            finally:
+                self.root.release()
+            return
+        if isinstance(msg, m.TarReceive):
+            if msg.req in self.receiving:
+                raise ProtocolError("tar stream %d started twice" % msg.req)
+            try:
+                self.receiving[msg.req] = tar_jobs.Receive(self.root, self.scanner, msg)
+            except (OSError, UnsafePath) as exc:
+                self.send(m.Failure(msg.req, "failed", "cannot receive into %s: %s"
+                                    % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))
+            return
+        job = self.receiving.get(msg.req)
+        if job is None:
+            return  # the stream was refused: its data is dropped
+        if isinstance(msg, m.TarData):
+            job.feed(msg.data)
+            return
+        del self.receiving[msg.req]
+        try:
+            entries, skipped, deleted = job.finish(msg.skipped)
+        except (OSError, UnsafePath, ExtractError) as exc:
+            self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
+            return
+        tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None

@@ -10,8 +10,11 @@ import random
 import time
 from typing import Any
 
+from syncd.session.resync import ResyncSummary
 from syncd.session.session import Halted, Session, SessionError
 from syncd.session.spec import SessionSpec
+from syncd.session.upload import UploadError
+from syncd.session.upload import upload as upload_dir
 from syncd.store import ConflictRecord, Store, StoreBusy, clear_conflicts, list_conflicts
 
 log = logging.getLogger("syncd.daemon")
@@ -40,6 +43,8 @@ class SessionRunner:
         self.totals: dict[str, int] = {"sent_files": 0, "sent_bytes": 0, "received_files": 0,
                                        "received_bytes": 0, "deleted": 0}
         self.connected_since = 0.0
+        self._resync_request: str | None = None  # "push" or "pull", for the next session
+        self._resync_waiter: asyncio.Future[dict[str, Any]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -83,7 +88,9 @@ class SessionRunner:
             if self.paused or self.halt_reason:
                 await self._idle_until_woken(None)
                 continue
-            session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected)
+            resync, self._resync_request = self._resync_request, None
+            session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected,
+                              resync=resync, on_resync=self._resync_done)
             session.force_next = self._force
             self._force = False
             self.session = session
@@ -97,6 +104,10 @@ class SessionRunner:
             except SessionError as exc:
                 self.last_error = str(exc)
                 self.state = "disconnected"
+                if resync is not None and self._resync_failed(exc):
+                    self._collect(session)
+                    self.session = None
+                    continue
                 if session.connected or session.stats.cycles:
                     backoff = BACKOFF_FIRST  # it worked for a while: start over
                 delay = backoff * random.uniform(0.5, 1.0)
@@ -108,6 +119,8 @@ class SessionRunner:
                     await self._idle_until_woken(delay)
                 continue
             except Exception as exc:  # a bug must not take the other sessions down
+                if resync is not None:
+                    self._resync_failed(SessionError(f"resync --{resync} failed: internal error: {exc!r}"))
                 self.last_error = f"internal error: {exc!r}"
                 self.state = "error"
                 log.exception("%s: session crashed", self.spec.name)
@@ -121,6 +134,57 @@ class SessionRunner:
                 self.state = "stopped"
         if not self.paused and not self.halt_reason:
             self.state = "stopped"
+
+    async def resync(self, direction: str, timeout: float) -> dict[str, Any]:
+        """Rebuild one side from the other (the live session stops for the duration, then
+        goes on); returns the summary. A halt or a pause is lifted: this is the way out."""
+        if self._resync_waiter is not None and not self._resync_waiter.done():
+            raise ValueError(f"a resync of {self.spec.name} is already running")
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._resync_waiter = waiter
+        self._resync_request = direction
+        self.paused = False
+        self.halt_reason = ""
+        self.state = f"resync-{direction}"
+        if self.session is not None:
+            self.session.stop()
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            raise FlushTimeout(f"the resync is still running after {timeout:.0f}s (see `syncd status`)") from None
+
+    async def upload(self, local_dir: str, remote_dir: str, runtime: bool, follow_symlinks: bool,
+                     excludes: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        """Replace a remote directory with a local one's content (see session.upload)."""
+        cfg = self.spec.to_config(self.state_dir)
+        try:
+            result = await asyncio.wait_for(
+                upload_dir(cfg, local_dir, remote_dir, runtime, follow_symlinks, excludes), timeout)
+        except UploadError as exc:
+            raise SessionError(str(exc)) from None
+        except TimeoutError:
+            raise FlushTimeout(f"the upload did not finish within {timeout:.0f}s; "
+                               "the remote directory is as it was") from None
+        return {"name": self.spec.name, **result}
+
+    def _resync_done(self, summary: ResyncSummary) -> None:
+        waiter = self._resync_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result({"name": self.spec.name, **summary.as_dict()})
+
+    def _resync_failed(self, exc: SessionError) -> bool:
+        """A resync that did not complete: report it, and stay paused rather than sync
+        live from the state the user wanted replaced. True if this was the case."""
+        waiter = self._resync_waiter
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_exception(exc)
+        if not self._stopping:
+            self.paused = True
+            self.state = "paused"
+        log.error("%s: %s", self.spec.name, exc)
+        return True
 
     def _connected(self) -> None:
         self.last_error = ""
@@ -199,6 +263,7 @@ class SessionRunner:
         last_cycle = 0.0
         cycles = 0
         errors: list[str] = []
+        resync: dict[str, Any] | None = None
         if session is not None:
             for key in totals:
                 totals[key] += getattr(session.stats, key)
@@ -206,6 +271,9 @@ class SessionRunner:
             last_cycle = session.stats.last_cycle
             cycles = session.stats.cycles
             errors = list(session.stats.errors[-5:])
+            progress = session.resync_progress
+            if progress is not None and progress.phase != "done":
+                resync = progress.as_dict()
         return {
             "name": self.spec.name,
             "local": self.spec.local,
@@ -221,4 +289,5 @@ class SessionRunner:
             **totals,
             "conflicts": len(self.conflicts()),
             "errors": errors,
+            "resync": resync,
         }

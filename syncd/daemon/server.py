@@ -29,6 +29,7 @@ from syncd.session.spec import SessionSpec, SpecError
 
 log = logging.getLogger("syncd.daemon")
 DEFAULT_FLUSH_TIMEOUT = 120.0
+DEFAULT_RESYNC_TIMEOUT = 3600.0
 
 
 class DaemonError(Exception):
@@ -347,6 +348,24 @@ class Daemon:
         if cmd == "conflicts":
             runner = self._runner(args["name"])
             return runner.conflicts(bool(args.get("clear", False)))
+        if cmd == "resync":
+            runner = self._runner(args["name"])
+            if args["direction"] not in ("push", "pull"):
+                raise ValueError("resync: direction must be push or pull")
+            try:
+                return await runner.resync(args["direction"], float(args.get("timeout", DEFAULT_RESYNC_TIMEOUT)))
+            finally:
+                self._persist_paused(runner)  # a resync lifts a pause; a failed one pauses
+        if cmd == "upload":
+            runner = self._runner(args["name"])
+            excludes = args.get("exclude", [])
+            if not all(isinstance(p, str) for p in excludes):
+                raise ValueError("upload: exclude must be a list of strings")
+            if not os.path.isabs(args["local"]):
+                raise ValueError("upload: LOCAL_DIR must be an absolute path")
+            return await runner.upload(args["local"], args["remote"], bool(args.get("runtime", False)),
+                                       bool(args.get("follow_symlinks", False)), tuple(excludes),
+                                       float(args.get("timeout", DEFAULT_RESYNC_TIMEOUT)))
         raise ValueError(f"unhandled command {cmd}")
 
     def _persist_paused(self, runner: SessionRunner) -> None:

@@ -278,9 +278,74 @@ class Bye:
     """Orderly shutdown."""
 
 
+@dataclass(frozen=True)
+class Skip:
+    """An entry a tar stream does not carry, or carries but must not be trusted."""
+
+    path: str
+    reason: str  # see syncd.tarstream: changed, vanished, unreadable, special, unsafe, kept
+    detail: str
+
+
+@dataclass(frozen=True)
+class TarReceive:
+    """Daemon to agent: a tar stream follows (TarData..., then TarEnd). With ``path`` ''
+    it is mirrored into the root, ignored entries kept; otherwise directory ``path`` is
+    replaced whole. ``runtime``: ``path`` is under the agent's runtime directory."""
+
+    req: int
+    path: str
+    runtime: bool
+
+
+@dataclass(frozen=True)
+class TarSend:
+    """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult."""
+
+    req: int
+
+
+@dataclass(frozen=True)
+class TarStart:
+    """What a stream will carry, for progress and ETA."""
+
+    req: int
+    files: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TarData:
+    req: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TarEnd:
+    """End of a stream the daemon sent; ``skipped``: what it lacks or must not be trusted."""
+
+    req: int
+    skipped: Tuple[Skip, ...]
+
+
+@dataclass(frozen=True)
+class TarResult:
+    """Outcome of a tar stream, in chunks (the last has ``done``): the entries archived
+    (TarSend, files with digests) or placed (TarReceive), what was skipped, how many
+    entries were deleted, and where it landed."""
+
+    req: int
+    entries: Tuple[Entry, ...]
+    skipped: Tuple[Skip, ...]
+    deleted: int
+    where: str
+    done: bool
+
+
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
-    Changes, Failure, Fatal, Bye, Fetch, FileData,
+    Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
+    TarResult,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -301,6 +366,13 @@ TAGS: Dict[type, int] = {
     Bye: 14,
     Fetch: 15,
     FileData: 16,
+    Skip: 17,
+    TarReceive: 18,
+    TarSend: 19,
+    TarStart: 20,
+    TarData: 21,
+    TarEnd: 22,
+    TarResult: 23,
     # structs
     Entry: 32,
     Expect: 33,
@@ -317,5 +389,6 @@ TAGS: Dict[type, int] = {
 }
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
-    Changes, Failure, Fatal, Bye, Fetch, FileData,
+    Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
+    TarResult,
 )

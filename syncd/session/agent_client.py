@@ -13,6 +13,7 @@ from syncd.protocol.codec import Connection, ProtocolError
 from syncd.transport.channel import Channel
 
 HELLO_TIMEOUT = 20.0
+TAR_QUEUE = 8  # chunks of about 1 MiB
 
 
 class AgentError(Exception):
@@ -73,7 +74,11 @@ class AgentClient:
                         + (f": {detail}" if detail else "")
                     )
                 for message in self.conn.receive_data(data):
-                    self._dispatch(message)
+                    queue = self._dispatch(message)
+                    if queue is not None:
+                        # A bounded queue (a tar stream) full: stop reading until the
+                        # consumer catches up, so the sender is held back, not buffered.
+                        await queue.put(message)
         except (ProtocolError, AgentError, ConnectionError, OSError) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -87,28 +92,31 @@ class AgentClient:
         if not self._hello.done():
             self._hello.set_exception(AgentError(str(exc)))
         for queue in self._waiting.values():
+            while queue.full():
+                queue.get_nowait()  # the stream is dead anyway: make room for the error
             queue.put_nowait(exc)
         self.changes.put_nowait(m.Changes((), True))  # wake whoever waits for changes
 
-    def _dispatch(self, message: Any) -> None:
+    def _dispatch(self, message: Any) -> asyncio.Queue[Any] | None:
+        """Handle a message; return the queue it must go to, for requests' replies."""
         if isinstance(message, m.Hello):
             if not self._hello.done():
                 self._hello.set_result(message)
-            return
+            return None
         if isinstance(message, m.Changes):
             self.changes.put_nowait(message)
-            return
+            return None
         if isinstance(message, m.Fatal):
             raise AgentError(f"the agent gave up: {message.message}")
         req = getattr(message, "req", None)
         queue = self._waiting.get(req) if isinstance(req, int) else None
         if queue is None:
             raise ProtocolError(f"unsolicited {type(message).__name__}")
-        queue.put_nowait(message)
+        return queue
 
-    async def _request(self, make: Any) -> AsyncIterator[Any]:
+    async def _request(self, make: Any, bound: int = 0) -> AsyncIterator[Any]:
         req = next(self._ids)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue(bound)
         self._waiting[req] = queue
         try:
             self.send(make(req))
@@ -182,6 +190,15 @@ class AgentClient:
     def fetch(self, path: str) -> AsyncIterator[m.FileData]:
         return self._request(lambda req: m.Fetch(req, path))
 
+    def tar_from_agent(self) -> AsyncIterator[Any]:
+        """The remote root as a tar stream: TarStart, TarData..., TarResult... (last done).
+        At most a few chunks wait here: the agent is held back, not buffered."""
+        return self._request(lambda req: m.TarSend(req), bound=TAR_QUEUE)
+
+    def tar_to_agent(self, path: str, runtime: bool) -> TarUpload:
+        """Start sending a tar stream to the agent; see TarUpload."""
+        return TarUpload(self, path, runtime)
+
     def new_blob_id(self) -> int:
         return next(self._ids)
 
@@ -196,3 +213,55 @@ class AgentClient:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         await self.channel.close()
+
+
+class TarUpload:
+    """A tar stream to the agent: ``send`` chunks (each waits for the link to drain),
+    then ``finish`` with what the stream lacks, and get the agent's result."""
+
+    def __init__(self, client: AgentClient, path: str, runtime: bool) -> None:
+        self.client = client
+        self.req = next(client._ids)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        client._waiting[self.req] = self.queue
+        client.send(m.TarReceive(self.req, path, runtime))
+
+    def _check(self) -> None:
+        # The agent refuses early (e.g. an unwritable target): stop sending at once.
+        if not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, m.Failure):
+                raise AgentError(item.message)
+            if isinstance(item, BaseException):
+                raise AgentError(str(item))
+            raise AgentError(f"unexpected {type(item).__name__} during a tar stream")
+
+    async def send(self, data: bytes) -> None:
+        self._check()
+        self.client.send(m.TarData(self.req, data))
+        await self.client.drain()
+
+    async def finish(self, skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+        """(entries placed, skipped, deleted, where)."""
+        self._check()
+        self.client.send(m.TarEnd(self.req, tuple(skipped)))
+        entries: list[m.Entry] = []
+        skips: list[m.Skip] = []
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise AgentError(str(item))
+                if isinstance(item, m.Failure):
+                    raise AgentError(item.message)
+                if not isinstance(item, m.TarResult):
+                    raise AgentError(f"unexpected {type(item).__name__} after a tar stream")
+                entries.extend(item.entries)
+                skips.extend(item.skipped)
+                if item.done:
+                    return entries, skips, item.deleted, item.where
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.client._waiting.pop(self.req, None)

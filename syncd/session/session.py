@@ -31,7 +31,11 @@ from syncd.scan import is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
+from syncd.session.resync import ResyncProgress, ResyncSummary
+from syncd.session.resync import pull as resync_pull
+from syncd.session.resync import push as resync_push
 from syncd.store import Store, StoreBusy, add_conflicts, clear_intents, load_intents, record_intents
+from syncd.tarstream import ExtractError
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
@@ -92,8 +96,13 @@ def _stamp() -> str:
 
 class Session:
     def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None,
-                 on_connected: Callable[[], None] | None = None) -> None:
+                 on_connected: Callable[[], None] | None = None, resync: str | None = None,
+                 on_resync: Callable[[ResyncSummary], None] | None = None) -> None:
         self.cfg = cfg
+        self.resync = resync  # "push" or "pull": rebuild that side first, then sync live
+        self.on_resync = on_resync
+        self.resync_progress: ResyncProgress | None = None
+        self.resync_summary: ResyncSummary | None = None
         self.on_connected = on_connected
         self.report = report or (lambda line: None)
         self.state = "starting"
@@ -201,6 +210,8 @@ class Session:
                     await connecting
                 return
             connecting.result()
+            if self.resync is not None:
+                await self._resync(self.resync)
             self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             # Watch before scanning, so nothing changed during the first scan is missed.
@@ -210,6 +221,51 @@ class Session:
             raise SessionError(f"lost the link to {self.cfg.remote.describe()}: {exc}") from None
         finally:
             await self.close()
+
+    async def _resync(self, direction: str) -> None:
+        """Rebuild one side before syncing live; a stop request interrupts it (the
+        destination then stays as it was)."""
+        self.state = f"resync-{direction}"
+        work = asyncio.ensure_future(resync_push(self) if direction == "push" else resync_pull(self))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+            raise SessionError(f"the resync --{direction} was interrupted; nothing was replaced")
+        try:
+            self.resync_summary = work.result()
+        except (AgentError, ExtractError, OSError, ValueError) as exc:
+            raise SessionError(f"resync --{direction} failed: {getattr(exc, 'strerror', None) or exc}") from None
+        log.info("%s: resync --%s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name,
+                 direction, self.resync_summary.files, self.resync_summary.bytes, self.resync_summary.deleted,
+                 len(self.resync_summary.skipped), self.resync_summary.seconds)
+        # Changes seen meanwhile are mostly our own writes; a full scan of both sides
+        # settles them and anything edited during the resync.
+        if self.agent is not None:
+            while not self.agent.changes.empty():
+                self.agent.changes.get_nowait()
+        self.local_dirty.clear()
+        self.remote_dirty.clear()
+        self.local_full = self.remote_full = True
+        if self.on_resync is not None:
+            self.on_resync(self.resync_summary)
+
+    def reset_base(self, rows: list[Agreed]) -> None:
+        """The base becomes exactly ``rows`` (after a resync); pending intents and failure
+        counts belong to the old state."""
+        keep = {row.path for row in rows}
+        for path in [p for p in self.base if p not in keep]:
+            self.base.discard(path)
+        for row in rows:
+            self.base.set(row)
+        assert self.store is not None
+        self.store.replace_all(rows)
+        clear_intents(self.store)
+        self._intents = []
+        self._failures.clear()
 
     async def follow(self) -> None:
         next_rescan = time.monotonic() + self.cfg.rescan_interval

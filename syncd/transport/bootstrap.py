@@ -30,6 +30,8 @@ AGENT_MODULES = (
     "agent/__init__.py",
     "agent/main.py",
     "agent/watch.py",
+    "agent/tar_jobs.py",
+    "tarstream.py",
 )
 MSGPACK_MODULES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
 DEFAULT_CACHE_DIR = "~/.cache/syncd"

@@ -57,6 +57,12 @@ SAMPLES: dict[type, Any] = {
     m.Bye: m.Bye(),
     m.Fetch: m.Fetch(6, CAFE),
     m.FileData: m.FileData(6, b"", FILE_ENTRY, ""),
+    m.TarReceive: m.TarReceive(7, "skills/" + CAFE, True),
+    m.TarSend: m.TarSend(8),
+    m.TarStart: m.TarStart(8, 50000, 1 << 30),
+    m.TarData: m.TarData(8, b"\0" * 1024),
+    m.TarEnd: m.TarEnd(7, (m.Skip("src/" + CAFE, "changed", "changed while it was archived"),)),
+    m.TarResult: m.TarResult(8, (FILE_ENTRY,), (m.Skip("fifo", "special", "not synced"),), 3, "/work", True),
 }
 
 

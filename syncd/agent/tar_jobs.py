@@ -1,0 +1,196 @@
+"""The agent's side of tar streams: receive one into a staging area and put it in place,
+or send the root as one.
+
+A received stream is extracted by a thread while the main thread keeps reading stdin; the
+bounded queue between them is the back-pressure (a full queue stops the reads, which stops
+the sender). Nothing in the root changes until the whole stream has arrived: a stream cut
+short leaves the root as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+from typing import Any, Callable, List, Optional, Tuple
+
+from syncd.fsops import Root, UnsafePath, split_path
+from syncd.protocol import messages as m
+from syncd.scan import Scanner
+from syncd.tarstream import (
+    LEAVE_REASONS,
+    SPECIAL,
+    UNREADABLE,
+    ChunkReader,
+    ExtractError,
+    TarExtractor,
+    TarProducer,
+    mirror,
+    staging_name,
+)
+
+QUEUE_CHUNKS = 8  # chunks of about 1 MiB between the reading and the extracting thread
+RESULT_CHUNK = 2000
+
+
+def runtime_dir() -> str:
+    """The agent's runtime directory (for uploads beside the workspace), created 0700."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not base or not os.path.isdir(base) or not os.access(base, os.W_OK):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "syncd", "run")
+    os.makedirs(path, 0o700, exist_ok=True)
+    return path
+
+
+def scan_skips(scanner: Scanner) -> List[m.Skip]:
+    """The scanner's skipped entries as Skips (special files, unreadable ones)."""
+    out = []
+    for path, why in scanner.skipped:
+        reason = SPECIAL if why.startswith("special") else UNREADABLE
+        out.append(m.Skip(path, reason, "%s: %s" % (path or ".", why)))
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class Receive:
+    """One stream arriving from the daemon (TarReceive, TarData..., TarEnd)."""
+
+    def __init__(self, root: Root, scanner: Scanner, msg: m.TarReceive) -> None:
+        self.scanner = scanner
+        self.req = msg.req
+        self.whole_root = msg.path == "" and not msg.runtime
+        if msg.runtime:
+            base = runtime_dir()
+            self.base_root: Root = Root(base)
+            self.own_root = True
+        else:
+            base = root.path
+            self.base_root = root
+            self.own_root = False
+        self.target = msg.path
+        if self.target:
+            parts = split_path(self.target)
+            self._make_parents(parts[:-1])
+            parent = "/".join(parts[:-1])
+        else:
+            if msg.runtime:
+                raise UnsafePath("an upload needs a directory name")
+            parent = ""
+        self.parent = parent
+        self.staging_rel = (parent + "/" if parent else "") + staging_name("tar-%d" % msg.req)
+        self.where = os.path.join(base, self.target) if self.target else base
+        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
+        self.error: Optional[str] = None
+        self.extractor = TarExtractor(os.path.join(base, self.staging_rel), is_ignored=self._ignored)
+        self.thread = threading.Thread(target=self._extract, name="syncd-untar", daemon=True)
+        self.thread.start()
+
+    def _ignored(self, rel: str, is_dir: bool) -> bool:
+        # Into the root: the root's rules hold (the sender applied the same ones).
+        return self.whole_root and bool(self.scanner.is_ignored(rel, is_dir))
+
+    def _make_parents(self, parts: List[str]) -> None:
+        for i in range(1, len(parts) + 1):
+            rel = "/".join(parts[:i])
+            dir_fd, name = self.base_root.parent(rel)
+            try:
+                os.mkdir(name, 0o777, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+
+    def _extract(self) -> None:
+        reader = ChunkReader(self.queue.get)
+        try:
+            self.extractor.extract(reader)  # type: ignore[arg-type]
+        except ExtractError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # keep draining: the main thread must never block on put
+            self.error = "extraction failed: %r" % (exc,)
+        reader.drain()
+
+    def feed(self, data: bytes) -> None:
+        self.queue.put(data)
+
+    def abort(self) -> None:
+        """The link went away mid-stream: discard everything staged."""
+        self.queue.put(None)
+        self.thread.join()
+        self.close()
+
+    def close(self) -> None:
+        self.extractor.close()
+        self.base_root.release()
+        if self.own_root:
+            self.base_root.close()
+
+    def finish(self, skipped: Tuple[m.Skip, ...]) -> Tuple[List[m.Entry], List[m.Skip], int]:
+        """The stream is complete: put it in place. Raises ExtractError if it was bad."""
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise ExtractError(self.error)
+            ex = self.extractor
+            ex.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
+            if self.whole_root:
+                existing = self.scanner.scan_all(hash_files=False)
+                leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
+                result = mirror(self.base_root, self.staging_rel, ex.entries, existing,
+                                lambda rel, kind: False, leave)
+                return result.entries, ex.skipped + result.skipped, result.deleted
+            self._replace()
+            return [], ex.skipped, 0
+        finally:
+            self.close()
+
+    def _replace(self) -> None:
+        """Put the staged directory in place of the target, whatever the target was."""
+        root = self.base_root
+        staging_fd, staging_name_ = root.parent(self.staging_rel)
+        os.chmod(staging_name_, 0o777 & ~_umask(), dir_fd=staging_fd)
+        dir_fd, name = root.parent(self.target)
+        old = staging_name("old-%d" % self.req)
+        try:
+            os.rename(name, old, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            old = ""
+        os.rename(staging_name_, name, src_dir_fd=staging_fd, dst_dir_fd=dir_fd)
+        root.release()
+        if old:
+            path = os.path.join(root.path, self.parent, old)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+
+def send_root(root: Root, scanner: Scanner, req: int, send: Callable[[Any], None]) -> None:
+    """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult."""
+    entries = scanner.scan_all(hash_files=False)
+    skipped = scan_skips(scanner)
+    total = sum(e.size for e in entries if e.kind == m.FILE)
+    send(m.TarStart(req, len(entries), total))
+    producer = TarProducer(root.path, entries)
+    try:
+        for chunk in producer.chunks():
+            send(m.TarData(req, chunk))
+    finally:
+        producer.close()
+    send_result(send, req, producer.sent, skipped + producer.skipped, 0, root.path)
+
+
+def send_result(send: Callable[[Any], None], req: int, entries: List[m.Entry], skipped: List[m.Skip],
+                deleted: int, where: str) -> None:
+    """TarResult in chunks, so a huge tree never makes one huge frame."""
+    count = max(len(entries), len(skipped), 1)
+    for start in range(0, count, RESULT_CHUNK):
+        last = start + RESULT_CHUNK >= count
+        send(m.TarResult(req, tuple(entries[start : start + RESULT_CHUNK]),
+                         tuple(skipped[start : start + RESULT_CHUNK]), deleted, where, last))

@@ -1,0 +1,211 @@
+"""Full resyncs: rebuild one side from the other as one tar stream, then reset the base.
+
+``--push``: the local tree streams to the agent, which stages it on the remote root's
+filesystem and mirrors it in, keeping ignored entries. ``--pull``: the agent streams the
+remote tree; it is staged inside the local root and mirrored in, keeping ignored and
+preserve-absent entries. Either way nothing on the destination changes until the whole
+stream has arrived, and the base index becomes exactly what both sides now hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from syncd.agent.tar_jobs import scan_skips
+from syncd.engine.model import Agreed, agreed_from
+from syncd.protocol import messages as m
+from syncd.tarstream import LEAVE_REASONS, ChunkReader, TarExtractor, TarProducer, mirror, staging_name
+
+if TYPE_CHECKING:
+    from syncd.session.agent_client import TarUpload
+    from syncd.session.session import Session
+
+CHUNK_QUEUE = 8
+
+
+@dataclass
+class ResyncProgress:
+    """Live counters of a resync, shown by `status` and the CLI."""
+
+    direction: str
+    phase: str = "scanning"
+    files: int = 0
+    bytes: int = 0
+    total_files: int = 0
+    total_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, files: int, size: int) -> None:
+        self.files += files
+        self.bytes += size
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = self.bytes / elapsed
+        left = max(self.total_bytes - self.bytes, 0)
+        eta = left / rate if rate > 0 and self.phase == "streaming" else None
+        return {"direction": self.direction, "phase": self.phase, "files": self.files, "bytes": self.bytes,
+                "total_files": self.total_files, "total_bytes": self.total_bytes,
+                "seconds": round(elapsed, 3), "rate": round(rate), "eta": None if eta is None else round(eta, 1)}
+
+
+@dataclass
+class ResyncSummary:
+    direction: str
+    files: int
+    bytes: int
+    seconds: float
+    deleted: int
+    skipped: list[m.Skip]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"direction": self.direction, "files": self.files, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "deleted": self.deleted,
+                "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in self.skipped]}
+
+
+def _base_rows(sources: list[m.Entry], placed: list[m.Entry], source_side: str) -> list[Agreed]:
+    """Base rows for what landed: the source's entry (with its digest), both inodes."""
+    by_path = {e.path: e for e in sources}
+    rows = []
+    for dest in placed:
+        src = by_path.get(dest.path)
+        if src is None or src.kind != dest.kind:
+            continue
+        if source_side == "local":
+            rows.append(agreed_from(src, src.ino, dest.ino))
+        else:
+            rows.append(agreed_from(src, dest.ino, src.ino))
+    return rows
+
+
+async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) -> None:
+    """After a failure or cancellation: let a blocked worker thread finish."""
+    while not work.done():
+        unblock()
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(BaseException):
+        work.result()
+
+
+async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
+                      run: Callable[..., Awaitable[Any]],
+                      progress: ResyncProgress | None = None) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+    """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
+    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
+    stop = False
+
+    def produce() -> None:
+        try:
+            for chunk in producer.chunks():
+                if stop:
+                    return
+                asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
+        finally:
+            producer.close()
+            asyncio.run_coroutine_threadsafe(chunks.put(None), loop)
+
+    work = asyncio.ensure_future(run(produce))
+    try:
+        while (chunk := await chunks.get()) is not None:
+            await upload.send(chunk)
+        await work  # raises if the producer failed
+        if progress is not None:
+            progress.phase = "placing"
+        return await upload.finish(producer.skipped + skipped)
+    except BaseException:
+        stop = True
+        upload.close()
+
+        def unblock() -> None:
+            while not chunks.empty():
+                chunks.get_nowait()
+
+        await _drain_thread(work, unblock)
+        raise
+
+
+async def push(session: Session) -> ResyncSummary:
+    """Rebuild the remote from the local tree."""
+    local, agent = session.local, session.agent
+    assert local is not None and agent is not None
+    progress = session.resync_progress = ResyncProgress("push")
+    entries = await session._fs(local.scanner.scan_all, False)
+    skipped = scan_skips(local.scanner)
+    progress.total_files = len(entries)
+    progress.total_bytes = sum(e.size for e in entries if e.kind == m.FILE)
+    progress.phase = "streaming"
+    producer = TarProducer(session.cfg.local, entries, progress=progress.add)
+    upload = agent.tar_to_agent("", False)
+    placed, remote_skips, deleted, _ = await send_stream(producer, upload, skipped, session._fs, progress)
+    session.reset_base(_base_rows(producer.sent, placed, "local"))
+    progress.phase = "done"
+    return ResyncSummary("push", len(placed), progress.bytes, time.monotonic() - progress.started, deleted,
+                         skipped + producer.skipped + remote_skips)
+
+
+async def pull(session: Session) -> ResyncSummary:
+    """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
+    local, agent = session.local, session.agent
+    assert local is not None and agent is not None
+    progress = session.resync_progress = ResyncProgress("pull")
+    loop = asyncio.get_running_loop()
+    staging_rel = staging_name("resync")
+    rules = session.rules
+    extractor = TarExtractor(os.path.join(session.cfg.local, staging_rel),
+                             is_ignored=lambda rel, is_dir: rules.is_ignored(rel, is_dir), progress=progress.add)
+    data: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
+
+    def get() -> bytes | None:
+        return asyncio.run_coroutine_threadsafe(data.get(), loop).result()
+
+    work = session._fs(extractor.extract, ChunkReader(get))
+    sent: list[m.Entry] = []
+    skipped: list[m.Skip] = []
+    try:
+        async for item in agent.tar_from_agent():
+            if isinstance(item, m.TarStart):
+                progress.total_files, progress.total_bytes = item.files, item.size
+                progress.phase = "streaming"
+            elif isinstance(item, m.TarData):
+                await data.put(item.data)
+            elif isinstance(item, m.TarResult):
+                if not sent and not skipped:
+                    await data.put(None)  # the archive is complete
+                sent.extend(item.entries)
+                skipped.extend(item.skipped)
+                if item.done:
+                    break
+            else:
+                raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
+        await work
+        progress.phase = "placing"
+        extractor.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
+        existing = await session._fs(local.scanner.scan_all, False)
+        leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
+        result = await session._fs(
+            mirror, local.root, staging_rel, extractor.entries, existing,
+            lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
+        )
+    except BaseException:
+        def unblock() -> None:
+            while not data.empty():
+                data.get_nowait()
+            data.put_nowait(None)
+
+        await _drain_thread(work, unblock)
+        raise
+    finally:
+        await session._fs(extractor.close)
+    session.reset_base(_base_rows(sent, result.entries, "remote"))
+    progress.phase = "done"
+    return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
+                         result.deleted, skipped + extractor.skipped + result.skipped)

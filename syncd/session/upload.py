@@ -1,0 +1,72 @@
+"""One-shot directory uploads: replace a directory on the remote with a local one's
+content, as one tar stream over a connection of its own (the live session, if any, is
+left alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from syncd.agent.tar_jobs import scan_skips
+from syncd.fsops import UnsafePath, split_path
+from syncd.rules import Rules
+from syncd.scan import Scanner
+from syncd.session.agent_client import AgentClient, AgentError
+from syncd.session.config import SessionConfig
+from syncd.session.resync import ResyncProgress, send_stream
+from syncd.tarstream import TarProducer, walk_following
+from syncd.transport.channel import TransportError
+from syncd.transport.connect import start_agent
+
+
+class UploadError(Exception):
+    """The upload could not be done; the remote directory is as it was."""
+
+
+def check_remote_dir(remote_dir: str) -> str:
+    """REMOTE_DIR must be a plain relative path (no '..', not the root itself)."""
+    clean = remote_dir.strip("/") if not remote_dir.startswith("/") else remote_dir
+    try:
+        split_path(clean)
+    except UnsafePath as exc:
+        raise UploadError(f"REMOTE_DIR must be relative to the remote root (or to the runtime directory "
+                          f"with --runtime), without '..': {exc}") from None
+    return clean
+
+
+async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: bool = False,
+                 follow_symlinks: bool = False, excludes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Replace ``remote_dir`` with ``local_dir``'s content; returns a summary."""
+    target = check_remote_dir(remote_dir)
+    if not os.path.isdir(local_dir):
+        raise UploadError(f"{local_dir} is not a directory")
+    started = time.monotonic()
+    rules = Rules(excludes)
+    if follow_symlinks:
+        entries, skipped = await asyncio.to_thread(walk_following, local_dir, rules.is_ignored)
+    else:
+        scanner = Scanner(local_dir, rules.is_ignored)
+        entries = await asyncio.to_thread(scanner.scan_all, False)
+        skipped = scan_skips(scanner)
+    try:
+        channel = await start_agent(cfg.remote, cfg.agent)
+    except TransportError as exc:
+        raise UploadError(str(exc)) from None
+    client = AgentClient(channel)
+    try:
+        await client.start()
+        await client.open(cfg.remote.path, Rules().to_wire(), True, False)
+        progress = ResyncProgress("upload")
+        producer = TarProducer(local_dir, entries, follow_symlinks=follow_symlinks, progress=progress.add)
+        stream = client.tar_to_agent(target, runtime)
+        _, remote_skips, _, where = await send_stream(producer, stream, skipped, asyncio.to_thread)
+    except AgentError as exc:
+        raise UploadError(f"{cfg.remote.describe()}: {exc}") from None
+    finally:
+        await client.close()
+    all_skipped = skipped + producer.skipped + remote_skips
+    return {"files": progress.files, "bytes": progress.bytes, "seconds": round(time.monotonic() - started, 3),
+            "where": where, "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail}
+                                        for s in all_skipped]}

@@ -1,0 +1,701 @@
+"""Tar streams for full resyncs and uploads.
+
+Three steps, shared by the daemon and the agent (so this module runs on Python 3.8 with the
+standard library only):
+
+- ``TarProducer`` turns a list of scanned entries into tar bytes, chunk by chunk, reading
+  each file once and hashing it on the way (the digest goes into the base index);
+- ``TarExtractor`` reads a tar stream into a fresh staging directory, resolving every path
+  with ``O_NOFOLLOW`` directory descriptors, so no member lands outside the staging
+  directory whatever the archive says;
+- ``mirror`` then makes the synced part of a root equal to the staging tree, entry by entry
+  (atomic renames), deleting what the source lacks except what the caller keeps.
+
+Nothing is held in memory beyond one chunk per step, and nothing is written twice: a staged
+file reaches its place by rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+from syncd.fsops import Root, UnsafePath, split_path
+from syncd.protocol import messages as m
+from syncd.scan import DIGEST_SIZE, TEMP_PREFIX
+
+CHUNK = 1 << 20
+BLOCK = 512
+_ZEROS = bytes(CHUNK)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_CACHED_DIRS = 256
+
+# Reasons an entry is not carried (Skip.reason).
+CHANGED = "changed"  # modified while it was archived: its bytes are not trusted
+VANISHED = "vanished"  # removed between the scan and the read
+UNREADABLE = "unreadable"  # the source could not read it: the destination keeps its own
+SPECIAL = "special"  # FIFO, socket or device file: not synced
+UNSAFE = "unsafe"  # a member name or link that escapes the destination
+KEPT = "kept"  # a destination directory holding ignored or preserved entries stays
+DANGLING = "dangling"  # a symlink to nothing (when following symlinks)
+
+# Skips after which the destination keeps whatever it has at that path.
+LEAVE_REASONS = (UNREADABLE,)
+
+Progress = Callable[[int, int], None]  # (files, bytes) just done
+
+
+class ExtractError(Exception):
+    """The archive is malformed or could not be written; the staging area is discarded."""
+
+
+def staging_name(tag: str) -> str:
+    """A name for a staging directory; the temp prefix keeps it out of scans and watchers,
+    and the pid lets a later scan reap it if this process is killed."""
+    return "%s%d-%s" % (TEMP_PREFIX, os.getpid(), tag)
+
+
+def path_key(rel: str) -> Tuple[str, ...]:
+    """Sort key putting each directory right before its contents."""
+    return tuple(rel.split("/"))
+
+
+def _mtime_text(mtime_ns: int) -> str:
+    if mtime_ns < 0:
+        return str(mtime_ns // 10**9)
+    return "%d.%09d" % divmod(mtime_ns, 10**9)
+
+
+def member_mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's mtime at full precision when a pax record carries it."""
+    text = member.pax_headers.get("mtime")
+    if text:
+        sec, _, frac = text.partition(".")
+        try:
+            whole = int(sec)
+            part = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            return int(member.mtime * 10**9)
+        return whole * 10**9 + (-part if sec.startswith("-") else part)
+    return int(member.mtime * 10**9)
+
+
+class ChunkReader:
+    """A read-only file over a source of chunks (``get()`` returns bytes, or None at the
+    end), for a tar reader fed by another thread. Reads slice the current chunk without
+    copying the rest of it."""
+
+    def __init__(self, get: Callable[[], Optional[bytes]]) -> None:
+        self._get = get
+        self._chunk = memoryview(b"")
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._chunk and not self._eof:  # an empty chunk is not the end
+            data = self._get()
+            if data is None:
+                self._eof = True
+            else:
+                self._chunk = memoryview(data)
+        if size < 0 or size > len(self._chunk):
+            size = len(self._chunk)
+        out = bytes(self._chunk[:size])
+        self._chunk = self._chunk[size:]
+        return out
+
+    def drain(self) -> None:
+        """Consume the source to its end (after the archive's end, or after an error)."""
+        self._chunk = memoryview(b"")
+        while not self._eof:
+            if self._get() is None:
+                self._eof = True
+
+
+# ---- producing ---------------------------------------------------------------------------
+
+
+class TarProducer:
+    """Archive ``entries`` (paths relative to ``base``) as a tar stream.
+
+    Files are opened without following symlinks (unless ``follow_symlinks``), read once,
+    hashed, and checked after reading: one that changed or shrank meanwhile still fills its
+    slot (the format needs the announced size) but is listed as ``changed``. After the
+    stream, ``sent`` holds the entries as archived (files with digests) and ``skipped`` what
+    is missing or untrusted, with reasons.
+    """
+
+    def __init__(self, base: str, entries: Iterable[m.Entry], follow_symlinks: bool = False,
+                 progress: Optional[Progress] = None) -> None:
+        self.base = base
+        self.entries = sorted(entries, key=lambda e: path_key(e.path))
+        self.follow = follow_symlinks
+        self.progress = progress
+        self.sent: List[m.Entry] = []
+        self.skipped: List[m.Skip] = []
+        self.bytes = 0
+        self._root = Root(base)
+        self._links: Dict[Tuple[int, int], Tuple[str, int, int, bytes]] = {}
+
+    def close(self) -> None:
+        self._root.close()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The archive in pieces of about CHUNK bytes, ending with the two zero blocks."""
+        pending: List[bytes] = []
+        size = 0
+        try:
+            for entry in self.entries:
+                for piece in self._member(entry):
+                    pending.append(piece)
+                    size += len(piece)
+                    if size >= CHUNK:
+                        self.bytes += size
+                        yield b"".join(pending)
+                        pending, size = [], 0
+                if len(self._root._dirs) > _MAX_CACHED_DIRS:
+                    self._root.release()
+            pending.append(bytes(2 * BLOCK))
+            self.bytes += size + 2 * BLOCK
+            yield b"".join(pending)
+        finally:
+            self._root.release()
+
+    def _header(self, rel: str, kind: bytes, mode: int, mtime_ns: int, size: int = 0,
+                linkname: str = "") -> bytes:
+        info = tarfile.TarInfo(rel)
+        info.type = kind
+        info.mode = mode & 0o7777
+        info.size = size
+        info.linkname = linkname
+        info.mtime = 0
+        info.uname = info.gname = ""
+        info.pax_headers = {"mtime": _mtime_text(mtime_ns)}
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def _skip(self, rel: str, reason: str, detail: str) -> None:
+        self.skipped.append(m.Skip(rel, reason, detail))
+
+    def _member(self, entry: m.Entry) -> Iterator[bytes]:
+        rel = entry.path
+        if entry.kind == m.DIR:
+            self.sent.append(entry)
+            yield self._header(rel, tarfile.DIRTYPE, entry.mode, entry.mtime_ns)
+            self._count(0)
+        elif entry.kind == m.SYMLINK:
+            try:
+                dir_fd, name = self._root.parent(rel)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                self._skip(rel, VANISHED, "%s vanished before it was archived" % rel)
+                return
+            except (OSError, UnsafePath) as exc:
+                self._skip(rel, UNREADABLE, "cannot read %s: %s" % (rel, getattr(exc, "strerror", None) or exc))
+                return
+            if not stat.S_ISLNK(st.st_mode):
+                self._skip(rel, CHANGED, "%s is no longer a symlink" % rel)
+                return
+            self.sent.append(m.Entry(rel, m.SYMLINK, 0o777, 0, st.st_mtime_ns, st.st_ino, None, target))
+            yield self._header(rel, tarfile.SYMTYPE, 0o777, st.st_mtime_ns, linkname=target)
+            self._count(0)
+        else:
+            yield from self._file(rel)
+
+    def _open(self, rel: str) -> int:
+        if self.follow:
+            return os.open(os.path.join(self.base, rel), os.O_RDONLY | os.O_CLOEXEC)
+        dir_fd, name = self._root.parent(rel)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+    def _file(self, rel: str) -> Iterator[bytes]:
+        try:
+            fd = self._open(rel)
+        except FileNotFoundError:
+            self._skip(rel, VANISHED, "%s vanished before it was archived" % rel)
+            return
+        except (OSError, UnsafePath) as exc:
+            if getattr(exc, "errno", None) == errno.ELOOP:
+                self._skip(rel, CHANGED, "%s became a symlink" % rel)
+            else:
+                self._skip(rel, UNREADABLE, "cannot read %s: %s" % (rel, getattr(exc, "strerror", None) or exc))
+            return
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                self._skip(rel, CHANGED, "%s is no longer a regular file" % rel)
+                return
+            key = (before.st_dev, before.st_ino)
+            first = self._links.get(key) if before.st_nlink > 1 else None
+            if first is not None and first[1:3] == (before.st_size, before.st_mtime_ns):
+                # A hard link to a file already in the archive: carried as a link.
+                self.sent.append(m.Entry(rel, m.FILE, stat.S_IMODE(before.st_mode), before.st_size,
+                                         before.st_mtime_ns, before.st_ino, first[3]))
+                yield self._header(rel, tarfile.LNKTYPE, before.st_mode, before.st_mtime_ns, linkname=first[0])
+                self._count(0)
+                return
+            size = before.st_size
+            yield self._header(rel, tarfile.REGTYPE, before.st_mode, before.st_mtime_ns, size)
+            digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+            left = size
+            short = False
+            while left > 0:
+                try:
+                    data = os.read(fd, min(CHUNK, left))
+                except OSError:
+                    data = b""
+                if not data:
+                    short = True  # the file shrank: fill the announced size with zeros
+                    while left > 0:
+                        pad = min(left, CHUNK)
+                        yield _ZEROS[:pad]
+                        left -= pad
+                    break
+                digest.update(data)
+                left -= len(data)
+                yield data
+            if size % BLOCK:
+                yield bytes(BLOCK - size % BLOCK)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if short or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+            self._skip(rel, CHANGED, "%s changed while it was archived" % rel)
+            return
+        value = digest.digest()
+        if before.st_nlink > 1:
+            self._links[key] = (rel, size, before.st_mtime_ns, value)
+        self.sent.append(m.Entry(rel, m.FILE, stat.S_IMODE(after.st_mode), size, after.st_mtime_ns,
+                                 after.st_ino, value))
+        self._count(size)
+
+    def _count(self, size: int) -> None:
+        if self.progress is not None:
+            self.progress(1, size)
+
+
+def walk_following(base: str, is_excluded: Callable[[str, bool], bool]) -> Tuple[List[m.Entry], List[m.Skip]]:
+    """List a tree as if every symlink were what it points to (for uploads with
+    ``--follow-symlinks``); a symlink loop or a dangling link is skipped."""
+    entries: List[m.Entry] = []
+    skipped: List[m.Skip] = []
+
+    def walk(rel_dir: str, seen: Set[Tuple[int, int]]) -> None:
+        path = os.path.join(base, rel_dir) if rel_dir else base
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            skipped.append(m.Skip(rel_dir, UNREADABLE, "cannot list %s: %s" % (rel_dir or ".", exc.strerror)))
+            return
+        for name in names:
+            rel = rel_dir + "/" + name if rel_dir else name
+            full = os.path.join(path, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                skipped.append(m.Skip(rel, DANGLING, "%s points to nothing" % rel))
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_excluded(rel, is_dir) or name.startswith(TEMP_PREFIX):
+                continue
+            if is_dir:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    skipped.append(m.Skip(rel, UNSAFE, "%s loops back to one of its parents" % rel))
+                    continue
+                entries.append(m.Entry(rel, m.DIR, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino))
+                walk(rel, seen | {key})
+            elif stat.S_ISREG(st.st_mode):
+                entries.append(m.Entry(rel, m.FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns,
+                                       st.st_ino))
+            else:
+                skipped.append(m.Skip(rel, SPECIAL, "%s is not a regular file, directory or symlink" % rel))
+
+    top = os.stat(base)
+    walk("", {(top.st_dev, top.st_ino)})
+    return entries, skipped
+
+
+# ---- extracting --------------------------------------------------------------------------
+
+
+def _clean_name(name: str) -> str:
+    """'./a/b/' -> 'a/b'; '' for the archive's own root entry."""
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    return "" if name == "." else name
+
+
+class TarExtractor:
+    """Extract a tar stream into ``staging`` (created here, empty, mode 0700).
+
+    Every member is created through directory descriptors opened with ``O_NOFOLLOW`` below
+    the staging directory: names with ``..``, absolute names, and members reached through
+    a symlink are skipped as ``unsafe``. The archive's own root entry ('.' or './') is
+    ignored, so extraction never changes the mode or times of a directory it does not own.
+    Special files are skipped. Directory modes and times are applied last.
+    """
+
+    def __init__(self, staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None,
+                 progress: Optional[Progress] = None) -> None:
+        os.mkdir(staging, 0o700)
+        self.staging = staging
+        self.root = Root(staging)
+        self.is_ignored = is_ignored
+        self.progress = progress
+        self.entries: Dict[str, m.Entry] = {}  # what was staged, as written
+        self.skipped: List[m.Skip] = []
+        self._dirs: Dict[str, Tuple[int, int]] = {}  # path -> (mode, mtime_ns)
+        self.bytes = 0
+
+    def extract(self, stream: BinaryIO) -> None:
+        """Read the whole stream; raise ExtractError on a malformed archive or a write error."""
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",  # noqa: SIM115 - the stream is the caller's
+                               errors="surrogateescape")
+        except (tarfile.TarError, EOFError) as exc:
+            raise ExtractError("not a tar stream: %s" % exc) from None
+        try:
+            while True:
+                try:
+                    member = tar.next()
+                except (tarfile.TarError, EOFError) as exc:
+                    raise ExtractError("malformed tar stream: %s" % exc) from None
+                if member is None:
+                    break
+                tar.members = []  # type: ignore[attr-defined]  # a stream reader otherwise keeps every member it has seen
+                self._member(tar, member)
+                if len(self.root._dirs) > _MAX_CACHED_DIRS:
+                    self.root.release()
+            self._finish_dirs()
+        except OSError as exc:
+            raise ExtractError("cannot write in %s: %s" % (self.staging, exc.strerror or exc)) from None
+        finally:
+            self.root.release()
+
+    def close(self) -> None:
+        """Remove the staging directory and whatever is left in it."""
+        self.root.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def drop(self, paths: Iterable[str]) -> None:
+        """Forget staged entries the source said not to trust (they stay in staging and
+        go with it)."""
+        for rel in paths:
+            self.entries.pop(rel, None)
+
+    def _skip(self, rel: str, reason: str, detail: str) -> None:
+        self.skipped.append(m.Skip(rel, reason, detail))
+
+    def _parent_fd(self, rel: str) -> Tuple[int, str]:
+        """Directory fd and name for ``rel``, making missing parent directories (archives
+        need not list them)."""
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            kind = self.entries.get(parent)
+            if kind is None:
+                dir_fd, name = self.root.parent(parent)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                self._dirs.setdefault(parent, (0o755, 0))
+                self.entries[parent] = m.Entry(parent, m.DIR, 0o755, 0, 0, 0)
+            elif kind.kind != m.DIR:
+                raise UnsafePath("%s is not a directory in the archive" % parent)
+        return self.root.parent(rel)
+
+    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        rel = _clean_name(member.name)
+        if rel == "":
+            return  # the archive's own root: never touch the directory we extract into
+        try:
+            split_path(rel)
+        except UnsafePath as exc:
+            self._skip(member.name, UNSAFE, str(exc))
+            return
+        if self.is_ignored is not None and self.is_ignored(rel, member.isdir()):
+            return
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            self._skip(rel, SPECIAL, "%s is a FIFO, socket or device file: not synced" % rel)
+            return
+        try:
+            dir_fd, name = self._parent_fd(rel)
+            self._clear(dir_fd, name, member.isdir())
+            if member.isdir():
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                self._dirs[rel] = (member.mode & 0o7777, member_mtime_ns(member))
+                self.entries[rel] = m.Entry(rel, m.DIR, member.mode & 0o7777, 0, 0, 0)
+                self._count(0)
+            elif member.issym():
+                os.symlink(member.linkname, name, dir_fd=dir_fd)
+                mtime = member_mtime_ns(member)
+                os.utime(name, ns=(mtime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                self.entries[rel] = m.Entry(rel, m.SYMLINK, 0o777, 0, st.st_mtime_ns, st.st_ino, None,
+                                            member.linkname)
+                self._count(0)
+            elif member.islnk():
+                self._hard_link(rel, member.linkname, dir_fd, name)
+            else:
+                self._file(tar, member, rel, dir_fd, name)
+        except UnsafePath as exc:
+            self._skip(rel, UNSAFE, str(exc))
+
+    def _clear(self, dir_fd: int, name: str, for_dir: bool) -> None:
+        """A later member replaces an earlier one of the same name (tar semantics)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if not for_dir:
+                raise UnsafePath("%s is a directory earlier in the archive" % name)
+            return
+        os.unlink(name, dir_fd=dir_fd)
+
+    def _hard_link(self, rel: str, linkname: str, dir_fd: int, name: str) -> None:
+        source = _clean_name(linkname)
+        first = self.entries.get(source)
+        if first is None or first.kind != m.FILE:
+            self._skip(rel, UNSAFE, "%s links to %r, not a file earlier in the archive" % (rel, linkname))
+            return
+        src_fd, src_name = self.root.parent(source)
+        os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        self.entries[rel] = m.Entry(rel, m.FILE, first.mode, first.size, first.mtime_ns, first.ino, first.digest)
+        self._count(0)
+
+    def _file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, dir_fd: int, name: str) -> None:
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
+        try:
+            source = tar.extractfile(member)
+            assert source is not None
+            while True:
+                try:
+                    data = source.read(CHUNK)
+                except (tarfile.TarError, EOFError) as exc:
+                    raise ExtractError("malformed tar stream in %s: %s" % (rel, exc)) from None
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            mtime = member_mtime_ns(member)
+            os.fchmod(fd, member.mode & 0o7777)
+            os.utime(fd, ns=(mtime, mtime))
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_size != member.size:
+            raise ExtractError("truncated tar stream in %s" % rel)
+        self.entries[rel] = m.Entry(rel, m.FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino)
+        self._count(st.st_size)
+
+    def _count(self, size: int) -> None:
+        self.bytes += size
+        if self.progress is not None:
+            self.progress(1, size)
+
+    def _finish_dirs(self) -> None:
+        """Directory modes and times last: writing inside a directory changes its mtime,
+        and a read-only directory could not be filled."""
+        for rel in sorted(self._dirs, key=path_key, reverse=True):
+            mode, mtime = self._dirs[rel]
+            st = _set_dir_meta(self.root, rel, mode, mtime)
+            if st is not None:
+                self.entries[rel] = m.Entry(rel, m.DIR, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino)
+
+
+def _set_dir_meta(root: Root, rel: str, mode: int, mtime_ns: int) -> Optional[os.stat_result]:
+    dir_fd, name = root.parent(rel)
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        os.fchmod(fd, mode)
+        if mtime_ns:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- mirroring ---------------------------------------------------------------------------
+
+
+class MirrorResult:
+    def __init__(self) -> None:
+        self.entries: List[m.Entry] = []  # what the root now holds from the staging tree
+        self.skipped: List[m.Skip] = []
+        self.deleted = 0
+
+
+def _same(st: os.stat_result, entry: m.Entry) -> bool:
+    if stat.S_ISDIR(st.st_mode):
+        return entry.kind == m.DIR and (not entry.ino or st.st_ino == entry.ino)
+    return (st.st_ino == entry.ino and (entry.kind != m.FILE or
+            (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns)))
+
+
+def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: Iterable[m.Entry],
+           keep: Callable[[str, int], bool], leave: Iterable[str] = ()) -> MirrorResult:
+    """Make the synced part of ``root`` equal to the tree staged at ``staging_rel``.
+
+    ``existing``: the root's synced entries as scanned before (ignored ones never appear,
+    so they stay). An existing entry absent from the staging tree is removed unless
+    ``keep(path, kind)`` says otherwise or it is at or under a ``leave`` path, and unless it
+    changed since it was scanned; a directory is removed only once empty, so directories
+    holding kept entries stay. Each staged entry reaches its place by one rename; a new
+    directory moves in whole.
+    """
+    result = MirrorResult()
+    leave_set = set(leave)
+    existing_list = list(existing)
+    by_path = {e.path: e for e in existing_list}
+    placed: Set[str] = set()  # staged paths now in place
+    inside_moved: Set[str] = set()  # directories moved in whole, and everything under them
+    staged_dirs: List[str] = []
+
+    def moved_with_parent(rel: str) -> bool:
+        slash = rel.rfind("/")
+        return slash > 0 and rel[:slash] in inside_moved
+
+    for rel in sorted(staged, key=path_key):
+        entry = staged[rel]
+        if moved_with_parent(rel):
+            inside_moved.add(rel)
+            placed.add(rel)
+            if entry.kind == m.DIR:
+                staged_dirs.append(rel)
+            continue
+        try:
+            dir_fd, name = root.parent(rel)
+            try:
+                st: Optional[os.stat_result] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if entry.kind == m.DIR:
+                staged_dirs.append(rel)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    placed.add(rel)
+                    continue
+                if st is not None:
+                    os.unlink(name, dir_fd=dir_fd)
+                _move_in(root, staging_rel, rel)
+                inside_moved.add(rel)
+                placed.add(rel)
+                continue
+            if (st is not None and stat.S_ISDIR(st.st_mode)
+                    and not _empty_dir_for(root, rel, by_path, keep, result)):
+                result.skipped.append(m.Skip(rel, KEPT, "%s stays a directory: it holds ignored or "
+                                                        "preserved entries" % rel))
+                continue
+            _move_in(root, staging_rel, rel)
+            placed.add(rel)
+        except (OSError, UnsafePath) as exc:
+            result.skipped.append(m.Skip(rel, UNSAFE if isinstance(exc, UnsafePath) else VANISHED,
+                                         "cannot place %s: %s" % (rel, getattr(exc, "strerror", None) or exc)))
+
+    for entry in sorted(existing_list, key=lambda e: path_key(e.path), reverse=True):
+        rel = entry.path
+        if rel in staged or keep(rel, entry.kind) or _under(rel, leave_set):
+            continue
+        if _remove_if_same(root, rel, entry, result):
+            result.deleted += 1
+
+    for rel in sorted(staged_dirs, key=path_key, reverse=True):
+        if rel in placed:
+            mode, mtime = staged[rel].mode, staged[rel].mtime_ns
+            try:
+                _set_dir_meta(root, rel, mode, mtime)
+            except (OSError, UnsafePath):
+                pass
+    root.release()
+    for rel in sorted(placed, key=path_key):
+        entry = staged[rel]
+        if entry.kind == m.DIR:
+            try:
+                now = root.entry(rel)
+            except (OSError, UnsafePath):
+                now = None
+            if now is None or now.kind != m.DIR:
+                continue
+            entry = now
+        result.entries.append(entry)
+    root.release()
+    return result
+
+
+def _under(rel: str, prefixes: Set[str]) -> bool:
+    if not prefixes:
+        return False
+    while rel:
+        if rel in prefixes:
+            return True
+        slash = rel.rfind("/")
+        rel = rel[:slash] if slash > 0 else ""
+    return False
+
+
+def _move_in(root: Root, staging_rel: str, rel: str) -> None:
+    src_fd, src_name = root.parent(staging_rel + "/" + rel)
+    dst_fd, dst_name = root.parent(rel)
+    os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+    # Cached descriptors may now name directories under their old paths.
+    root.release()
+
+
+def _remove_if_same(root: Root, rel: str, entry: m.Entry, result: MirrorResult) -> bool:
+    """Remove an existing entry unless it changed since it was scanned (someone is still
+    writing there: keep their work)."""
+    try:
+        dir_fd, name = root.parent(rel)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except (OSError, UnsafePath):
+        return False
+    if not _same(st, entry):
+        result.skipped.append(m.Skip(rel, CHANGED, "%s changed during the resync: kept" % rel))
+        return False
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(name, dir_fd=dir_fd)
+            root.release()
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            result.skipped.append(m.Skip(rel, UNREADABLE, "cannot remove %s: %s" % (rel, exc.strerror)))
+        return False
+    return True
+
+
+def _empty_dir_for(root: Root, rel: str, by_path: Dict[str, m.Entry], keep: Callable[[str, int], bool],
+                   result: MirrorResult) -> bool:
+    """Remove a directory's synced contents and the directory, to put a file in its
+    place; False if something kept remains."""
+    prefix = rel + "/"
+    inside = [e for p, e in by_path.items() if p.startswith(prefix)]
+    for entry in sorted(inside, key=lambda e: path_key(e.path), reverse=True):
+        if not keep(entry.path, entry.kind) and _remove_if_same(root, entry.path, entry, result):
+            result.deleted += 1
+    dir_fd, name = root.parent(rel)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    root.release()
+    result.deleted += 1
+    return True
