@@ -66,7 +66,7 @@ def path_key(rel: str) -> Tuple[str, ...]:
     return tuple(rel.split("/"))
 
 
-def _mtime_text(mtime_ns: int) -> str:
+def pax_mtime(mtime_ns: int) -> str:
     if mtime_ns < 0:
         return str(mtime_ns // 10**9)
     return "%d.%09d" % divmod(mtime_ns, 10**9)
@@ -175,7 +175,7 @@ class TarProducer:
         info.linkname = linkname
         info.mtime = 0
         info.uname = info.gname = ""
-        info.pax_headers = {"mtime": _mtime_text(mtime_ns)}
+        info.pax_headers = {"mtime": pax_mtime(mtime_ns)}
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
     def _skip(self, rel: str, reason: str, detail: str) -> None:
