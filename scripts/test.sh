@@ -10,7 +10,7 @@ export PATH
 # Modules shipped to the remote agent: they must run on Python 3.8. Annotations are not
 # evaluated there (`from __future__ import annotations`), except the wire messages, which
 # use typing generics and are exercised under 3.8 by tests/e2e.
-AGENT_MODULES="syncd/protocol syncd/agent syncd/fsops.py syncd/scan.py syncd/rules.py syncd/tarstream.py"
+AGENT_MODULES="syncd/protocol syncd/agent syncd/fsops.py syncd/scan.py syncd/rules.py syncd/tarstream.py syncd/tarformat.py"
 
 existing() {
     local p

@@ -205,9 +205,10 @@ def daemon(config_path: str | None, socket_path: str | None, verbose: int) -> No
 @click.argument("local", type=click.Path())
 @click.argument("remote")
 @click.option("--replace", is_flag=True, help="change an existing session with other settings")
+@click.option("--paused", is_flag=True, help="add it paused (e.g. to start with `syncd resync --pull`)")
 @socket_option
 @session_options
-def add(name: str, local: str, remote: str, replace: bool, socket_path: str | None, verbose: int,
+def add(name: str, local: str, remote: str, replace: bool, paused: bool, socket_path: str | None, verbose: int,
         **opts: Any) -> None:
     """Add a session (idempotent: the same settings again change nothing)."""
     spec = _spec(name, local, remote, opts)
@@ -215,7 +216,10 @@ def add(name: str, local: str, remote: str, replace: bool, socket_path: str | No
         spec.validate()
     except SpecError as exc:
         raise click.UsageError(str(exc)) from None
-    result = _call(socket_path, "add", {"name": name, "spec": spec.to_dict(), "replace": replace})
+    args: dict[str, Any] = {"name": name, "spec": spec.to_dict(), "replace": replace}
+    if paused:
+        args["paused"] = True
+    result = _call(socket_path, "add", args)
     click.echo(f"{name}: {'added' if result['changed'] else 'unchanged'}")
 
 

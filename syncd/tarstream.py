@@ -22,9 +22,9 @@ import hashlib
 import os
 import shutil
 import stat
-import tarfile
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
+from syncd import tarformat as tf
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
 from syncd.scan import DIGEST_SIZE, TEMP_PREFIX
@@ -64,26 +64,6 @@ def staging_name(tag: str) -> str:
 def path_key(rel: str) -> Tuple[str, ...]:
     """Sort key putting each directory right before its contents."""
     return tuple(rel.split("/"))
-
-
-def pax_mtime(mtime_ns: int) -> str:
-    if mtime_ns < 0:
-        return str(mtime_ns // 10**9)
-    return "%d.%09d" % divmod(mtime_ns, 10**9)
-
-
-def member_mtime_ns(member: tarfile.TarInfo) -> int:
-    """The member's mtime at full precision when a pax record carries it."""
-    text = member.pax_headers.get("mtime")
-    if text:
-        sec, _, frac = text.partition(".")
-        try:
-            whole = int(sec)
-            part = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            return int(member.mtime * 10**9)
-        return whole * 10**9 + (-part if sec.startswith("-") else part)
-    return int(member.mtime * 10**9)
 
 
 class ChunkReader:
@@ -166,17 +146,9 @@ class TarProducer:
         finally:
             self._root.release()
 
-    def _header(self, rel: str, kind: bytes, mode: int, mtime_ns: int, size: int = 0,
-                linkname: str = "") -> bytes:
-        info = tarfile.TarInfo(rel)
-        info.type = kind
-        info.mode = mode & 0o7777
-        info.size = size
-        info.linkname = linkname
-        info.mtime = 0
-        info.uname = info.gname = ""
-        info.pax_headers = {"mtime": pax_mtime(mtime_ns)}
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    @staticmethod
+    def _header(rel: str, kind: bytes, mode: int, mtime_ns: int, size: int = 0, linkname: str = "") -> bytes:
+        return tf.header(rel, kind, mode, mtime_ns, size, linkname)
 
     def _skip(self, rel: str, reason: str, detail: str) -> None:
         self.skipped.append(m.Skip(rel, reason, detail))
@@ -185,7 +157,7 @@ class TarProducer:
         rel = entry.path
         if entry.kind == m.DIR:
             self.sent.append(entry)
-            yield self._header(rel, tarfile.DIRTYPE, entry.mode, entry.mtime_ns)
+            yield self._header(rel, tf.DIRECTORY, entry.mode, entry.mtime_ns)
             self._count(0)
         elif entry.kind == m.SYMLINK:
             try:
@@ -202,7 +174,7 @@ class TarProducer:
                 self._skip(rel, CHANGED, "%s is no longer a symlink" % rel)
                 return
             self.sent.append(m.Entry(rel, m.SYMLINK, 0o777, 0, st.st_mtime_ns, st.st_ino, None, target))
-            yield self._header(rel, tarfile.SYMTYPE, 0o777, st.st_mtime_ns, linkname=target)
+            yield self._header(rel, tf.SYMLINK, 0o777, st.st_mtime_ns, linkname=target)
             self._count(0)
         else:
             yield from self._file(rel)
@@ -236,11 +208,11 @@ class TarProducer:
                 # A hard link to a file already in the archive: carried as a link.
                 self.sent.append(m.Entry(rel, m.FILE, stat.S_IMODE(before.st_mode), before.st_size,
                                          before.st_mtime_ns, before.st_ino, first[3]))
-                yield self._header(rel, tarfile.LNKTYPE, before.st_mode, before.st_mtime_ns, linkname=first[0])
+                yield self._header(rel, tf.HARDLINK, before.st_mode, before.st_mtime_ns, linkname=first[0])
                 self._count(0)
                 return
             size = before.st_size
-            yield self._header(rel, tarfile.REGTYPE, before.st_mode, before.st_mtime_ns, size)
+            yield self._header(rel, tf.REGULAR, before.st_mode, before.st_mtime_ns, size)
             digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
             left = size
             short = False
@@ -356,24 +328,18 @@ class TarExtractor:
 
     def extract(self, stream: BinaryIO) -> None:
         """Read the whole stream; raise ExtractError on a malformed archive or a write error."""
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",  # noqa: SIM115 - the stream is the caller's
-                               errors="surrogateescape")
-        except (tarfile.TarError, EOFError) as exc:
-            raise ExtractError("not a tar stream: %s" % exc) from None
+        reader = tf.TarReader(stream.read)
         try:
             while True:
-                try:
-                    member = tar.next()
-                except (tarfile.TarError, EOFError) as exc:
-                    raise ExtractError("malformed tar stream: %s" % exc) from None
+                member = reader.next()
                 if member is None:
                     break
-                tar.members = []  # type: ignore[attr-defined]  # a stream reader otherwise keeps every member it has seen
-                self._member(tar, member)
+                self._member(reader, member)
                 if len(self.root._dirs) > _MAX_CACHED_DIRS:
                     self.root.release()
             self._finish_dirs()
+        except tf.TarFormatError as exc:
+            raise ExtractError("malformed tar stream: %s" % exc) from None
         except OSError as exc:
             raise ExtractError("cannot write in %s: %s" % (self.staging, exc.strerror or exc)) from None
         finally:
@@ -412,7 +378,7 @@ class TarExtractor:
                 raise UnsafePath("%s is not a directory in the archive" % parent)
         return self.root.parent(rel)
 
-    def _member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def _member(self, reader: tf.TarReader, member: tf.Member) -> None:
         rel = _clean_name(member.name)
         if rel == "":
             return  # the archive's own root: never touch the directory we extract into
@@ -421,34 +387,37 @@ class TarExtractor:
         except UnsafePath as exc:
             self._skip(member.name, UNSAFE, str(exc))
             return
-        if self.is_ignored is not None and self.is_ignored(rel, member.isdir()):
+        is_dir = member.is_dir()
+        if self.is_ignored is not None and self.is_ignored(rel, is_dir):
             return
-        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        kind = member.kind
+        if not (is_dir or member.is_file() or kind == tf.SYMLINK or kind == tf.HARDLINK):
             self._skip(rel, SPECIAL, "%s is a FIFO, socket or device file: not synced" % rel)
             return
         try:
             dir_fd, name = self._parent_fd(rel)
-            self._clear(dir_fd, name, member.isdir())
-            if member.isdir():
+            if is_dir:
+                self._clear(dir_fd, name, True)
                 try:
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
                 except FileExistsError:
                     pass
-                self._dirs[rel] = (member.mode & 0o7777, member_mtime_ns(member))
-                self.entries[rel] = m.Entry(rel, m.DIR, member.mode & 0o7777, 0, 0, 0)
+                self._dirs[rel] = (member.mode, member.mtime_ns)
+                self.entries[rel] = m.Entry(rel, m.DIR, member.mode, 0, 0, 0)
                 self._count(0)
-            elif member.issym():
+            elif kind == tf.SYMLINK:
+                self._clear(dir_fd, name, False)
                 os.symlink(member.linkname, name, dir_fd=dir_fd)
-                mtime = member_mtime_ns(member)
-                os.utime(name, ns=(mtime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+                os.utime(name, ns=(member.mtime_ns, member.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 self.entries[rel] = m.Entry(rel, m.SYMLINK, 0o777, 0, st.st_mtime_ns, st.st_ino, None,
                                             member.linkname)
                 self._count(0)
-            elif member.islnk():
+            elif kind == tf.HARDLINK:
+                self._clear(dir_fd, name, False)
                 self._hard_link(rel, member.linkname, dir_fd, name)
             else:
-                self._file(tar, member, rel, dir_fd, name)
+                self._file(reader, member, rel, dir_fd, name)
         except UnsafePath as exc:
             self._skip(rel, UNSAFE, str(exc))
 
@@ -475,30 +444,30 @@ class TarExtractor:
         self.entries[rel] = m.Entry(rel, m.FILE, first.mode, first.size, first.mtime_ns, first.ino, first.digest)
         self._count(0)
 
-    def _file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, rel: str, dir_fd: int, name: str) -> None:
-        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=dir_fd)
+    def _file(self, reader: tf.TarReader, member: tf.Member, rel: str, dir_fd: int, name: str) -> None:
+        # Created with its final mode (the umask permitting), so that most files need no
+        # fchmod; only a later member of the same name needs the old one cleared first.
+        mode = member.mode
         try:
-            source = tar.extractfile(member)
-            assert source is not None
+            fd = os.open(name, _NEW_FILE, mode & 0o777, dir_fd=dir_fd)
+        except FileExistsError:
+            self._clear(dir_fd, name, False)
+            fd = os.open(name, _NEW_FILE, mode & 0o777, dir_fd=dir_fd)
+        try:
             while True:
-                try:
-                    data = source.read(CHUNK)
-                except (tarfile.TarError, EOFError) as exc:
-                    raise ExtractError("malformed tar stream in %s: %s" % (rel, exc)) from None
+                data = reader.read_data(CHUNK)
                 if not data:
                     break
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-            mtime = member_mtime_ns(member)
-            os.fchmod(fd, member.mode & 0o7777)
-            os.utime(fd, ns=(mtime, mtime))
             st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
         finally:
             os.close(fd)
-        if st.st_size != member.size:
-            raise ExtractError("truncated tar stream in %s" % rel)
-        self.entries[rel] = m.Entry(rel, m.FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino)
+        self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino)
         self._count(st.st_size)
 
     def _count(self, size: int) -> None:

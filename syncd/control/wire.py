@@ -32,7 +32,7 @@ _STR, _INT, _BOOL, _FLOAT, _LIST, _MAP = str, int, bool, float, list, dict
 # command -> {argument: (type, required)}
 COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
     "ping": {},
-    "add": {"name": (_STR, True), "spec": (_MAP, True), "replace": (_BOOL, False)},
+    "add": {"name": (_STR, True), "spec": (_MAP, True), "replace": (_BOOL, False), "paused": (_BOOL, False)},
     "rm": {"name": (_STR, True)},
     "list": {},
     "status": {"name": (_STR, False)},

@@ -317,7 +317,8 @@ class Daemon:
             return [{"name": r.spec.name, "local": r.spec.local, "remote": r.spec.remote, "state": r.live_state}
                     for r in sorted(self.runners.values(), key=lambda r: r.spec.name)]
         if cmd == "add":
-            return await self._add(args["name"], args["spec"], bool(args.get("replace", False)))
+            return await self._add(args["name"], args["spec"], bool(args.get("replace", False)),
+                                   bool(args.get("paused", False)))
         if cmd == "rm":
             runner = self._runner(args["name"])
             if args["name"] in self.static:
@@ -374,7 +375,7 @@ class Daemon:
             self.dynamic[name] = (runner.spec, runner.paused)
             self.registry.save(self.dynamic)
 
-    async def _add(self, name: str, data: dict[str, Any], replace: bool) -> dict[str, Any]:
+    async def _add(self, name: str, data: dict[str, Any], replace: bool, paused: bool = False) -> dict[str, Any]:
         spec = SessionSpec.from_dict(name, data)
         current = self.runners.get(name)
         if current is not None:
@@ -388,9 +389,9 @@ class Daemon:
                 raise ValueError(f"{name} is declared in {self.config_path}; change it there")
             await current.stop()
             del self.runners[name]
-        self.dynamic[name] = (spec, False)
+        self.dynamic[name] = (spec, paused)
         self.registry.save(self.dynamic)
-        self._spawn(spec, False)
+        self._spawn(spec, paused)
         return {"name": name, "changed": True}
 
 

@@ -32,6 +32,7 @@ AGENT_MODULES = (
     "agent/watch.py",
     "agent/tar_jobs.py",
     "tarstream.py",
+    "tarformat.py",
 )
 MSGPACK_MODULES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
 DEFAULT_CACHE_DIR = "~/.cache/syncd"

@@ -15,6 +15,7 @@ import pytest
 from syncd.fsops import Root
 from syncd.protocol import messages as m
 from syncd.scan import Scanner, is_temp_name
+from syncd.tarformat import parse_mtime, pax_mtime
 from syncd.tarstream import (
     CHANGED,
     SPECIAL,
@@ -25,9 +26,7 @@ from syncd.tarstream import (
     ExtractError,
     TarExtractor,
     TarProducer,
-    member_mtime_ns,
     mirror,
-    pax_mtime,
     staging_name,
     walk_following,
 )
@@ -336,9 +335,7 @@ def test_chunk_reader_skips_empty_chunks_and_slices_without_losing_bytes() -> No
 
 def test_pax_mtime_keeps_nanoseconds_and_negative_times() -> None:
     for ns in (1_700_000_000_123_456_789, 0, -5 * 10**9):
-        info = tarfile.TarInfo("f")
-        info.pax_headers = {"mtime": pax_mtime(ns)}
-        assert member_mtime_ns(info) == ns
+        assert parse_mtime(pax_mtime(ns)) == ns
 
 
 def test_walk_following_resolves_links_and_stops_loops(tmp_path: Path) -> None:
@@ -366,3 +363,46 @@ def test_stale_staging_directories_of_dead_processes_are_reaped(tmp_path: Path) 
     assert not stale.exists()
     assert mine.exists(), "a staging directory of a live process stays"
     assert is_temp_name(".syncd-tmp-1-resync/a/f")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT],
+                         ids=["gnu", "pax", "ustar"])
+def test_archives_written_by_tarfile_in_every_format_extract(tmp_path: Path, fmt: int) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    name = ("n" * 90 + "/") * 2 + "f.txt" if fmt != tarfile.USTAR_FORMAT else "p" * 90 + "/f.txt"
+    (src / name).parent.mkdir(parents=True)
+    (src / name).write_bytes(b"payload" * 1000)
+    (src / "l").symlink_to("t" * 150 if fmt != tarfile.USTAR_FORMAT else "t")
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        tar.add(src, arcname=".")
+    ex = extract(out.getvalue(), tmp_path)
+    assert ex.skipped == []
+    assert (Path(ex.staging) / name).read_bytes() == b"payload" * 1000
+    assert os.readlink(Path(ex.staging) / "l") == os.readlink(src / "l")
+    ex.close()
+
+
+def test_our_archives_read_back_with_tarfile(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    data, producer = archive(src)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8", errors="surrogateescape") as tar:
+        names = {info.name.rstrip("/") for info in tar.getmembers()}
+        assert names == {e.path for e in producer.sent}
+        info = tar.getmember(LONG)
+        assert info.size == 5000 and tar.extractfile(info).read() == b"x" * 5000  # type: ignore[union-attr]
+        assert tar.getmember("hard2").islnk() or tar.getmember("hard1").islnk()
+
+
+def test_a_damaged_header_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    data, _ = archive(src)
+    damaged = data[:1030] + b"X" + data[1031:]  # inside the member's ustar header
+    ex = TarExtractor(str(tmp_path / staging_name("bad")))
+    with pytest.raises(ExtractError, match="checksum"):
+        ex.extract(io.BytesIO(damaged))  # type: ignore[arg-type]
+    ex.close()

@@ -1,0 +1,781 @@
+"""End-to-end: `syncd resync NAME --push|--pull` through a real daemon, the real CLI and a
+real OpenSSH sshd in front of the remote root.
+
+One daemon serves the module (each test has sessions of its own); the tests that kill the
+daemon start one of their own. A session is brought up live, then paused, and only then
+are its two trees given their different contents: what the resync does is then the only
+thing that changes them. The remote root is a plain directory on this machine, so the tests
+look at it (and edit it, to play the remote side) directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pytest
+
+from tests.e2e.daemon_util import CLI, DaemonProc, base_env, describe, ok_json, wait_until
+from tests.sshd import SshServer, start_sshd
+
+EXIT_ERROR = 1
+TEMP_PREFIX = ".syncd-tmp-"
+SUMMARY_FIELDS = {"name", "direction", "files", "bytes", "seconds", "deleted", "skipped"}
+LIVE = "watching"
+MB = 1 << 20
+
+Snap = dict[str, tuple[Any, ...]]
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures and session helpers
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
+    proc = DaemonProc(tmp_path_factory.mktemp("resync-daemon"))
+    proc.start()
+    yield proc
+    status = proc.stop()
+    assert status == 0, f"the daemon exited with {status} on SIGTERM:\n{proc.log()}"
+    assert "Traceback" not in proc.log(), proc.log()
+
+
+def spec_for(server: SshServer, local: Path, remote: Path, ignore: Iterable[str] = (),
+             preserve: Iterable[str] = ()) -> dict[str, Any]:
+    return {"local": str(local), "remote": server.url(remote), "identity": str(server.client_key),
+            "known_hosts": str(server.known_hosts), "ignore": list(ignore), "preserve_absent": list(preserve)}
+
+
+def status(daemon: DaemonProc, name: str) -> dict[str, Any]:
+    row = daemon.rpc("status", {"name": name})[0]
+    assert isinstance(row, dict)
+    return row
+
+
+def wait_state(daemon: DaemonProc, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+    last: list[dict[str, Any]] = [{}]
+
+    def reached() -> bool:
+        last[0] = status(daemon, name)
+        return bool(last[0]["state"] == state)
+
+    wait_until(reached, timeout, message=lambda: f"{name} to be {state}; status: {last[0]}\n{daemon.log()[-3000:]}")
+    return last[0]
+
+
+def pause(daemon: DaemonProc, name: str) -> None:
+    """Pause and wait until the session is really gone (its counters are folded into the
+    runner's totals and its cycle count reads 0), so nothing syncs behind the test's back."""
+    daemon.rpc("pause", {"name": name})
+    wait_until(lambda: (row := status(daemon, name))["state"] == "paused" and row["cycles"] == 0, 20,
+               message=f"{name} to stop")
+
+
+def add_session(daemon: DaemonProc, server: SshServer, base: Path, name: str, *, ignore: Iterable[str] = (),
+                preserve: Iterable[str] = (), paused: bool = True) -> tuple[Path, Path]:
+    """A session on two fresh empty roots, brought up live once (so the remote root and the
+    agent exist), then paused unless told otherwise."""
+    local, remote = base / f"{name}-local", base / f"{name}-remote"
+    local.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    daemon.rpc("add", {"name": name, "spec": spec_for(server, local, remote, ignore, preserve)})
+    wait_state(daemon, name, LIVE)
+    if paused:
+        pause(daemon, name)
+    return local, remote
+
+
+def remove_session(daemon: DaemonProc, name: str) -> None:
+    with contextlib.suppress(Exception):
+        daemon.rpc("rm", {"name": name})
+
+
+def resync(daemon: DaemonProc, name: str, direction: str) -> dict[str, Any]:
+    summary = ok_json(daemon.cli("resync", name, f"--{direction}", "--json"))
+    assert isinstance(summary, dict)
+    assert set(summary) == SUMMARY_FIELDS, summary
+    assert summary["name"] == name and summary["direction"] == direction, summary
+    return summary
+
+
+def resync_background(daemon: DaemonProc, name: str, direction: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*CLI, "resync", name, f"--{direction}", "--json", "--socket", str(daemon.socket)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
+                            stdin=subprocess.DEVNULL)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def counters(row: dict[str, Any]) -> tuple[int, int]:
+    return row["sent_files"], row["received_files"]
+
+
+def skips(summary: dict[str, Any], reason: Optional[str] = None) -> dict[str, str]:
+    """{path: reason} of the summary's skipped entries (only ``reason`` ones if given)."""
+    for skip in summary["skipped"]:
+        assert set(skip) == {"path", "reason", "detail"}, skip
+        assert skip["detail"], skip
+    return {s["path"]: s["reason"] for s in summary["skipped"] if reason is None or s["reason"] == reason}
+
+
+# ---------------------------------------------------------------------------------------
+# trees
+# ---------------------------------------------------------------------------------------
+
+PathLike = Union[str, bytes, Path]
+
+
+def write(path: PathLike, data: Union[bytes, str], mode: Optional[int] = None,
+          mtime_ns: Optional[int] = None) -> None:
+    raw = os.fsencode(path)
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    with open(raw, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        os.chmod(raw, mode)
+    if mtime_ns is not None:
+        os.utime(raw, ns=(mtime_ns, mtime_ns))
+
+
+def read(path: PathLike) -> bytes:
+    with open(os.fsencode(path), "rb") as fh:
+        return fh.read()
+
+
+def temp_names(root: Path) -> list[str]:
+    """syncd temp files and staging directories anywhere under ``root``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        for name in dirnames + filenames:
+            if name.startswith(TEMP_PREFIX.encode()):
+                found.append(os.fsdecode(os.path.join(dirpath, name)))
+    return found
+
+
+def snapshot(root: Path, skip: Callable[[str], bool] = lambda rel: False) -> Snap:
+    """``{rel: (kind, perm, sha256 or link target, mtime_ns)}`` of every entry (symlinks
+    never followed; directories with their mtimes too). ``skip(rel)`` leaves an entry (and
+    what is under it) out; syncd's temp names are always left out."""
+    out: Snap = {}
+    base = os.fsencode(root)
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(base, rel_dir) if rel_dir else base) as it:
+            for item in it:
+                rel_b = os.path.join(rel_dir, item.name) if rel_dir else item.name
+                rel = os.fsdecode(rel_b)
+                if item.name.startswith(TEMP_PREFIX.encode()) or skip(rel):
+                    continue
+                st = item.stat(follow_symlinks=False)
+                perm = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    out[rel] = ("dir", perm, None, st.st_mtime_ns)
+                    stack.append(rel_b)
+                elif stat.S_ISLNK(st.st_mode):
+                    out[rel] = ("link", None, os.fsdecode(os.readlink(item.path)), st.st_mtime_ns)
+                elif stat.S_ISREG(st.st_mode):
+                    out[rel] = ("file", perm, hashlib.sha256(read(item.path)).hexdigest(), st.st_mtime_ns)
+                else:
+                    out[rel] = ("special", perm, None, None)
+    return out
+
+
+def diff(a: Snap, b: Snap, names: tuple[str, str] = ("local", "remote")) -> str:
+    lines = [f"  {k!r}: {names[0]}={a.get(k)} {names[1]}={b.get(k)}"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f"{len(lines)} difference(s):\n" + "\n".join(lines[:40])
+
+
+def assert_same(a: Snap, b: Snap, names: tuple[str, str] = ("local", "remote")) -> None:
+    assert a == b, diff(a, b, names)
+
+
+def ignored_by_default(rel: str, extra: Iterable[str] = ("node_modules",)) -> bool:
+    """What the sessions here ignore: their ``--ignore`` names and AppleDouble files."""
+    parts = rel.split("/")
+    return parts[-1].startswith("._") or any(p in extra for p in parts)
+
+
+LONG_PATH = "l" * 60 + "/" + "m" * 60 + "/" + "n" * 120 + ".txt"  # > 100 bytes: beyond ustar's name field
+OLD_MTIME = 1_600_000_000_123_456_789
+
+
+def make_rich_tree(root: Path, tag: str) -> None:
+    """Everything a resync must carry exactly: contents, exec bits, nanosecond mtimes,
+    symlinks (to a file, to a dir, dangling), empty dirs, names that are not UTF-8, long
+    paths and hard links."""
+    write(root / "src/main.py", f"print('{tag}')\n")
+    write(root / "src/lib/util.py", f"# util {tag}\n" * 50)
+    write(root / "bin/run.sh", f"#!/bin/sh\necho {tag}\n", mode=0o755)
+    write(root / "docs/readme.md", f"readme {tag}\n", mode=0o640, mtime_ns=OLD_MTIME)
+    write(root / "same-path.txt", f"{tag} version\n", mode=0o600)
+    write(root / "big.bin", os.urandom(3 * MB + 17))
+    os.symlink("src/main.py", root / "link-to-file")
+    os.symlink("src", root / "link-to-dir")
+    os.symlink("does/not/exist", root / "dangling")
+    (root / "empty").mkdir()
+    (root / "nested/empty/deeper").mkdir(parents=True)
+    write(os.path.join(os.fsencode(root), b"caf\xe9.txt"), b"latin-1 name\n")
+    write(os.path.join(os.fsencode(root), b"d\xff", b"n\xfe.bin"), b"undecodable dir and name\n")
+    write(root / LONG_PATH, f"long path {tag}\n")
+    write(root / "hard/a", f"hard-linked {tag}\n", mode=0o644)
+    os.link(root / "hard/a", root / "hard/b")
+    write(root / "kind-swap", "a file here\n")
+    write(root / "dir-swap/inner.txt", "a dir here\n")
+    os.utime(root / "docs", ns=(OLD_MTIME, OLD_MTIME))
+    os.utime(root / "nested/empty", ns=(OLD_MTIME + 1, OLD_MTIME + 1))
+    os.utime(root / "link-to-file", ns=(OLD_MTIME + 2, OLD_MTIME + 2), follow_symlinks=False)
+
+
+def unique_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root``, each inode once."""
+    seen: dict[tuple[int, int], int] = {}
+    for dirpath, _, filenames in os.walk(os.fsencode(root)):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
+def make_big_files(root: Path, count: int, size_mb: int) -> None:
+    block = os.urandom(MB)
+    for i in range(count):
+        with open(root / f"big{i}.bin", "wb") as fh:
+            fh.write(str(i).encode())
+            for _ in range(size_mb):
+                fh.write(block)
+
+
+def staging_with_data(root: Path, pattern: str) -> Optional[re.Match[str]]:
+    """The staging directory (``pattern`` matched against its name) once it holds a file
+    with some bytes in it: the stream is flowing."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(root):
+            found = re.fullmatch(pattern, name)
+            if found is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(root / name):
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_size > 0:
+                        return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# 1. push
+# ---------------------------------------------------------------------------------------
+
+
+def test_push_makes_the_remote_identical_and_keeps_its_ignored_entries(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "push-rich"
+    local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"])
+    try:
+        make_rich_tree(local, "local")
+        # The remote: other contents, entries the local lacks, kinds swapped, ignored entries.
+        write(remote / "src/main.py", "old main\n", mode=0o755)
+        write(remote / "same-path.txt", "remote version, longer than the local one\n", mode=0o644)
+        write(remote / "extra.txt", "only on the remote\n")
+        write(remote / "extra-dir/a/b.txt", "deep remote-only\n")
+        write(remote / "hard/a", "not linked\n")
+        write(remote / "kind-swap/x.txt", "the remote has a directory where the local has a file\n")
+        write(remote / "dir-swap", "the remote has a file where the local has a directory\n")
+        write(remote / "link-to-dir/real.txt", "the remote has a real directory here\n")
+        write(remote / "node_modules/pkg/index.js", "ignored top level\n")
+        write(remote / "src/node_modules/x.js", "ignored, nested in a synced directory\n")
+        write(remote / "._remote-apple", "AppleDouble: excluded by default\n")
+        ignored_before = {rel: v for rel, v in snapshot(remote).items() if ignored_by_default(rel)}
+        before = status(daemon, name)
+
+        summary = resync(daemon, name, "push")
+
+        local_snap = snapshot(local)
+        assert summary["skipped"] == [], summary
+        assert summary["files"] == len(local_snap), summary
+        assert summary["bytes"] == unique_bytes(local), summary
+        # extra.txt, extra-dir/a/b.txt, extra-dir/a, extra-dir, kind-swap/x.txt, link-to-dir/real.txt
+        assert summary["deleted"] >= 6, summary
+        assert temp_names(remote) == []
+
+        # Synced part: identical (contents, modes, mtimes, links as links, empty dirs, odd names).
+        assert_same(local_snap, snapshot(remote, ignored_by_default))
+        assert os.path.islink(remote / "link-to-dir") and os.path.islink(remote / "dangling")
+        assert read(os.path.join(os.fsencode(remote), b"d\xff", b"n\xfe.bin")) == b"undecodable dir and name\n"
+        assert read(remote / LONG_PATH) == b"long path local\n"
+        a, b = os.stat(remote / "hard/a"), os.stat(remote / "hard/b")
+        assert (a.st_ino, a.st_nlink) == (b.st_ino, 2), "the hard link was not kept as one"
+        # Ignored entries stay as they were.
+        assert {rel: v for rel, v in snapshot(remote).items() if ignored_by_default(rel)} == ignored_before
+
+        # Live again, and nothing left to do: the base index is what both sides hold.
+        assert wait_state(daemon, name, LIVE)["halt_reason"] == ""
+        flushed = ok_json(daemon.cli("flush", name, "--json"))
+        assert counters(flushed) == counters(before), (before, flushed)
+        assert counters(status(daemon, name)) == counters(before)
+        assert_same(local_snap, snapshot(local))
+    finally:
+        remove_session(daemon, name)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known defect: an entry a resync keeps on the destination although the source lacks it (here a remote "
+    "directory holding only ignored entries) is not in the reset base index, so the live sync right after "
+    "copies it back to the source as new (the same defect as preserve-absent entries after a pull)"))
+def test_push_keeps_a_remote_directory_holding_ignored_entries_without_syncing_it_back(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "push-kept-dir"
+    local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"])
+    try:
+        write(local / "kept.txt", "local\n")
+        write(remote / "gone/file.txt", "deleted by the push\n")
+        write(remote / "gone/node_modules/keep.js", "ignored, in a directory the local lacks\n")
+        before = status(daemon, name)
+
+        summary = resync(daemon, name, "push")
+        assert summary["skipped"] == [] and summary["deleted"] >= 1, summary
+        # The directory stays on the remote: it holds an ignored entry.
+        assert sorted(os.listdir(remote / "gone")) == ["node_modules"]
+        assert read(remote / "gone/node_modules/keep.js") == b"ignored, in a directory the local lacks\n"
+
+        flushed = ok_json(daemon.cli("flush", name, "--json"))
+        assert not (local / "gone").exists(), "the live sync created the kept remote directory locally"
+        assert counters(flushed) == counters(before), (before, flushed)
+    finally:
+        remove_session(daemon, name)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. pull
+# ---------------------------------------------------------------------------------------
+
+
+def test_pull_makes_the_local_identical_and_keeps_its_ignored_entries(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "pull-rich"
+    local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"])
+    try:
+        make_rich_tree(remote, "remote")
+        write(remote / "._remote-apple", "AppleDouble: never sent\n")
+        write(remote / "sub/._nested-apple", "AppleDouble: never sent\n")
+        write(remote / "node_modules/remote.js", "ignored: never sent\n")
+        # The local: other contents, extra entries, swapped kinds, ignored entries to keep.
+        write(local / "src/main.py", "stale local main\n", mode=0o700)
+        write(local / "local-only.txt", "deleted by the pull\n")
+        write(local / "local-dir/x/y.txt", "deleted by the pull\n")
+        write(local / "kind-swap/x.txt", "a directory where the remote has a file\n")
+        write(local / "dir-swap", "a file where the remote has a directory\n")
+        write(local / "node_modules/local.js", "ignored: kept\n")
+        write(local / "._local-apple", "AppleDouble: ignored, kept\n")
+        ignored_before = {rel: v for rel, v in snapshot(local).items() if ignored_by_default(rel)}
+        before = status(daemon, name)
+
+        summary = resync(daemon, name, "pull")
+
+        remote_snap = snapshot(remote, ignored_by_default)
+        assert summary["skipped"] == [], summary
+        assert summary["files"] == len(remote_snap), summary
+        assert summary["bytes"] == unique_bytes(remote) - sum(
+            len(read(remote / p)) for p in ("._remote-apple", "sub/._nested-apple", "node_modules/remote.js")), summary
+        assert summary["deleted"] >= 6, summary
+        assert temp_names(local) == []
+
+        assert_same(snapshot(local, ignored_by_default), remote_snap)
+        assert not os.path.lexists(local / "._remote-apple") and not os.path.lexists(local / "sub/._nested-apple")
+        assert not os.path.lexists(local / "node_modules/remote.js")
+        assert {rel: v for rel, v in snapshot(local).items() if ignored_by_default(rel)} == ignored_before
+        a, b = os.stat(local / "hard/a"), os.stat(local / "hard/b")
+        assert (a.st_ino, a.st_nlink) == (b.st_ino, 2), "the hard link was not kept as one"
+
+        wait_state(daemon, name, LIVE)
+        flushed = ok_json(daemon.cli("flush", name, "--json"))
+        assert counters(flushed) == counters(before), (before, flushed)
+        assert_same(snapshot(local, ignored_by_default), snapshot(remote, ignored_by_default))
+    finally:
+        remove_session(daemon, name)
+
+
+def test_pull_keeps_preserve_absent_entries_and_the_directories_holding_them(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "pull-preserve"
+    local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"],
+                                preserve=["secrets/", "*.env"])
+    try:
+        write(remote / "shared.env", "remote's shared.env\n")  # present on both: the remote's wins
+        write(remote / "code/app.py", "app\n")
+        write(local / "shared.env", "local's shared.env\n")
+        write(local / "secrets/token", "preserved through its directory\n")
+        write(local / "secrets/sub/deeper.txt", "preserved through its directory\n")
+        write(local / "deep/a/b/local.env", "preserved by name\n")
+        write(local / "deep/a/other.txt", "deleted by the pull\n")
+        write(local / "deep/c/x.txt", "deleted by the pull\n")
+        write(local / "plain.txt", "deleted by the pull\n")
+        write(local / "old/node_modules/deep.js", "ignored: kept, and so is old/\n")
+        write(local / "old/stale.txt", "deleted by the pull\n")
+        preserved = {rel: v for rel, v in snapshot(local).items()
+                     if rel.startswith("secrets") or rel.endswith(".env") and rel != "shared.env"}
+
+        summary = resync(daemon, name, "pull")
+
+        assert summary["skipped"] == [], summary
+        # deep/a/other.txt, deep/c/x.txt, deep/c, plain.txt, old/stale.txt
+        assert summary["deleted"] >= 5, summary
+        now = snapshot(local)
+        assert {rel: v for rel, v in now.items() if rel in preserved} == preserved
+        assert read(local / "shared.env") == b"remote's shared.env\n"
+        assert read(local / "code/app.py") == b"app\n"
+        for gone in ("deep/a/other.txt", "deep/c", "plain.txt"):
+            assert not os.path.lexists(local / gone), gone
+        # What remains of deep/ is exactly the chain of directories holding the preserved file.
+        assert sorted(rel for rel in now if rel.startswith("deep")) == ["deep", "deep/a", "deep/a/b",
+                                                                       "deep/a/b/local.env"]
+        # Ignored entries stay too, and so does the directory holding them.
+        assert sorted(rel for rel in now if rel.startswith("old")) == ["old", "old/node_modules",
+                                                                      "old/node_modules/deep.js"]
+        # Not checked here: whether the live sync afterwards uploads the preserved local-only
+        # entries to the remote (a known, separately tracked defect of live syncing).
+    finally:
+        remove_session(daemon, name)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. back to live syncing; a halt lifted
+# ---------------------------------------------------------------------------------------
+
+
+def test_resync_goes_back_to_live_sync_and_lifts_a_halt(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "live-after"
+    local, remote = add_session(daemon, sshd, tmp_path, name, paused=False)
+    try:
+        for i in range(30):
+            write(local / f"d{i % 3}/f{i:02d}.txt", f"file {i}\n")
+        write(local / "top.txt", "top\n")
+        ok_json(daemon.cli("flush", name, "--json"))
+        write(remote / "remote-only.txt", "not yet seen\n")  # settled by the resync below
+
+        resync(daemon, name, "push")  # of a live session
+        assert not (remote / "remote-only.txt").exists()
+        wait_state(daemon, name, LIVE)
+        write(local / "top.txt", "edited locally after the resync\n")
+        write(remote / "from-remote.txt", "made remotely after the resync\n")
+        wait_until(lambda: (remote / "top.txt").read_text() == "edited locally after the resync\n", 20,
+                   message="a local edit to reach the remote")
+        wait_until(lambda: (local / "from-remote.txt").exists(), 20, message="a remote edit to reach the local")
+
+        # Empty the remote root under the live session: it halts instead of deleting locally.
+        trash = tmp_path / "trash"
+        trash.mkdir()
+        for child in sorted(remote.iterdir()):
+            os.rename(child, trash / child.name)
+        halted = wait_state(daemon, name, "halted")
+        assert halted["halt_reason"], halted
+        assert (local / "top.txt").exists()
+
+        summary = resync(daemon, name, "push")
+        assert summary["skipped"] == [], summary
+        row = wait_state(daemon, name, LIVE)
+        assert row["halt_reason"] == "", row
+        assert_same(snapshot(local), snapshot(remote))
+        write(remote / "after-halt.txt", "synced again\n")
+        wait_until(lambda: (local / "after-halt.txt").exists(), 20, message="live sync after the halt was lifted")
+    finally:
+        remove_session(daemon, name)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. interrupted resyncs leave the destination as it was
+# ---------------------------------------------------------------------------------------
+
+BIG_FILES, BIG_MB = 3, 70  # enough to be caught mid-stream
+
+
+def _prepare_interrupted(daemon: DaemonProc, server: SshServer, base: Path, name: str,
+                         source: str) -> tuple[Path, Path]:
+    local, remote = add_session(daemon, server, base, name)
+    src, dst = (local, remote) if source == "local" else (remote, local)
+    make_big_files(src, BIG_FILES, BIG_MB)
+    write(src / "small/new.txt", "new\n")
+    write(dst / "big1.bin", "the destination's own version\n")
+    write(dst / "small/old.txt", "only on the destination\n")
+    write(dst / "keep/nested.txt", "only on the destination\n", mode=0o600)
+    return local, remote
+
+
+def test_push_cut_by_killing_the_agent_leaves_the_remote_as_it_was(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "push-kill-agent"
+    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "local")
+    try:
+        remote_before = snapshot(remote)
+        running = resync_background(daemon, name, "push")
+        found = wait_until(lambda: staging_with_data(remote, rf"{re.escape(TEMP_PREFIX)}(\d+)-tar-\d+"), 30,
+                           message="the push to stream into the remote staging directory")
+        progress = status(daemon, name)["resync"]
+        assert isinstance(progress, dict), progress
+        assert progress["direction"] == "push" and progress["phase"] == "streaming", progress
+        assert progress["total_bytes"] >= BIG_FILES * BIG_MB * MB, progress
+        os.kill(int(found.group(1)), signal.SIGKILL)  # the agent dies mid-stream
+
+        result = finish(running)
+        assert result.returncode == EXIT_ERROR, describe(result)
+        assert "resync" in result.stderr and "Traceback" not in result.stderr, describe(result)
+        row = wait_state(daemon, name, "paused")
+        assert row["resync"] is None, row
+        assert_same(remote_before, snapshot(remote), ("before", "after"))
+
+        # The next session start reaps the dead agent's staging directory; a new push works.
+        summary = resync(daemon, name, "push")
+        assert summary["skipped"] == [], summary
+        assert temp_names(remote) == []
+        assert_same(snapshot(local), snapshot(remote))
+    finally:
+        remove_session(daemon, name)
+
+
+def test_push_cut_by_a_pause_leaves_the_remote_as_it_was(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "push-pause"
+    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "local")
+    try:
+        remote_before = snapshot(remote)
+        running = resync_background(daemon, name, "push")
+        wait_until(lambda: staging_with_data(remote, rf"{re.escape(TEMP_PREFIX)}\d+-tar-\d+"), 30,
+                   message="the push to stream into the remote staging directory")
+        paused = daemon.cli("pause", name)
+        assert paused.returncode == 0, describe(paused)
+
+        result = finish(running)
+        assert result.returncode == EXIT_ERROR, describe(result)
+        assert "interrupted" in result.stderr, describe(result)
+        wait_state(daemon, name, "paused")
+        # The agent discards its staging area as soon as the stream is abandoned.
+        wait_until(lambda: temp_names(remote) == [], 20, message="the remote staging directory to go")
+        assert_same(remote_before, snapshot(remote), ("before", "after"))
+    finally:
+        remove_session(daemon, name)
+
+
+def test_pull_cut_by_killing_the_daemon_leaves_the_local_as_it_was(sshd: SshServer, tmp_path: Path) -> None:
+    own = DaemonProc(tmp_path / "own-daemon")
+    (tmp_path / "own-daemon").mkdir()
+    own.start()
+    name = "pull-kill-daemon"
+    try:
+        local, remote = _prepare_interrupted(own, sshd, tmp_path, name, "remote")
+        local_before, remote_before = snapshot(local), snapshot(remote)
+        assert own.proc is not None
+        running = resync_background(own, name, "pull")
+        wait_until(lambda: staging_with_data(local, rf"{re.escape(TEMP_PREFIX)}{own.proc.pid}-resync"), 30,
+                   message="the pull to stream into the local staging directory")
+        progress = status(own, name)["resync"]
+        assert progress["direction"] == "pull" and progress["phase"] == "streaming", progress
+        own.kill()
+        result = finish(running)
+        assert result.returncode != 0, describe(result)
+
+        assert_same(local_before, snapshot(local), ("before", "after"))
+        assert_same(remote_before, snapshot(remote), ("before", "after"))
+        assert len(temp_names(local)) == 1  # the dead daemon's staging directory, until a scan
+
+        own.start()  # the session comes back (paused, as it was before the resync)
+        assert status(own, name)["state"] == "paused"
+        summary = resync(own, name, "pull")
+        assert summary["skipped"] == [], summary
+        assert temp_names(local) == [], "the dead daemon's staging directory was not reaped"
+        assert_same(snapshot(local), snapshot(remote))
+    finally:
+        own.stop()
+
+
+def test_pull_cut_by_a_pause_leaves_the_local_as_it_was(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "pull-pause"
+    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "remote")
+    try:
+        local_before = snapshot(local)
+        running = resync_background(daemon, name, "pull")
+        wait_until(lambda: staging_with_data(local, rf"{re.escape(TEMP_PREFIX)}\d+-resync"), 30,
+                   message="the pull to stream into the local staging directory")
+        paused = daemon.cli("pause", name)
+        assert paused.returncode == 0, describe(paused)
+
+        result = finish(running)
+        assert result.returncode == EXIT_ERROR, describe(result)
+        assert "interrupted" in result.stderr, describe(result)
+        wait_state(daemon, name, "paused")
+        assert temp_names(local) == []
+        assert_same(local_before, snapshot(local), ("before", "after"))
+    finally:
+        remove_session(daemon, name)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. special and unreadable entries
+# ---------------------------------------------------------------------------------------
+
+
+def _make_socket(path: Path) -> None:
+    """A Unix socket file at ``path`` (bound in a short directory, then moved: bind()
+    limits the path to 108 bytes)."""
+    short = tempfile.mkdtemp(prefix="sock-", dir="/tmp")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(os.path.join(short, "s"))
+            os.rename(os.path.join(short, "s"), path)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_fifos_and_sockets_are_skipped_with_a_reason(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "special"
+    local, remote = add_session(daemon, sshd, tmp_path, name)
+    try:
+        write(local / "regular.txt", "regular\n")
+        os.mkfifo(local / "pipe")
+        _make_socket(local / "dir/sock")
+
+        pushed = resync(daemon, name, "push")
+        assert skips(pushed) == {"pipe": "special", "dir/sock": "special"}, pushed
+        assert sorted(os.listdir(remote)) == ["dir", "regular.txt"]
+        assert os.listdir(remote / "dir") == []
+
+        os.mkfifo(remote / "remote-pipe")
+        write(remote / "pulled.txt", "pulled\n")
+        pulled = resync(daemon, name, "pull")
+        assert skips(pulled) == {"remote-pipe": "special"}, pulled
+        assert read(local / "pulled.txt") == b"pulled\n"
+        assert not os.path.lexists(local / "remote-pipe")
+        # The local special files are not synced entries: the pull leaves them alone.
+        assert stat.S_ISFIFO(os.lstat(local / "pipe").st_mode)
+    finally:
+        remove_session(daemon, name)
+
+
+@pytest.fixture
+def unprivileged_sshd(tmp_path: Path) -> Iterator[tuple[SshServer, Path, pwd.struct_passwd]]:
+    """An sshd whose sessions run as ``nobody`` (a ForceCommand drops privileges before the
+    agent starts), and a directory ``nobody`` can use. The tests run as root, which reads
+    everything: on this remote, a root-owned mode-000 file is really unreadable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the remote agent as another user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    area = Path(tempfile.mkdtemp(prefix="syncd-unpriv-", dir="/tmp"))
+    try:
+        os.chmod(area, 0o755)
+        home = area / "home"
+        home.mkdir()
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        drop = (f"import os; os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid}); "
+                f"os.environ['HOME'] = {str(home)!r}; "
+                "os.execv('/bin/sh', ['sh', '-c', os.environ.get('SSH_ORIGINAL_COMMAND', 'true')])")
+        script = tmp_path / "drop-to-nobody.sh"
+        script.write_text(f"#!/bin/sh\nexec python3 -c {shlex.quote(drop)}\n")
+        script.chmod(0o755)
+        with start_sshd(tmp_path / "sshd-nobody", force_command=str(script)) as server:
+            yield server, area, nobody
+    finally:
+        shutil.rmtree(area, ignore_errors=True)
+
+
+def test_unreadable_remote_entries_are_skipped_and_the_local_keeps_its_own(
+        daemon: DaemonProc, unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd]) -> None:
+    server, area, nobody = unprivileged_sshd
+    name = "unreadable"
+    local, remote = area / "local", area / "remote"
+    local.mkdir()
+    remote.mkdir()
+    os.chown(remote, nobody.pw_uid, nobody.pw_gid)
+    daemon.rpc("add", {"name": name, "spec": spec_for(server, local, remote)})
+    try:
+        wait_state(daemon, name, LIVE)
+        pause(daemon, name)
+        write(remote / "readable.txt", "readable\n")
+        write(remote / "locked.txt", "the agent cannot read this\n", mode=0o000)
+        write(remote / "locked-dir/inside.txt", "nor list this directory\n")
+        os.chmod(remote / "locked-dir", 0o000)
+        write(local / "locked.txt", "local copy of the unreadable file\n")
+        write(local / "locked-dir/mine.txt", "local content under the unlistable directory\n")
+        write(local / "stale.txt", "deleted by the pull\n")
+
+        summary = resync(daemon, name, "pull")
+
+        assert skips(summary) == {"locked.txt": "unreadable", "locked-dir": "unreadable"}, summary
+        assert read(local / "locked.txt") == b"local copy of the unreadable file\n"
+        assert read(local / "locked-dir/mine.txt") == b"local content under the unlistable directory\n"
+        assert read(local / "readable.txt") == b"readable\n"
+        assert not (local / "stale.txt").exists()
+        assert temp_names(local) == []
+    finally:
+        remove_session(daemon, name)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(remote / "locked-dir", 0o700)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. a file written while it is archived
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_file_changing_during_a_push_is_reported_and_synced_live_afterwards(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    name = "changing"
+    local, remote = add_session(daemon, sshd, tmp_path, name)
+    stop = threading.Event()
+    appended = threading.Event()
+
+    def append() -> None:
+        with open(local / "growing.log", "ab") as fh:
+            while not stop.is_set():
+                fh.write(b"x" * 4096 + b"\n")
+                fh.flush()
+                appended.set()
+                time.sleep(0.002)
+
+    try:
+        make_big_files(local, 1, 60)
+        write(local / "growing.log", os.urandom(60 * MB))  # read for a while, appended to all along
+        write(local / "steady.txt", "steady\n")
+        write(remote / "growing.log", "the remote's old version\n")
+        writer = threading.Thread(target=append, daemon=True)
+        writer.start()
+        appended.wait(5)
+        try:
+            summary = resync(daemon, name, "push")
+        finally:
+            stop.set()
+            writer.join(10)
+        assert skips(summary) == {"growing.log": "changed"}, summary
+        assert read(remote / "steady.txt") == b"steady\n"
+        assert read(remote / "big0.bin") == read(local / "big0.bin")
+
+        # Not fatal: the session is live, and it carries the file once it settles.
+        wait_state(daemon, name, LIVE)
+        flushed = daemon.cli("flush", name, "--json")
+        assert flushed.returncode == 0, describe(flushed)
+        wait_until(lambda: snapshot(local) == snapshot(remote), 30,
+                   message=lambda: "the changed file to be synced live; " + diff(snapshot(local), snapshot(remote)))
+    finally:
+        stop.set()
+        remove_session(daemon, name)
