@@ -85,6 +85,9 @@ class Receive:
             parent = ""
         self.parent = parent
         self.staging_rel = (parent + "/" if parent else "") + staging_name("tar-%d" % msg.req)
+        # Every parent of the staging directory must be a real directory of this root, not
+        # a symlink (raises UnsafePath): the archive is written by path below it.
+        self.base_root.parent(self.staging_rel)
         self.where = os.path.join(base, self.target) if self.target else base
         self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
         self.error: Optional[str] = None

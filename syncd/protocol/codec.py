@@ -175,7 +175,7 @@ def encode(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> Any:
+def decode_body(body: Union[bytes, memoryview]) -> Any:
     """Decode one frame body into a message, or raise ProtocolError."""
     try:
         obj = msgpack.unpackb(
@@ -206,7 +206,11 @@ class Connection:
         self.hello = m.Hello(PROTOCOL_VERSION, software, tuple(capabilities))
         self.peer: Optional[m.Hello] = None
         self.closed = False
-        self._buffer = bytearray()
+        self._buf = b""  # received bytes; frames before _pos are decoded
+        self._pos = 0
+        self._parts: List[bytes] = []  # received since the last join
+        self._pending = 0  # their total size
+        self._need = 0  # body size of the frame whose header was read, 0 = none
         self._sent_hello = False
 
     def initiate(self) -> bytes:
@@ -220,34 +224,62 @@ class Connection:
         return encode(message)
 
     def receive_data(self, data: bytes) -> List[Any]:
-        """Feed bytes from the peer; return the complete messages they finish."""
+        """Feed bytes from the peer; return the complete messages they finish.
+
+        Incoming pieces are only listed until a frame is complete, then joined once: a
+        large frame arriving in many small reads is not copied again on every read."""
         if self.closed:
             raise ProtocolError("data after the connection was closed")
-        self._buffer += data
+        if data:
+            self._parts.append(data)
+            self._pending += len(data)
         out: List[Any] = []
-        buf = self._buffer
-        pos = 0
-        while len(buf) - pos >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME or length == 0:
-                self.closed = True
-                raise ProtocolError(
-                    "peer sent garbage (frame length %d): %r" % (length, _preview(buf[pos:]))
-                )
-            end = pos + _HEADER.size + length
-            if len(buf) < end:
+        while True:
+            held = len(self._buf) - self._pos
+            if not self._need:
+                if held + self._pending < _HEADER.size:
+                    break
+                if held < _HEADER.size:
+                    self._merge()
+                (length,) = _HEADER.unpack_from(self._buf, self._pos)
+                if length > MAX_FRAME or length == 0:
+                    self.closed = True
+                    raise ProtocolError(
+                        "peer sent garbage (frame length %d): %r" % (length, _preview(self._buf[self._pos :]))
+                    )
+                self._need = length
+                held = len(self._buf) - self._pos
+            end = self._pos + _HEADER.size + self._need
+            if held + self._pending < _HEADER.size + self._need:
                 break
+            if len(self._buf) < end:
+                self._merge()
+                end = _HEADER.size + self._need
             try:
-                message = decode_body(bytes(buf[pos + _HEADER.size : end]))
+                with memoryview(self._buf) as view:
+                    message = decode_body(view[end - self._need : end])
                 self._check(message)
             except ProtocolError:
                 self.closed = True  # the stream cannot be trusted past a bad frame
                 raise
-            pos = end
+            self._pos = end
+            self._need = 0
             out.append(message)
-        if pos:
-            del buf[:pos]
+        if self._pos and self._pos == len(self._buf):
+            self._buf, self._pos = b"", 0
         return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet part of a decoded message."""
+        return len(self._buf) - self._pos + self._pending
+
+    def _merge(self) -> None:
+        """Join the unread rest of the buffer with the pieces received since."""
+        self._buf = b"".join([self._buf[self._pos :], *self._parts])
+        self._pos = 0
+        self._parts = []
+        self._pending = 0
 
     def _check(self, message: Any) -> None:
         if self.peer is None:

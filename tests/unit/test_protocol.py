@@ -132,7 +132,7 @@ def test_byte_at_a_time() -> None:
     for i in range(len(data)):
         got += b.receive_data(data[i : i + 1])
     assert got == [a.hello, *messages]
-    assert bytes(b._buffer) == b""
+    assert b.buffered == 0
 
 
 def test_many_messages_in_one_chunk() -> None:
