@@ -272,6 +272,8 @@ def status(name: str | None, socket_path: str | None, as_json: bool) -> None:
         pending = row["pending_local"] + row["pending_remote"]
         click.echo(f"{row['name']:18} {row['state']:13} {_age(row['last_cycle']):11} {pending:<8} "
                    f"{_size(row['sent_bytes']):>10} {_size(row['received_bytes']):>10} {row['conflicts']}")
+        if row.get("resync"):
+            click.echo("    " + _resync_line("resync", row, 0, 0.0, row["resync"]["seconds"]).split(": ", 1)[1])
         for problem in filter(None, [row["halt_reason"], row["last_error"], *row["errors"]]):
             click.echo(f"    ! {problem}")
 

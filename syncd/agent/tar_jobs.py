@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
-from syncd.scan import Scanner
+from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
 from syncd.tarstream import (
     LEAVE_REASONS,
     SPECIAL,
@@ -53,6 +53,18 @@ def scan_skips(scanner: Scanner) -> List[m.Skip]:
     return out
 
 
+def _reap_stale(directory: str) -> None:
+    """Staging directories of killed uploads (outside the root, no scan would find them)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX) and is_stale_temp(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -84,6 +96,7 @@ class Receive:
                 raise UnsafePath("an upload needs a directory name")
             parent = ""
         self.parent = parent
+        _reap_stale(os.path.join(base, parent))
         self.staging_rel = (parent + "/" if parent else "") + staging_name("tar-%d" % msg.req)
         # Every parent of the staging directory must be a real directory of this root, not
         # a symlink (raises UnsafePath): the archive is written by path below it.
