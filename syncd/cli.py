@@ -415,16 +415,21 @@ def _print_skipped(skipped: list[dict[str, Any]]) -> None:
 @click.option("--pull", "direction", flag_value="pull", help="rebuild the local tree from the remote")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=3600.0, show_default=True,
               callback=lambda ctx, param, value: _finite(value), help="seconds before giving up waiting (exit 6)")
+@click.option("--force", is_flag=True, help="even from an empty source tree (which deletes everything)")
 @socket_option
 @json_option
-def resync(name: str, direction: str | None, timeout: float, socket_path: str | None, as_json: bool) -> None:
+def resync(name: str, direction: str | None, timeout: float, force: bool, socket_path: str | None,
+           as_json: bool) -> None:
     """Rebuild one side from the other as one tar stream, then sync live again.
 
     Ignored entries stay on both sides; with --pull, preserve-absent entries stay too. A
-    resync cut short leaves the destination as it was. Lifts a halt or a pause."""
+    resync cut short leaves the destination as it was. Lifts a halt or a pause. An empty
+    source tree is refused unless --force (it would only delete)."""
     if direction is None:
         _fail("say which side is the truth: --push (local) or --pull (remote)", EXIT_USAGE)
-    args = {"name": name, "direction": direction, "timeout": timeout}
+    args: dict[str, Any] = {"name": name, "direction": direction, "timeout": timeout}
+    if force:
+        args["force"] = True
     if sys.stderr.isatty() and not as_json:
         row = _with_progress(socket_path, name, lambda: _call(socket_path, "resync", args, timeout=timeout + 10),
                              _resync_line)

@@ -177,6 +177,11 @@ class Scanner:
             except NotADirectoryError:
                 absent.append(rel)
                 continue
+            except OSError as exc:
+                # Unreadable (e.g. a parent without search permission): neither seen nor
+                # absent, so nobody mistakes it for a deletion.
+                self.skipped.append((rel, "unreadable: %s" % exc.strerror))
+                continue
             is_dir = stat.S_ISDIR(st.st_mode)
             if self.is_ignored(rel, is_dir):
                 continue

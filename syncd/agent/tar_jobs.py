@@ -86,6 +86,14 @@ class Receive:
             base = root.path
             self.base_root = root
             self.own_root = False
+        try:
+            self._setup(msg, base)
+        except BaseException:
+            if self.own_root:
+                self.base_root.close()
+            raise
+
+    def _setup(self, msg: m.TarReceive, base: str) -> None:
         self.target = msg.path
         if self.target:
             parts = split_path(self.target)
@@ -96,11 +104,12 @@ class Receive:
                 raise UnsafePath("an upload needs a directory name")
             parent = ""
         self.parent = parent
-        _reap_stale(os.path.join(base, parent))
         self.staging_rel = (parent + "/" if parent else "") + staging_name("tar-%d" % msg.req)
         # Every parent of the staging directory must be a real directory of this root, not
-        # a symlink (raises UnsafePath): the archive is written by path below it.
+        # a symlink (raises UnsafePath): the archive is written by path below it, and stale
+        # staging directories are reaped by path beside it.
         self.base_root.parent(self.staging_rel)
+        _reap_stale(os.path.join(base, parent))
         self.where = os.path.join(base, self.target) if self.target else base
         self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
         self.error: Optional[str] = None

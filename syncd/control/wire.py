@@ -40,7 +40,8 @@ COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
     "pause": {"name": (_STR, True)},
     "resume": {"name": (_STR, True), "force": (_BOOL, False)},
     "conflicts": {"name": (_STR, True), "clear": (_BOOL, False)},
-    "resync": {"name": (_STR, True), "direction": (_STR, True), "timeout": (_FLOAT, False)},
+    "resync": {"name": (_STR, True), "direction": (_STR, True), "timeout": (_FLOAT, False),
+               "force": (_BOOL, False)},
     "upload": {"name": (_STR, True), "local": (_STR, True), "remote": (_STR, True), "runtime": (_BOOL, False),
                "follow_symlinks": (_BOOL, False), "exclude": (_LIST, False), "timeout": (_FLOAT, False)},
     # Test hook (only with SYNCD_DEBUG_HOOKS=1 in the daemon's environment): block the

@@ -44,6 +44,7 @@ class SessionRunner:
                                        "received_bytes": 0, "deleted": 0}
         self.connected_since = 0.0
         self._resync_request: str | None = None  # "push" or "pull", for the next session
+        self._resync_force = False
         self._resync_waiter: asyncio.Future[dict[str, Any]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class SessionRunner:
                 continue
             resync, self._resync_request = self._resync_request, None
             session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected,
-                              resync=resync, on_resync=self._resync_done)
+                              resync=resync, on_resync=self._resync_done, resync_force=self._resync_force)
             session.force_next = self._force
             self._force = False
             self.session = session
@@ -135,7 +136,7 @@ class SessionRunner:
         if not self.paused and not self.halt_reason:
             self.state = "stopped"
 
-    async def resync(self, direction: str, timeout: float) -> dict[str, Any]:
+    async def resync(self, direction: str, timeout: float, force: bool = False) -> dict[str, Any]:
         """Rebuild one side from the other (the live session stops for the duration, then
         goes on); returns the summary. A halt or a pause is lifted: this is the way out."""
         if self._resync_waiter is not None and not self._resync_waiter.done():
@@ -143,6 +144,7 @@ class SessionRunner:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resync_waiter = waiter
         self._resync_request = direction
+        self._resync_force = force
         self.paused = False
         self.halt_reason = ""
         self.state = f"resync-{direction}"

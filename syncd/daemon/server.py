@@ -354,7 +354,8 @@ class Daemon:
             if args["direction"] not in ("push", "pull"):
                 raise ValueError("resync: direction must be push or pull")
             try:
-                return await runner.resync(args["direction"], float(args.get("timeout", DEFAULT_RESYNC_TIMEOUT)))
+                return await runner.resync(args["direction"], float(args.get("timeout", DEFAULT_RESYNC_TIMEOUT)),
+                                           bool(args.get("force", False)))
             finally:
                 self._persist_paused(runner)  # a resync lifts a pause; a failed one pauses
         if cmd == "upload":

@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 CHUNK_QUEUE = 8
 
 
+class ResyncRefused(Exception):
+    """The resync would only delete: the source is empty (override with force)."""
+
+
+def _refuse_empty(direction: str, source: str) -> ResyncRefused:
+    return ResyncRefused(f"the {source} tree is empty: a resync --{direction} would only delete; nothing was "
+                         f"changed (pass --force if that is what you want)")
+
+
 @dataclass
 class ResyncProgress:
     """Live counters of a resync, shown by `status` and the CLI."""
@@ -133,13 +142,15 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
         raise
 
 
-async def push(session: Session) -> ResyncSummary:
+async def push(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the remote from the local tree."""
     local, agent = session.local, session.agent
     assert local is not None and agent is not None
     progress = session.resync_progress = ResyncProgress("push")
     entries = await session._fs(local.scanner.scan_all, False)
     skipped = scan_skips(local.scanner)
+    if not entries and not force:
+        raise _refuse_empty("push", "local")
     progress.total_files = len(entries)
     progress.total_bytes = sum(e.size for e in entries if e.kind == m.FILE)
     progress.phase = "streaming"
@@ -152,7 +163,7 @@ async def push(session: Session) -> ResyncSummary:
                          skipped + producer.skipped + remote_skips)
 
 
-async def pull(session: Session) -> ResyncSummary:
+async def pull(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
     local, agent = session.local, session.agent
     assert local is not None and agent is not None
@@ -170,11 +181,13 @@ async def pull(session: Session) -> ResyncSummary:
     work = session._fs(extractor.extract, ChunkReader(get))
     sent: list[m.Entry] = []
     skipped: list[m.Skip] = []
+    refused = False
     try:
         async for item in agent.tar_from_agent():
             if isinstance(item, m.TarStart):
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
+                refused = item.files == 0 and not force  # the stream is tiny: read it to its end
             elif isinstance(item, m.TarData):
                 await data.put(item.data)
             elif isinstance(item, m.TarResult):
@@ -187,6 +200,8 @@ async def pull(session: Session) -> ResyncSummary:
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
         await work
+        if refused:
+            raise _refuse_empty("pull", "remote")
         progress.phase = "placing"
         extractor.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
         existing = await session._fs(local.scanner.scan_all, False)

@@ -31,7 +31,7 @@ from syncd.scan import is_temp_name
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
-from syncd.session.resync import ResyncProgress, ResyncSummary
+from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary
 from syncd.session.resync import pull as resync_pull
 from syncd.session.resync import push as resync_push
 from syncd.store import Store, StoreBusy, add_conflicts, clear_intents, load_intents, record_intents
@@ -97,10 +97,11 @@ def _stamp() -> str:
 class Session:
     def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None,
                  on_connected: Callable[[], None] | None = None, resync: str | None = None,
-                 on_resync: Callable[[ResyncSummary], None] | None = None) -> None:
+                 on_resync: Callable[[ResyncSummary], None] | None = None, resync_force: bool = False) -> None:
         self.cfg = cfg
         self.resync = resync  # "push" or "pull": rebuild that side first, then sync live
         self.on_resync = on_resync
+        self.resync_force = resync_force  # resync even from an empty source tree
         self.resync_progress: ResyncProgress | None = None
         self.resync_summary: ResyncSummary | None = None
         self.on_connected = on_connected
@@ -226,7 +227,8 @@ class Session:
         """Rebuild one side before syncing live; a stop request interrupts it (the
         destination then stays as it was)."""
         self.state = f"resync-{direction}"
-        work = asyncio.ensure_future(resync_push(self) if direction == "push" else resync_pull(self))
+        run = resync_push if direction == "push" else resync_pull
+        work = asyncio.ensure_future(run(self, self.resync_force))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -237,6 +239,8 @@ class Session:
             raise SessionError(f"the resync --{direction} was interrupted; nothing was replaced")
         try:
             self.resync_summary = work.result()
+        except ResyncRefused as exc:
+            raise SessionError(str(exc)) from None
         except (AgentError, ExtractError, OSError, ValueError) as exc:
             raise SessionError(f"resync --{direction} failed: {getattr(exc, 'strerror', None) or exc}") from None
         log.info("%s: resync --%s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name,

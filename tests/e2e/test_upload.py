@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,19 @@ def temp_names(root: Path) -> list[str]:
     return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith(TEMP_PREFIX)]
 
 
+def dead_pid() -> int:
+    """A pid no process has (for staging names of "killed" writers)."""
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
 def skipped(summary: dict[str, Any]) -> dict[str, str]:
     return {s["path"]: s["reason"] for s in summary["skipped"]}
 
@@ -144,6 +158,7 @@ def test_upload_replaces_the_remote_directory(setup: Setup, tmp_path: Path) -> N
     write(target / "old.txt", "replaced\n")
     write(target / "olddir/x.txt", "replaced\n")
     write(setup.remote / "deploy/sibling.txt", "not part of the upload: stays\n")
+    write(setup.remote / f"deploy/{TEMP_PREFIX}{dead_pid()}-tar-7/half.bin", "a killed upload's staging\n")
 
     summary = setup.upload(str(src), "deploy/app", "--exclude", "build/", "--exclude", "*.pyc")
 
@@ -174,8 +189,9 @@ def test_upload_follow_symlinks_sends_what_they_point_to(setup: Setup, tmp_path:
 
     target = setup.remote / "followed"
     now = snapshot(target, with_mtimes=False)
-    assert now["link-file"][:3] == ("file", 0o644, hashlib.sha256(b"real\n").hexdigest())
-    assert now["abs-link-file"][:3] == ("file", 0o644, hashlib.sha256(b"outside file\n").hexdigest())
+    perm = stat.S_IMODE(os.stat(src / "real.txt").st_mode)
+    assert now["link-file"][:3] == ("file", perm, hashlib.sha256(b"real\n").hexdigest())
+    assert now["abs-link-file"][:3] == ("file", perm, hashlib.sha256(b"outside file\n").hexdigest())
     assert now["link-dir"][0] == "dir"
     assert now["link-dir/inner.txt"][:3] == ("file", 0o600, hashlib.sha256(b"outside dir\n").hexdigest())
     assert "dangling" not in now
@@ -227,16 +243,18 @@ def test_upload_through_a_symlinked_parent_writes_nothing_outside(setup: Setup, 
     """A remote symlink as the parent of REMOTE_DIR (planted there by whatever runs on the
     remote) must not make the upload stage or write anything where it points."""
     outside = tmp_path / "outside-target"
-    outside.mkdir()
+    stale = outside / f"{TEMP_PREFIX}{dead_pid()}-tar-1"  # looks like a killed upload's staging
+    write(stale / "keep.txt", "not the upload's to remove\n")
     os.symlink(outside, setup.remote / "planted")
     src = tmp_path / "src"
     write(src / "big.bin", os.urandom(8 * MB))  # long enough to be seen while it streams
-    seen: list[str] = []
+    seen: list[str] = [stale.name]
     done = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             seen.extend(n for n in os.listdir(outside) if n not in seen)
+            time.sleep(0.001)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -247,9 +265,18 @@ def test_upload_through_a_symlinked_parent_writes_nothing_outside(setup: Setup, 
         watcher.join(10)
     assert result.returncode != 0, describe(result)
     assert "Traceback" not in result.stderr, describe(result)
-    assert seen == [], f"the upload wrote through the symlink: {seen}"
-    assert os.listdir(outside) == []
+    assert seen == [stale.name], f"the upload wrote through the symlink: {seen}"
+    assert os.listdir(outside) == [stale.name] and (stale / "keep.txt").exists()
     assert os.path.islink(setup.remote / "planted")
+
+    # A symlink as REMOTE_DIR itself is replaced, never written through.
+    os.unlink(src / "big.bin")
+    write(src / "small.txt", "small\n")
+    os.symlink(outside, setup.remote / "planted-target")
+    setup.upload(str(src), "planted-target")
+    assert not os.path.islink(setup.remote / "planted-target")
+    assert os.listdir(setup.remote / "planted-target") == ["small.txt"]
+    assert os.listdir(outside) == [stale.name] and os.listdir(stale) == ["keep.txt"]
 
 
 def test_upload_to_an_unknown_session_exits_4(setup: Setup, tmp_path: Path) -> None:
