@@ -508,6 +508,7 @@ class MirrorResult:
         self.entries: List[m.Entry] = []  # what the root now holds from the staging tree
         self.skipped: List[m.Skip] = []
         self.deleted = 0
+        self.kept_dirs: List[m.Entry] = []  # absent from the source, kept: they hold kept entries
 
 
 def _same(st: os.stat_result, entry: m.Entry) -> bool:
@@ -645,7 +646,9 @@ def _remove_if_same(root: Root, rel: str, entry: m.Entry, result: MirrorResult) 
         else:
             os.unlink(name, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            result.kept_dirs.append(entry)  # it holds ignored or preserved entries
+        elif exc.errno != errno.ENOENT:
             result.skipped.append(m.Skip(rel, UNREADABLE, "cannot remove %s: %s" % (rel, exc.strerror)))
         return False
     return True

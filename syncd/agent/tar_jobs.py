@@ -169,7 +169,8 @@ class Receive:
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
                 result = mirror(self.base_root, self.staging_rel, ex.entries, existing,
                                 lambda rel, kind: False, leave)
-                return result.entries, ex.skipped + result.skipped, result.deleted
+                # Kept directories go back too, so the daemon can make them on its side.
+                return result.entries + result.kept_dirs, ex.skipped + result.skipped, result.deleted
             self._replace()
             return [], ex.skipped, 0
         finally:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from syncd.agent.tar_jobs import scan_skips
 from syncd.engine.model import Agreed, agreed_from
 from syncd.protocol import messages as m
-from syncd.tarstream import LEAVE_REASONS, ChunkReader, TarExtractor, TarProducer, mirror, staging_name
+from syncd.tarstream import LEAVE_REASONS, ChunkReader, TarExtractor, TarProducer, mirror, path_key, staging_name
 
 if TYPE_CHECKING:
     from syncd.session.agent_client import TarUpload
@@ -94,6 +94,41 @@ def _base_rows(sources: list[m.Entry], placed: list[m.Entry], source_side: str) 
     return rows
 
 
+async def _make_kept_dirs(session: Session, kept: list[m.Entry], sources: list[m.Entry],
+                          on_side: str) -> list[Agreed]:
+    """Directories the destination kept because they hold ignored or preserved entries,
+    while the source lacks them: made on the source too (empty), so that both sides agree
+    and the live sync has nothing to undo. Returns their base rows."""
+    have = {e.path for e in sources}
+    todo = sorted((e for e in kept if e.kind == m.DIR and e.path not in have), key=lambda e: path_key(e.path))
+    if not todo:
+        return []
+    ops: list[m.Op] = [m.MakeDir(e.path, e.mode, m.Expect(m.ABSENT)) for e in todo]
+    if on_side == "local":
+        local = session.local
+        assert local is not None
+
+        def make() -> list[m.OpResult]:
+            try:
+                return [local.root.apply(op) for op in ops]
+            finally:
+                local.root.release()
+
+        results = list(await session._fs(make))
+    else:
+        assert session.agent is not None
+        results = list(await session.agent.apply(ops))
+    rows = []
+    for kept_entry, result in zip(todo, results):
+        made = result.entry
+        if result.status != m.OK or made is None:
+            continue  # e.g. a file on the source where the destination kept a directory
+        local_ino, remote_ino = (made.ino, kept_entry.ino) if on_side == "local" else (kept_entry.ino, made.ino)
+        rows.append(Agreed(kept_entry.path, m.DIR, kept_entry.mode & 0o7777, 0, made.mtime_ns, None, None,
+                           local_ino, remote_ino))
+    return rows
+
+
 async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) -> None:
     """After a failure or cancellation: let a blocked worker thread finish."""
     while not work.done():
@@ -157,9 +192,10 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
     producer = TarProducer(session.cfg.local, entries, progress=progress.add)
     upload = agent.tar_to_agent("", False)
     placed, remote_skips, deleted, _ = await send_stream(producer, upload, skipped, session._fs, progress)
-    session.reset_base(_base_rows(producer.sent, placed, "local"))
+    kept = await _make_kept_dirs(session, placed, producer.sent, "local")
+    session.reset_base(_base_rows(producer.sent, placed, "local") + kept)
     progress.phase = "done"
-    return ResyncSummary("push", len(placed), progress.bytes, time.monotonic() - progress.started, deleted,
+    return ResyncSummary("push", len(producer.sent), progress.bytes, time.monotonic() - progress.started, deleted,
                          skipped + producer.skipped + remote_skips)
 
 
@@ -220,7 +256,8 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
         raise
     finally:
         await session._fs(extractor.close)
-    session.reset_base(_base_rows(sent, result.entries, "remote"))
+    kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
+    session.reset_base(_base_rows(sent, result.entries, "remote") + kept)
     progress.phase = "done"
     return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
                          result.deleted, skipped + extractor.skipped + result.skipped)

@@ -369,12 +369,11 @@ def test_push_makes_the_remote_identical_and_keeps_its_ignored_entries(
         remove_session(daemon, name)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect: an entry a resync keeps on the destination although the source lacks it (here a remote "
-    "directory holding only ignored entries) is not in the reset base index, so the live sync right after "
-    "copies it back to the source as new (the same defect as preserve-absent entries after a pull)"))
-def test_push_keeps_a_remote_directory_holding_ignored_entries_without_syncing_it_back(
+def test_push_keeps_a_remote_directory_holding_ignored_entries_and_makes_it_locally(
         daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    """A remote directory the local side lacks but which holds ignored entries stays; the
+    resync makes it (empty) locally too, so both sides agree and the live sync has nothing
+    to undo."""
     name = "push-kept-dir"
     local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"])
     try:
@@ -388,10 +387,11 @@ def test_push_keeps_a_remote_directory_holding_ignored_entries_without_syncing_i
         # The directory stays on the remote: it holds an ignored entry.
         assert sorted(os.listdir(remote / "gone")) == ["node_modules"]
         assert read(remote / "gone/node_modules/keep.js") == b"ignored, in a directory the local lacks\n"
+        assert (local / "gone").is_dir() and os.listdir(local / "gone") == []
 
         flushed = flush(daemon, name)
-        assert not (local / "gone").exists(), "the live sync created the kept remote directory locally"
         assert counters(flushed) == counters(before), (before, flushed)
+        assert os.listdir(local / "gone") == [] and (remote / "gone/node_modules/keep.js").exists()
     finally:
         remove_session(daemon, name)
 
