@@ -9,7 +9,8 @@ path, is:
 3. Both changed to the same content: record it; differing metadata goes to the winner.
 4. One deleted, the other modified: modify wins, the content is restored.
 5. Both changed differently: a conflict. The winner's version lands on both sides; the
-   loser's is kept beside it on the losing side as a conflict copy.
+   loser's is kept beside it on the losing side as a conflict copy. Inside a ``.git``
+   directory the newer version wins and no copy is kept (see ``is_git_internal``).
 
 Push and pull modes skip the ladder: one side is the truth.
 """
@@ -48,6 +49,15 @@ from syncd.engine.model import (
 )
 
 Observed = Mapping[str, Entry | None]
+
+
+def is_git_internal(path: str) -> bool:
+    """True for paths inside a ``.git`` directory (at the root or in a nested repository).
+
+    Git rewrites its own files wholesale (index, HEAD, refs, logs) and names objects by
+    content, so a conflict copy there is only litter that git itself may trip over.
+    """
+    return path.startswith(".git/") or "/.git/" in path
 
 
 def conflict_name(path: str, side: Side, stamp: str) -> str:
@@ -181,7 +191,24 @@ class _Planner:
             return "local"
         return "remote"
 
+    def git_conflict(self, path: str, local: Entry, remote: Entry) -> None:
+        """Both sides changed a file inside ``.git``: the newer version wins (a directory
+        beats a file) and the other is replaced, with no conflict copy. The conflict is
+        still recorded so that it shows in the listing."""
+        if (local.kind == DIR) != (remote.kind == DIR):
+            win: Side = "local" if local.kind == DIR else "remote"
+        elif local.mtime_ns != remote.mtime_ns:
+            win = "local" if local.mtime_ns > remote.mtime_ns else "remote"
+        else:
+            win = self.winner(local, remote)
+        loser, source = (remote, local) if win == "local" else (local, remote)
+        self.copy(other(win), source, loser)
+        self.plan.conflicts.append(Conflict(path, win, "", local, remote, self.policy.stamp))
+
     def conflict(self, path: str, local: Entry, remote: Entry) -> None:
+        if is_git_internal(path):
+            self.git_conflict(path, local, remote)
+            return
         win = self.winner(local, remote)
         lose = other(win)
         loser = local if lose == "local" else remote
@@ -273,8 +300,10 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
                     and (side, parent) not in copying):
                 for doomed_copy in [a for a in plan.actions if a.path == parent and a.side == other(side)]:
                     plan.actions.remove(doomed_copy)
-                aside = free_conflict_name(parent, side, policy.stamp, base, views[side])
-                plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
+                aside = ""
+                if not is_git_internal(parent):  # inside .git the file is just replaced
+                    aside = free_conflict_name(parent, side, policy.stamp, base, views[side])
+                    plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
                 plan.actions.append(Action(side, COPY, parent, there, here))
                 copying.add((side, parent))
                 plan.conflicts.append(Conflict(parent, other(side), aside, views["local"].get(parent),

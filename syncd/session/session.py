@@ -602,8 +602,12 @@ class Session:
             add_conflicts(self.store, plan.conflicts)
         for conflict in plan.conflicts:
             self.stats.conflicts.append(conflict)
-            self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
-                        f"other version kept as {conflict.loser_copy}")
+            if conflict.loser_copy:
+                self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
+                            f"other version kept as {conflict.loser_copy}")
+            else:
+                self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, other version replaced "
+                            "(inside .git: no conflict copy)")
         remote_actions = [a for a in plan.actions if a.side == "remote"]
         local_actions = [a for a in plan.actions if a.side == "local"]
         assert self.store is not None and self.local is not None

@@ -29,6 +29,7 @@ from syncd.engine.reconcile import (
     conflict_name,
     detect_moves,
     expand_absent,
+    is_git_internal,
     needs_digest,
     reconcile,
     rekey,
@@ -91,6 +92,8 @@ def cname(path: str, side: str) -> str:
 
 
 BASE_TREE = (f("a.txt", "v0"), d("dir"), f("dir/b.txt", "b0"), f("run.sh", "echo", 0o644), ln("l", "a.txt"))
+GIT_TREE = (*BASE_TREE, d(".git"), f(".git/index", "i0"), f(".git/HEAD", "ref: main"), d(".git/refs"),
+            d(".git/refs/heads"), f(".git/refs/heads/main", "c1"), f(".git/refs/heads/x", "c1"))
 
 
 @dataclass
@@ -255,6 +258,44 @@ CASES = [
     Case("push-local-deleted", {"a.txt": None}, {}, [("remote", DELETE, "a.txt")], policy=policy("push")),
     Case("push-remote-deleted-preserved-pattern-irrelevant", {}, {".env": None}, [("remote", COPY, ".env")],
          base=(*BASE_TREE, f(".env", "secret")), policy=policy("push", preserve=(".env",))),
+    # -- inside .git: the newer version wins, no conflict copy --------------------------------------
+    Case("git-index-newer-local-wins", {".git/index": f(".git/index", "L", mtime=T2)},
+         {".git/index": f(".git/index", "R", mtime=T1, side="remote")}, [("remote", COPY, ".git/index")],
+         conflicts=[(".git/index", "local")], base=GIT_TREE),
+    Case("git-index-newer-remote-wins", {".git/index": f(".git/index", "L", mtime=T1)},
+         {".git/index": f(".git/index", "R", mtime=T2, side="remote")}, [("local", COPY, ".git/index")],
+         conflicts=[(".git/index", "remote")], base=GIT_TREE),
+    Case("git-index-newer-wins-whatever-the-policy", {".git/index": f(".git/index", "L", mtime=T1)},
+         {".git/index": f(".git/index", "R", mtime=T2, side="remote")}, [("local", COPY, ".git/index")],
+         conflicts=[(".git/index", "remote")], base=GIT_TREE, policy=policy(winner="local")),
+    Case("git-same-mtime-policy-decides", {".git/HEAD": f(".git/HEAD", "L")},
+         {".git/HEAD": f(".git/HEAD", "R", side="remote")}, [("remote", COPY, ".git/HEAD")],
+         conflicts=[(".git/HEAD", "local")], base=GIT_TREE, policy=policy(winner="local")),
+    Case("git-both-created", {".git/ORIG_HEAD": f(".git/ORIG_HEAD", "L", mtime=T2)},
+         {".git/ORIG_HEAD": f(".git/ORIG_HEAD", "R", mtime=T1, side="remote")},
+         [("remote", COPY, ".git/ORIG_HEAD")], conflicts=[(".git/ORIG_HEAD", "local")], base=GIT_TREE),
+    Case("git-nested-repository", {"sub/.git/index": f("sub/.git/index", "L", mtime=T1)},
+         {"sub/.git/index": f("sub/.git/index", "R", mtime=T2, side="remote")},
+         [("local", COPY, "sub/.git/index")], conflicts=[("sub/.git/index", "remote")],
+         base=(*GIT_TREE, d("sub"), d("sub/.git"), f("sub/.git/index", "i0"))),
+    Case("git-dir-beats-newer-file", {".git/refs/heads/x": d(".git/refs/heads/x"),
+                                      ".git/refs/heads/x/y": f(".git/refs/heads/x/y", "c1")},
+         {".git/refs/heads/x": f(".git/refs/heads/x", "c2", mtime=T2, side="remote")},
+         [("remote", COPY, ".git/refs/heads/x"), ("remote", COPY, ".git/refs/heads/x/y")],
+         conflicts=[(".git/refs/heads/x", "local")], base=GIT_TREE),
+    Case("git-parent-replaced-by-file", {".git/refs/heads/main": f(".git/refs/heads/main", "c2", mtime=T1)},
+         {".git/refs/heads": f(".git/refs/heads", "junk", side="remote")},
+         [("local", DELETE, ".git/refs/heads/x"), ("remote", COPY, ".git/refs/heads"),
+          ("remote", COPY, ".git/refs/heads/main")],
+         conflicts=[(".git/refs/heads", "local")], base=GIT_TREE),
+    Case("gitignore-is-not-inside-git", {".gitignore": f(".gitignore", "L", mtime=T2)},
+         {".gitignore": f(".gitignore", "R", mtime=T1, side="remote")},
+         [("local", ASIDE, ".gitignore", cname(".gitignore", "local")), ("local", COPY, ".gitignore")],
+         conflicts=[(".gitignore", "remote")], base=(*GIT_TREE, f(".gitignore", "g0"))),
+    Case("github-dir-is-not-inside-git", {".github/ci.yml": f(".github/ci.yml", "L", mtime=T2)},
+         {".github/ci.yml": f(".github/ci.yml", "R", mtime=T1, side="remote")},
+         [("local", ASIDE, ".github/ci.yml", cname(".github/ci.yml", "local")), ("local", COPY, ".github/ci.yml")],
+         conflicts=[(".github/ci.yml", "remote")]),
 ]
 
 
@@ -267,7 +308,10 @@ def test_reconcile_table(case: Case) -> None:
     assert got_records == case.records
     assert [(c.path, c.winner) for c in plan.conflicts] == case.conflicts
     for c in plan.conflicts:
-        assert c.loser_copy == cname(c.path, "local" if c.winner == "remote" else "remote")
+        if is_git_internal(c.path):
+            assert c.loser_copy == ""  # git rewrites its own files: no copy inside .git
+        else:
+            assert c.loser_copy == cname(c.path, "local" if c.winner == "remote" else "remote")
         assert c.stamp == STAMP
 
 
@@ -403,6 +447,27 @@ def test_dir_replaced_by_file_vs_modified_child_is_a_conflict() -> None:
                              ("remote", COPY, "dir/b.txt")]
     (conflict,) = plan.conflicts
     assert (conflict.path, conflict.winner, conflict.loser_copy) == ("dir", "local", cname("dir", "remote"))
+
+
+def test_git_conflict_replaces_the_older_version_in_place() -> None:
+    base = base_of(*GIT_TREE)
+    mine = f(".git/index", "L", mtime=T1)
+    theirs = f(".git/index", "R", mtime=T2, side="remote")
+    plan = reconcile(base, {".git/index": mine}, {".git/index": theirs}, policy())
+    (action,) = plan.actions
+    assert (action.side, action.kind, action.source, action.current) == ("local", COPY, theirs, mine)
+    (conflict,) = plan.conflicts
+    assert (conflict.path, conflict.winner, conflict.loser_copy) == (".git/index", "remote", "")
+    assert (conflict.local, conflict.remote) == (mine, theirs)
+
+
+@pytest.mark.parametrize(("path", "inside"), [
+    (".git/index", True), (".git/objects/ab/cdef", True), ("sub/.git/HEAD", True), ("a/b/.git/refs/x", True),
+    (".git", False), ("sub/.git", False), (".gitignore", False), (".github/x.yml", False), ("x.git/y", False),
+    ("a/.gitmodules", False),
+])
+def test_is_git_internal(path: str, inside: bool) -> None:
+    assert is_git_internal(path) is inside
 
 
 # ---- detect_moves and rekey --------------------------------------------------------------------------
