@@ -12,6 +12,9 @@ path, is:
    loser's is kept beside it on the losing side as a conflict copy. Inside a ``.git``
    directory the newer version wins and no copy is kept (see ``is_git_internal``).
 
+A preserve-absent path the remote deleted is kept locally under a local-only marker: it
+stays local until the local side changes it again (see ``Agreed.local_only``).
+
 Push and pull modes skip the ladder: one side is the truth.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Mapping
+from dataclasses import replace
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import (
@@ -31,6 +35,7 @@ from syncd.engine.model import (
     META,
     META_ONLY,
     MOVE,
+    SIDES,
     UNCHANGED,
     Action,
     Agreed,
@@ -42,6 +47,7 @@ from syncd.engine.model import (
     agreed_from,
     classify,
     content_equal,
+    kept_local,
     meta_equal,
     other,
     stat_matches,
@@ -116,6 +122,15 @@ def needs_digest(base: BaseIndex, observed: Observed, side: Side) -> list[str]:
     return out
 
 
+def _row(base: BaseIndex, path: str, side: Side) -> Agreed | None:
+    """The base row describing what ``side`` holds at ``path``: the agreed row, or for the
+    local side a local-only marker (the remote holds nothing there)."""
+    agreed = base.get(path)
+    if agreed is None and side == "local":
+        return base.kept(path)
+    return agreed
+
+
 def _view(path: str, observed: Observed, agreed: Agreed | None, side: Side) -> Entry | None:
     if path in observed:
         entry = observed[path]
@@ -150,8 +165,9 @@ class _Planner:
 
     def delete(self, side: Side, current: Entry, path: str) -> None:
         if side == "local" and self.policy.is_preserved(path, current.kind == DIR):
-            # Preserve-absent: the local path stays; the base forgets it.
-            self.plan.records[path] = None
+            # Preserve-absent: the local path stays, marked local-only so that it is not
+            # taken for a local creation and sent back (e.g. by the full scan of a restart).
+            self.plan.records[path] = kept_local(current)
             return
         self.plan.actions.append(Action(side, DELETE, path, None, current))
 
@@ -221,7 +237,24 @@ class _Planner:
             self.moved_aside.add(path)
         self.plan.conflicts.append(Conflict(path, win, aside, local, remote, self.policy.stamp))
 
-    def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None) -> None:
+    def decide_kept(self, path: str, kept: Agreed, local: Entry | None, remote: Entry | None) -> bool:
+        """Two-way, a local-only marker and no agreed row: True when settled here."""
+        if remote is not None:
+            return False  # the remote holds the path again: decided as if nothing was agreed
+        change = classify(local, kept, "local")
+        if change == UNCHANGED:
+            assert local is not None
+            if local.ino != kept.local_ino:
+                self.plan.records[path] = replace(kept, local_ino=local.ino)
+        elif local is None:
+            self.plan.records[path] = None
+        else:
+            # Changed locally after the remote deleted it: a new local change, it travels.
+            self.copy("remote", local, None)
+        return True
+
+    def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None,
+               kept: Agreed | None = None) -> None:
         if self.moved_aside and any(a in self.moved_aside for a in ancestors(path)):
             # Under a directory that lost a conflict (decided first: parents sort first). The
             # winner holds a non-directory there; the loser's entries travel with the conflict
@@ -235,6 +268,8 @@ class _Planner:
             return
         if mode == "pull":
             self.make_equal("remote", remote, local, path)
+            return
+        if kept is not None and agreed is None and self.decide_kept(path, kept, local, remote):
             return
         lc = classify(local, agreed, "local")
         rc = classify(remote, agreed, "remote")
@@ -341,18 +376,19 @@ def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy
     views: dict[Side, dict[str, Entry | None]] = {"local": {}, "remote": {}}
     for path in sorted(set(local) | set(remote)):
         agreed = base.get(path)
-        lv = _view(path, local, agreed, "local")
+        kept = None if agreed is not None else base.kept(path)
+        lv = _view(path, local, agreed or kept, "local")
         rv = _view(path, remote, agreed, "remote")
         views["local"][path] = lv
         views["remote"][path] = rv
-        planner.decide(path, agreed, lv, rv)
+        planner.decide(path, agreed, lv, rv, kept)
     plan = planner.plan
-    for view_side in ("local", "remote"):
+    for view_side in SIDES:
         for action in plan.actions:
             for parent in ancestors(action.path):
                 if parent not in views[view_side]:
-                    agreed = base.get(parent)
-                    views[view_side][parent] = None if agreed is None else agreed.as_entry(view_side)  # type: ignore[arg-type]
+                    row = _row(base, parent, view_side)
+                    views[view_side][parent] = None if row is None else row.as_entry(view_side)
     _keep_parents(plan, base, views, policy)
     plan.actions.sort(key=_sort_key)
     return plan
@@ -409,12 +445,11 @@ def detect_moves(base: BaseIndex, local: Observed, remote: Observed) -> list[Act
 
 
 def rekey(base: BaseIndex, old: str, new: str) -> None:
-    """Record a completed move of ``old`` (and its subtree) to ``new`` in the base."""
-    for path in [old, *base.under(old)]:
-        agreed = base.get(path)
+    """Record a completed move of ``old`` (and its subtree) to ``new`` in the base.
+    Local-only markers inside follow: the move carried those local files along."""
+    for path in [old, *base.under(old), *base.kept_under(old)]:
+        agreed = base.get(path) or base.kept(path)
         if agreed is None:
             continue
         base.discard(path)
-        moved = new + path[len(old):]
-        base.set(Agreed(moved, agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
-                        agreed.target, agreed.local_ino, agreed.remote_ino))
+        base.set(replace(agreed, path=new + path[len(old):]))

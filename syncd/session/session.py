@@ -304,6 +304,20 @@ class Session:
                 self._commit([(p, None) for p in forget])
         return observed
 
+    def _sweep_kept(self, observed: Observed) -> None:
+        """After a full local scan: local-only paths it did not find are gone (decided by
+        reconcile) or newly ignored (forgotten here, like tracked ones)."""
+        forget = []
+        for row in self.base.kept_rows():
+            if row.path in observed:
+                continue
+            if self._ignored(row.path, row.kind):
+                forget.append(row.path)
+            else:
+                observed[row.path] = None
+        if forget:
+            self._commit([(p, None) for p in forget])
+
     def _split_dirty(self, dirty: set[str]) -> tuple[list[str], list[str]]:
         """Known directories need only a stat; anything else is walked if a directory."""
         shallow: list[str] = []
@@ -339,7 +353,9 @@ class Session:
             if not os.path.isdir(self.cfg.local):
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
             entries = await asyncio.to_thread(local.scanner.scan_all)
-            return self._observe(entries, [], True, filtered=True)
+            observed = self._observe(entries, [], True, filtered=True)
+            self._sweep_kept(observed)
+            return observed
         shallow, deep = self._split_dirty(dirty)
 
         def scan() -> tuple[list[m.Entry], list[str]]:
@@ -495,7 +511,9 @@ class Session:
         if self.force_next:
             return
         tracked = len(self.base)
-        forgotten = sum(1 for path, row in plan.records.items() if row is None and path in self.base)
+        # A row becoming a local-only marker leaves the tracked set like a forgotten one.
+        forgotten = sum(1 for path, row in plan.records.items()
+                        if (row is None or row.local_only) and path in self.base)
         for side in em.SIDES:
             count = plan.deletions(side)
             if count > self.cfg.max_delete_min and count > self.cfg.max_delete_ratio * tracked:
@@ -553,7 +571,7 @@ class Session:
                          move.side, result.message)
                 continue
             self.report(f"{'->' if move.side == 'remote' else '<-'} {move.side:6} move   {move.path} -> {move.dest}")
-            changed = [move.path, *self.base.under(move.path)]
+            changed = [move.path, *self.base.under(move.path), *self.base.kept_under(move.path)]
             rekey(self.base, move.path, move.dest)
             # What either side changed inside it around the move may have been reported
             # under the old name: walk the new one next cycle, on both sides.
@@ -564,7 +582,8 @@ class Session:
             self.local_dirty.add(move.dest)
             self.remote_dirty.add(move.dest)
             updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
-            updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
+            updates += [(p, self.base.get(p) or self.base.kept(p))
+                        for p in [move.dest, *self.base.under(move.dest), *self.base.kept_under(move.dest)]]
             self._commit(updates)
             # The side that replayed the move was observed before it: what it held under the
             # old name (changes inside included) now lives under the new one.

@@ -24,6 +24,7 @@ from syncd.engine.model import (
     Plan,
     Policy,
     agreed_from,
+    kept_local,
 )
 from syncd.engine.reconcile import (
     conflict_name,
@@ -72,8 +73,9 @@ def agreed(entry: Entry) -> Agreed:
     return agreed_from(entry, ino(entry.path, "local"), ino(entry.path, "remote"))
 
 
-def base_of(*entries: Entry) -> BaseIndex:
-    return BaseIndex(agreed(e) for e in entries)
+def base_of(*entries: Entry, kept: tuple[Entry, ...] = ()) -> BaseIndex:
+    """Agreed rows for ``entries``; local-only markers for the local entries ``kept``."""
+    return BaseIndex([*(agreed(e) for e in entries), *(kept_local(e) for e in kept)])
 
 
 def policy(mode: str = "two-way", winner: str = "remote", preserve: tuple[str, ...] = ()) -> Policy:
@@ -94,6 +96,8 @@ def cname(path: str, side: str) -> str:
 BASE_TREE = (f("a.txt", "v0"), d("dir"), f("dir/b.txt", "b0"), f("run.sh", "echo", 0o644), ln("l", "a.txt"))
 GIT_TREE = (*BASE_TREE, d(".git"), f(".git/index", "i0"), f(".git/HEAD", "ref: main"), d(".git/refs"),
             d(".git/refs/heads"), f(".git/refs/heads/main", "c1"), f(".git/refs/heads/x", "c1"))
+ENV = f(".env", "secret")  # a preserved local file the remote deleted (kept local-only)
+PRESERVE_ENV = policy(preserve=(".env",))
 
 
 @dataclass
@@ -102,10 +106,11 @@ class Case:
     local: dict[str, Entry | None]
     remote: dict[str, Entry | None]
     actions: list[tuple[str, ...]]
-    records: dict[str, str | None] = field(default_factory=dict)  # path -> "row" | None
+    records: dict[str, str | None] = field(default_factory=dict)  # path -> "row" | "kept" | None
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, winner)
     base: tuple[Entry, ...] = BASE_TREE
     policy: Policy = field(default_factory=policy)
+    kept: tuple[Entry, ...] = ()  # local entries under a local-only marker in the base
 
 
 CASES = [
@@ -222,11 +227,11 @@ CASES = [
          conflicts=[("a.txt", "remote")],
          base=(*BASE_TREE, f("gone.txt"))),
     # -- preserve-absent ----------------------------------------------------------------------------
-    Case("two-way-preserved-not-deleted", {}, {".env": None}, [], records={".env": None},
+    Case("two-way-preserved-not-deleted", {}, {".env": None}, [], records={".env": "kept"},
          base=(*BASE_TREE, f(".env", "secret")), policy=policy(preserve=(".env",))),
     Case("two-way-preserved-dir-content-not-deleted", {}, {".claude": None},
          [],
-         records={".claude": None, ".claude/settings.json": None},
+         records={".claude": "kept", ".claude/settings.json": "kept"},
          base=(*BASE_TREE, d(".claude"), f(".claude/settings.json")), policy=policy(preserve=(".claude/",))),
     Case("two-way-unpreserved-deleted", {}, {".env": None}, [("local", DELETE, ".env")],
          base=(*BASE_TREE, f(".env", "secret")), policy=policy(preserve=("*.key",))),
@@ -239,9 +244,9 @@ CASES = [
          policy=policy("pull")),
     Case("pull-local-created-is-deleted", {"new.txt": f("new.txt")}, {}, [("local", DELETE, "new.txt")],
          policy=policy("pull")),
-    Case("pull-local-created-preserved", {".env": f(".env")}, {}, [], records={".env": None},
+    Case("pull-local-created-preserved", {".env": f(".env")}, {}, [], records={".env": "kept"},
          policy=policy("pull", preserve=(".env",))),
-    Case("pull-remote-deleted-preserved", {}, {".env": None}, [], records={".env": None},
+    Case("pull-remote-deleted-preserved", {}, {".env": None}, [], records={".env": "kept"},
          base=(*BASE_TREE, f(".env", "secret")), policy=policy("pull", preserve=(".env",))),
     Case("pull-local-deleted-is-restored", {"a.txt": None}, {}, [("local", COPY, "a.txt")], policy=policy("pull")),
     Case("pull-local-chmod-reverted", {"run.sh": f("run.sh", "echo", 0o755)}, {},
@@ -258,6 +263,34 @@ CASES = [
     Case("push-local-deleted", {"a.txt": None}, {}, [("remote", DELETE, "a.txt")], policy=policy("push")),
     Case("push-remote-deleted-preserved-pattern-irrelevant", {}, {".env": None}, [("remote", COPY, ".env")],
          base=(*BASE_TREE, f(".env", "secret")), policy=policy("push", preserve=(".env",))),
+    # -- kept local-only after the remote deleted a preserved path --------------------------------
+    Case("kept-unchanged-is-not-sent-again", {".env": ENV}, {}, [], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-unchanged-remote-seen-absent", {".env": ENV}, {".env": None}, [], kept=(ENV,),
+         policy=PRESERVE_ENV),
+    Case("kept-unobserved", {}, {}, [], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-modified-locally-is-sent", {".env": f(".env", "secret2", mtime=T1)}, {},
+         [("remote", COPY, ".env")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-chmod-locally-is-sent", {".env": f(".env", "secret", 0o600)}, {}, [("remote", COPY, ".env")],
+         kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-new-inode-same-file-refreshed", {".env": f(".env", "secret", inode=99)}, {}, [],
+         records={".env": "kept"}, kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-deleted-locally-is-forgotten", {".env": None}, {}, [], records={".env": None}, kept=(ENV,),
+         policy=PRESERVE_ENV),
+    Case("kept-remote-recreated-same", {}, {".env": f(".env", "secret", side="remote")}, [],
+         records={".env": "row"}, kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-remote-recreated-differently-is-a-conflict", {},
+         {".env": f(".env", "theirs", side="remote")},
+         [("local", ASIDE, ".env", cname(".env", "local")), ("local", COPY, ".env")],
+         conflicts=[(".env", "remote")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-deleted-locally-remote-recreated", {".env": None}, {".env": f(".env", "theirs", side="remote")},
+         [("local", COPY, ".env")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-pull-stays", {".env": f(".env", "secret2", mtime=T1)}, {}, [], records={".env": "kept"},
+         kept=(ENV,), policy=policy("pull", preserve=(".env",))),
+    Case("kept-push-is-sent", {".env": ENV}, {}, [("remote", COPY, ".env")], kept=(ENV,),
+         policy=policy("push", preserve=(".env",))),
+    Case("kept-dir-goes-along-with-a-new-file", {".claude/new.json": f(".claude/new.json", "{}")}, {},
+         [("remote", COPY, ".claude"), ("remote", COPY, ".claude/new.json")],
+         kept=(d(".claude"), f(".claude/settings.json")), policy=policy(preserve=(".claude/",))),
     # -- inside .git: the newer version wins, no conflict copy --------------------------------------
     Case("git-index-newer-local-wins", {".git/index": f(".git/index", "L", mtime=T2)},
          {".git/index": f(".git/index", "R", mtime=T1, side="remote")}, [("remote", COPY, ".git/index")],
@@ -301,10 +334,10 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reconcile_table(case: Case) -> None:
-    base = base_of(*case.base)
+    base = base_of(*case.base, kept=case.kept)
     plan = reconcile(base, case.local, case.remote, case.policy)
     assert summary(plan) == case.actions
-    got_records = {p: (None if a is None else "row") for p, a in plan.records.items()}
+    got_records = {p: (None if a is None else "kept" if a.local_only else "row") for p, a in plan.records.items()}
     assert got_records == case.records
     assert [(c.path, c.winner) for c in plan.conflicts] == case.conflicts
     for c in plan.conflicts:
@@ -426,7 +459,7 @@ def test_preserved_child_of_deleted_dir_is_kept() -> None:
     plan = reconcile(base, {}, {"dir": None}, policy(preserve=(".env",)))
     assert ("local", DELETE, "dir/b.txt") in summary(plan)
     assert ("local", DELETE, "dir/.env") not in summary(plan)
-    assert plan.records == {"dir/.env": None}
+    assert plan.records == {"dir/.env": kept_local(f("dir/.env", "secret"))}
 
 
 def test_preserved_child_keeps_its_dir_in_pull_mode() -> None:
@@ -435,7 +468,7 @@ def test_preserved_child_keeps_its_dir_in_pull_mode() -> None:
     base = base_of(*BASE_TREE, f("dir/.env", "secret"))
     plan = reconcile(base, {}, {"dir": None}, policy("pull", preserve=(".env",)))
     assert summary(plan) == [("local", DELETE, "dir/b.txt"), ("local", DELETE, "dir")]
-    assert plan.records == {"dir/.env": None}
+    assert plan.records == {"dir/.env": kept_local(f("dir/.env", "secret"))}
 
 
 def test_dir_replaced_by_file_vs_modified_child_is_a_conflict() -> None:
@@ -468,6 +501,45 @@ def test_git_conflict_replaces_the_older_version_in_place() -> None:
 ])
 def test_is_git_internal(path: str, inside: bool) -> None:
     assert is_git_internal(path) is inside
+
+
+# ---- local-only markers -----------------------------------------------------------------------------
+
+
+def test_remote_deletion_of_preserved_file_leaves_a_marker_of_the_local_copy() -> None:
+    base = base_of(*BASE_TREE, f(".env", "secret"))
+    local_env = f(".env", "secret")
+    plan = reconcile(base, {".env": local_env}, {".env": None}, PRESERVE_ENV)
+    assert plan.actions == []
+    row = plan.records[".env"]
+    assert row is not None and row.local_only
+    assert row == kept_local(local_env)
+    assert (row.local_ino, row.remote_ino, row.digest) == (local_env.ino, 0, local_env.digest)
+
+
+def test_index_keeps_markers_apart() -> None:
+    """Markers never count as tracked rows (halts, walks, scans), and a path is either."""
+    base = base_of(*BASE_TREE, kept=(ENV, d("keep"), f("keep/x")))
+    assert ".env" not in base and len(base) == len(BASE_TREE) and base.get(".env") is None
+    assert base.kept(".env") == kept_local(ENV)
+    assert base.kept_under("keep") == ["keep/x"] and base.under("keep") == []
+    base.set(agreed(ENV))  # sent again: an agreed row replaces the marker
+    assert base.kept(".env") is None and base.get(".env") == agreed(ENV)
+    assert base.under("").count(".env") == 1
+    base.set(kept_local(ENV))  # deleted on the remote again
+    assert base.get(".env") is None and base.kept(".env") is not None and ".env" not in base.under("")
+    base.discard(".env")
+    assert base.kept(".env") is None
+    assert sorted(r.path for r in base.kept_rows()) == ["keep", "keep/x"]
+
+
+def test_rekey_carries_markers_along() -> None:
+    base = base_of(d("dir"), f("dir/a"), kept=(f("dir/.env", "s"), f("dir2/.env", "t")))
+    rekey(base, "dir", "moved")
+    assert base.kept("dir/.env") is None
+    assert base.kept("moved/.env") == replace(kept_local(f("dir/.env", "s")), path="moved/.env")
+    assert base.kept("dir2/.env") is not None
+    assert sorted(base) == ["moved", "moved/a"]
 
 
 # ---- detect_moves and rekey --------------------------------------------------------------------------
