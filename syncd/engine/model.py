@@ -180,6 +180,8 @@ class Plan:
     # Base updates that need no transfer: both sides already agree (None = forget path).
     records: dict[str, Agreed | None] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
+    # Paths left undecided until a side confirms an absence (see reconcile's unconfirmed).
+    deferred: list[str] = field(default_factory=list)
 
     def deletions(self, side: Side) -> int:
         return sum(1 for a in self.actions if a.side == side and a.kind == DELETE)

@@ -21,7 +21,7 @@ Push and pull modes skip the ladder: one side is the truth.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 
 from syncd.engine.index import BaseIndex
@@ -148,11 +148,13 @@ def _refreshed(agreed: Agreed, local: Entry, remote: Entry) -> Agreed | None:
 
 class _Planner:
     def __init__(self, policy: Policy, base: BaseIndex | None = None,
-                 observed: dict[Side, Observed] | None = None) -> None:
+                 observed: dict[Side, Observed] | None = None,
+                 unconfirmed: Mapping[Side, Collection[str]] | None = None) -> None:
         self.policy = policy
         self.plan = Plan()
         self.base = base if base is not None else BaseIndex()
         self.observed: dict[Side, Observed] = observed or {"local": {}, "remote": {}}
+        self.unconfirmed: Mapping[Side, Collection[str]] = unconfirmed or {}
         # Losing directories of conflicts: their subtree goes with them to the conflict copy.
         self.moved_aside: set[str] = set()
 
@@ -170,6 +172,17 @@ class _Planner:
             self.plan.records[path] = kept_local(current)
             return
         self.plan.actions.append(Action(side, DELETE, path, None, current))
+
+    def in_doubt(self, path: str) -> bool:
+        """True when ``path``, or a directory above it, is gone from a side that has not
+        reported it: that may be a directory move on that side whose events have not
+        arrived yet. Taken for a deletion, it would delete or forget what the move
+        carried along, and the move, seen next, would bring it back as new."""
+        for side in SIDES:
+            doubtful = self.unconfirmed.get(side)
+            if doubtful and (path in doubtful or any(a in doubtful for a in ancestors(path))):
+                return True
+        return False
 
     def propagate(self, frm: Side, change: str, source: Entry | None, current: Entry | None,
                   path: str) -> None:
@@ -268,6 +281,9 @@ class _Planner:
             return
         if mode == "pull":
             self.make_equal("remote", remote, local, path)
+            return
+        if self.unconfirmed and self.in_doubt(path):
+            self.plan.deferred.append(path)
             return
         if kept is not None and agreed is None and self.decide_kept(path, kept, local, remote):
             return
@@ -368,11 +384,18 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
                 copying.add((other(side), parent))
 
 
-def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy) -> Plan:
-    """Decide, for every observed path, what each side must do to agree."""
+def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy,
+              unconfirmed: Mapping[Side, Collection[str]] | None = None) -> Plan:
+    """Decide, for every observed path, what each side must do to agree.
+
+    ``unconfirmed`` (two-way): per side, paths the base says that side holds, seen absent
+    there although the side did not report them (nor a directory above them). Nothing is
+    decided at or below them: they are listed in ``Plan.deferred``, to be looked at again
+    once that side reports them or is scanned in full.
+    """
     local = expand_absent(base, local)
     remote = expand_absent(base, remote)
-    planner = _Planner(policy, base, {"local": local, "remote": remote})
+    planner = _Planner(policy, base, {"local": local, "remote": remote}, unconfirmed)
     views: dict[Side, dict[str, Entry | None]] = {"local": {}, "remote": {}}
     for path in sorted(set(local) | set(remote)):
         agreed = base.get(path)

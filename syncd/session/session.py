@@ -117,6 +117,14 @@ class Session:
         self._failures: dict[str, int] = {}  # path -> consecutive failed attempts
         self._recent_moves: list[tuple[str, str, float]] = []  # (old, new, when) replayed moves
         self._walk_next: set[str] = set()  # known directories to walk, not just stat, next cycle
+        # Paths to look at again on both sides (a failed operation), which unlike watcher
+        # reports say nothing about what either side did.
+        self._recheck: set[str] = set()
+        # Paths reconcile deferred: looked at again with the next cycle, never on their own.
+        self._parked: set[str] = set()
+        # Per side: tracked paths that side itself was seen to lack (its own report or a full
+        # scan) while their base rows stayed; the evidence holds while the rows do.
+        self._seen_gone: dict[em.Side, set[str]] = {"local": set(), "remote": set()}
         self._intents: list[Intent] = []
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -214,7 +222,7 @@ class Session:
     async def follow(self) -> None:
         next_rescan = time.monotonic() + self.cfg.rescan_interval
         while not self._stop.is_set():
-            if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty:
+            if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty or self._recheck:
                 self.idle.clear()
                 await self.cycle()
                 continue
@@ -329,6 +337,29 @@ class Session:
             (shallow if known_dir else deep).append(path)
         return shallow, deep
 
+    def _has_row(self, side: em.Side, path: str) -> bool:
+        return path in self.base or (side == "local" and self.base.kept(path) is not None)
+
+    def _unconfirmed(self, side: em.Side, observed: Observed, full: bool, reported: set[str]) -> set[str]:
+        """Tracked paths seen absent on ``side`` although ``side`` reported neither them nor
+        a directory above them (now or in an earlier cycle while their rows stayed), and was
+        not scanned in full: they were looked at because the other side reported them, or
+        to retry an operation. Such an absence may be a directory move on ``side`` whose
+        events (which tell a move from a deletion) are still on their way."""
+        gone = self._seen_gone[side]
+        sure = self._translate(reported) | gone  # events named under a directory moved just now
+        doubtful = set()
+        for path, entry in observed.items():
+            if entry is not None:
+                gone.discard(path)
+            elif not self._has_row(side, path):
+                continue  # absent as agreed: nothing to doubt
+            elif full or path in sure or any(a in sure for a in ancestors(path)):
+                gone.add(path)
+            else:
+                doubtful.add(path)
+        return doubtful
+
     def _translate(self, paths: set[str]) -> set[str]:
         """Events can name a path under a directory this session just moved (they were
         queued before the move): look at the new name too."""
@@ -428,14 +459,15 @@ class Session:
             if self.agent is not None and self.agent.error is not None:
                 raise SessionError(f"lost the agent: {self.agent.error}")
             if (self.finished_cycles >= target and self.idle.is_set() and not self.local_dirty
-                    and not self.remote_dirty and not self.local_full and not self.remote_full):
+                    and not self.remote_dirty and not self._recheck and not self.local_full
+                    and not self.remote_full):
                 return
             if self._stop.is_set():
                 raise SessionError("the session stopped")
             await asyncio.sleep(0.01)
 
     def pending(self) -> tuple[int, int]:
-        return len(self.local_dirty), len(self.remote_dirty)
+        return len(self.local_dirty | self._recheck), len(self.remote_dirty | self._recheck)
 
     async def cycle(self) -> None:
         self.started_cycles += 1
@@ -446,10 +478,13 @@ class Session:
         local_dirty, remote_dirty = self.local_dirty, self.remote_dirty
         self.local_full = self.remote_full = False
         self.local_dirty, self.remote_dirty = set(), set()
+        reported: dict[em.Side, set[str]] = {"local": set(local_dirty), "remote": set(remote_dirty)}
+        recheck = self._recheck | self._parked
+        self._recheck, self._parked = set(), set()
         if not local_full:
-            local_dirty |= {p for p in remote_dirty}  # look at both sides of every path
+            local_dirty |= remote_dirty | recheck  # look at both sides of every path
         if not remote_full:
-            remote_dirty |= {p for p in local_dirty}
+            remote_dirty |= local_dirty | recheck
         t0 = time.perf_counter()
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
@@ -471,12 +506,19 @@ class Session:
         moves = detect_moves(self.base, local, remote)
         if moves:
             await self._apply_moves(moves, local, remote)
-        plan = reconcile(self.base, local, remote, self._policy())
+        unconfirmed: dict[em.Side, set[str]] = {
+            "local": self._unconfirmed("local", local, local_full, reported["local"]),
+            "remote": self._unconfirmed("remote", remote, remote_full, reported["remote"]),
+        }
+        plan = reconcile(self.base, local, remote, self._policy(), unconfirmed)
         self._check_deletions(plan)
         await self._check_not_emptied(plan)
         t2 = time.perf_counter()
         self.state = "syncing"
+        self._parked.update(plan.deferred)
         await self.execute(plan)
+        for side in em.SIDES:
+            self._seen_gone[side] = {p for p in self._seen_gone[side] if self._has_row(side, p)}
         if plan.actions:
             log.info("%s: cycle %d applied %d changes (%s)", self.cfg.name, self.started_cycles,
                      len(plan.actions), self.stats.summary())
@@ -578,6 +620,9 @@ class Session:
             self._recent_moves.append((move.path, move.dest, time.monotonic()))
             self.local_dirty = self._translate(self.local_dirty)
             self.remote_dirty = self._translate(self.remote_dirty)
+            self._recheck = self._translate(self._recheck)
+            for side in em.SIDES:  # what a side was seen to lack moved along too
+                self._seen_gone[side] = self._translate(self._seen_gone[side])
             self._walk_next.add(move.dest)
             self.local_dirty.add(move.dest)
             self.remote_dirty.add(move.dest)
@@ -702,9 +747,7 @@ class Session:
             failures = self._failures[action.path] = self._failures.get(action.path, 0) + 1
         not_empty = "not empty" in result.message.lower()
         if not not_empty and failures <= RETRIES:
-            for path in [action.path, *ancestors(action.path)]:
-                self.local_dirty.add(path)
-                self.remote_dirty.add(path)
+            self._recheck.update([action.path, *ancestors(action.path)])
         elif failures == RETRIES + 1:
             log.warning("%s: %s on %s keeps failing (%s); retrying at the next full rescan",
                         self.cfg.name, action.path, action.side, result.message)

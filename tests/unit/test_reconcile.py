@@ -111,6 +111,8 @@ class Case:
     base: tuple[Entry, ...] = BASE_TREE
     policy: Policy = field(default_factory=policy)
     kept: tuple[Entry, ...] = ()  # local entries under a local-only marker in the base
+    unconfirmed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # side -> absences not reported
+    deferred: tuple[str, ...] = ()
 
 
 CASES = [
@@ -291,6 +293,8 @@ CASES = [
     Case("kept-dir-goes-along-with-a-new-file", {".claude/new.json": f(".claude/new.json", "{}")}, {},
          [("remote", COPY, ".claude"), ("remote", COPY, ".claude/new.json")],
          kept=(d(".claude"), f(".claude/settings.json")), policy=policy(preserve=(".claude/",))),
+    Case("kept-local-absence-unconfirmed-waits", {".env": None}, {}, [], kept=(ENV,), policy=PRESERVE_ENV,
+         unconfirmed={"local": (".env",)}, deferred=(".env",)),
     # -- inside .git: the newer version wins, no conflict copy --------------------------------------
     Case("git-index-newer-local-wins", {".git/index": f(".git/index", "L", mtime=T2)},
          {".git/index": f(".git/index", "R", mtime=T1, side="remote")}, [("remote", COPY, ".git/index")],
@@ -329,16 +333,35 @@ CASES = [
          {".github/ci.yml": f(".github/ci.yml", "R", mtime=T1, side="remote")},
          [("local", ASIDE, ".github/ci.yml", cname(".github/ci.yml", "local")), ("local", COPY, ".github/ci.yml")],
          conflicts=[(".github/ci.yml", "remote")]),
+    # -- absences a side did not report itself (a directory move there may be under way) ----------
+    Case("both-absent-one-unconfirmed-waits", {"a.txt": None}, {"a.txt": None}, [],
+         unconfirmed={"local": ("a.txt",)}, deferred=("a.txt",)),
+    Case("both-absent-under-unconfirmed-dir-waits", {"dir": None}, {"dir": None}, [],
+         unconfirmed={"remote": ("dir",)}, deferred=("dir", "dir/b.txt")),
+    Case("both-absent-others-unconfirmed-forgets", {"a.txt": None}, {"a.txt": None}, [],
+         records={"a.txt": None}, unconfirmed={"local": ("dir/b.txt",), "remote": ("a.txt.bak",)}),
+    Case("unconfirmed-deletion-waits", {"a.txt": None}, {}, [], unconfirmed={"local": ("a.txt",)},
+         deferred=("a.txt",)),
+    Case("unconfirmed-deletion-vs-modified-waits", {"a.txt": None},
+         {"a.txt": f("a.txt", "v1", mtime=T1, side="remote")}, [], unconfirmed={"local": ("a.txt",)},
+         deferred=("a.txt",)),
+    Case("created-under-unconfirmed-dir-waits", {"dir": None}, {"dir/new.txt": f("dir/new.txt", side="remote")},
+         [], unconfirmed={"local": ("dir",)}, deferred=("dir", "dir/b.txt", "dir/new.txt")),
+    Case("unconfirmed-elsewhere-holds-nothing-else", {"a.txt": None, "dir": None}, {},
+         [("remote", DELETE, "a.txt")], unconfirmed={"local": ("dir",)}, deferred=("dir", "dir/b.txt")),
+    Case("unconfirmed-ignored-in-pull-mode", {"a.txt": None}, {}, [("local", COPY, "a.txt")],
+         unconfirmed={"local": ("a.txt",)}, policy=policy("pull")),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reconcile_table(case: Case) -> None:
     base = base_of(*case.base, kept=case.kept)
-    plan = reconcile(base, case.local, case.remote, case.policy)
+    plan = reconcile(base, case.local, case.remote, case.policy, case.unconfirmed)  # type: ignore[arg-type]
     assert summary(plan) == case.actions
     got_records = {p: (None if a is None else "kept" if a.local_only else "row") for p, a in plan.records.items()}
     assert got_records == case.records
+    assert tuple(plan.deferred) == case.deferred
     assert [(c.path, c.winner) for c in plan.conflicts] == case.conflicts
     for c in plan.conflicts:
         if is_git_internal(c.path):
