@@ -399,7 +399,8 @@ def conflicts(name: str, clear: bool, socket_path: str | None, as_json: bool) ->
     if not rows:
         click.echo("no conflicts")
     for row in rows:
-        click.echo(f"{row['time']}  {row['path']}: {row['winner']} won; {row['loser']} version kept as {row['copy']}")
+        kept = f"kept as {row['copy']}" if row["copy"] else "replaced, no copy (inside .git)"
+        click.echo(f"{row['time']}  {row['path']}: {row['winner']} won; {row['loser']} version {kept}")
 
 
 def _print_skipped(skipped: list[dict[str, Any]]) -> None:

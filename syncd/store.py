@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS base (
     digest BLOB,
     target BLOB,
     local_ino INTEGER NOT NULL,
-    remote_ino INTEGER NOT NULL
+    remote_ino INTEGER NOT NULL,
+    -- 1: a preserve-absent path the remote deleted and the local side kept (Agreed.local_only)
+    local_only INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Operations sent but not yet confirmed: if the link or the process dies before the
@@ -87,6 +89,14 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an index written by an older syncd up to the current schema, in place."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(base)")}
+        if "local_only" not in columns:
+            # Every existing row is one both sides hold: the default says so.
+            self.db.execute("ALTER TABLE base ADD COLUMN local_only INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -94,12 +104,12 @@ class Store:
 
     def load(self) -> BaseIndex:
         rows = self.db.execute(
-            "SELECT path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino FROM base"
+            "SELECT path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino, local_only FROM base"
         )
         return BaseIndex(
             Agreed(os.fsdecode(p), k, mo, s, mt, d, None if t is None else os.fsdecode(t),
-                   _ino_out(li), _ino_out(ri))
-            for p, k, mo, s, mt, d, t, li, ri in rows
+                   _ino_out(li), _ino_out(ri), bool(lo))
+            for p, k, mo, s, mt, d, t, li, ri, lo in rows
         )
 
     def commit(self, changes: Iterable[tuple[str, Agreed | None]], meta: dict[str, str] | None = None) -> None:
@@ -118,10 +128,11 @@ class Store:
                     cur.execute("DELETE FROM base WHERE path = ?", (os.fsencode(path),))
                 else:
                     cur.execute(
-                        "INSERT OR REPLACE INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO base (path, kind, mode, size, mtime_ns, digest, target,"
+                        " local_ino, remote_ino, local_only) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (os.fsencode(agreed.path), agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns,
                          agreed.digest, _enc(agreed.target), _ino_in(agreed.local_ino),
-                         _ino_in(agreed.remote_ino)),
+                         _ino_in(agreed.remote_ino), int(agreed.local_only)),
                     )
             for key, value in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

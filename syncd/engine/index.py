@@ -9,11 +9,21 @@ from syncd.engine.model import Agreed
 
 
 class BaseIndex:
-    """Agreed entries keyed by path; ``under(path)`` lists a subtree cheaply."""
+    """Agreed entries keyed by path; ``under(path)`` lists a subtree cheaply.
+
+    Rows both sides hold are the index proper (``get``, ``under``, iteration, ``len``).
+    Local-only markers (``Agreed.local_only``) live beside them, reached only through
+    ``kept``/``kept_under``/``kept_rows``: nothing that counts, walks or compares tracked
+    entries mistakes a path the remote holds no copy of for one it does. A path is in at
+    most one of the two.
+    """
 
     def __init__(self, items: Iterable[Agreed] = ()) -> None:
-        self._items: dict[str, Agreed] = {a.path: a for a in items}
+        self._items: dict[str, Agreed] = {}
+        self._kept: dict[str, Agreed] = {}
         self._sorted: list[str] | None = None
+        for item in items:
+            (self._kept if item.local_only else self._items)[item.path] = item
 
     def __len__(self) -> int:
         return len(self._items)
@@ -31,11 +41,18 @@ class BaseIndex:
         return self._items.values()
 
     def set(self, entry: Agreed) -> None:
+        if entry.local_only:
+            self._kept[entry.path] = entry
+            if self._items.pop(entry.path, None) is not None:
+                self._sorted = None
+            return
+        self._kept.pop(entry.path, None)
         if entry.path not in self._items:
             self._sorted = None
         self._items[entry.path] = entry
 
     def discard(self, path: str) -> None:
+        self._kept.pop(path, None)
         if self._items.pop(path, None) is not None:
             self._sorted = None
 
@@ -52,3 +69,17 @@ class BaseIndex:
 
     def mapping(self) -> dict[str, Agreed]:
         return self._items
+
+    # -- local-only markers ------------------------------------------------------------------
+
+    def kept(self, path: str) -> Agreed | None:
+        """The local-only marker of ``path``, if the remote deleted it and the local kept it."""
+        return self._kept.get(path)
+
+    def kept_rows(self) -> list[Agreed]:
+        return list(self._kept.values())
+
+    def kept_under(self, path: str) -> list[str]:
+        """Marked paths strictly below ``path`` (markers are few: a linear scan)."""
+        prefix = path + "/"
+        return [p for p in self._kept if p.startswith(prefix)]

@@ -22,6 +22,11 @@ class Agreed:
 
     ``local_ino``/``remote_ino`` let a rescan recognise an untouched file without reading
     it; the digest then carries over.
+
+    ``local_only`` marks a preserve-absent path the remote deleted while the local side
+    kept its copy: the row is what the local side holds, the remote agreed to hold
+    nothing. Without it a later full scan would see a local creation and send the file
+    back; with it only a local change made after the deletion travels again.
     """
 
     path: str
@@ -33,6 +38,7 @@ class Agreed:
     target: str | None
     local_ino: int
     remote_ino: int
+    local_only: bool = False
 
     def ino(self, side: Side) -> int:
         return self.local_ino if side == "local" else self.remote_ino
@@ -46,6 +52,12 @@ class Agreed:
 def agreed_from(source: Entry, local_ino: int, remote_ino: int) -> Agreed:
     return Agreed(source.path, source.kind, source.mode & PERM_MASK, source.size, source.mtime_ns,
                   source.digest, source.target, local_ino, remote_ino)
+
+
+def kept_local(local: Entry) -> Agreed:
+    """The marker of a local entry kept when the remote deleted it (preserve-absent)."""
+    return Agreed(local.path, local.kind, local.mode & PERM_MASK, local.size, local.mtime_ns,
+                  local.digest, local.target, local.ino, 0, local_only=True)
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,8 @@ class Plan:
     # Base updates that need no transfer: both sides already agree (None = forget path).
     records: dict[str, Agreed | None] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
+    # Paths left undecided until a side confirms an absence (see reconcile's unconfirmed).
+    deferred: list[str] = field(default_factory=list)
 
     def deletions(self, side: Side) -> int:
         return sum(1 for a in self.actions if a.side == side and a.kind == DELETE)

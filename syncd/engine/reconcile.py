@@ -9,7 +9,11 @@ path, is:
 3. Both changed to the same content: record it; differing metadata goes to the winner.
 4. One deleted, the other modified: modify wins, the content is restored.
 5. Both changed differently: a conflict. The winner's version lands on both sides; the
-   loser's is kept beside it on the losing side as a conflict copy.
+   loser's is kept beside it on the losing side as a conflict copy. Inside a ``.git``
+   directory the newer version wins and no copy is kept (see ``is_git_internal``).
+
+A preserve-absent path the remote deleted is kept locally under a local-only marker: it
+stays local until the local side changes it again (see ``Agreed.local_only``).
 
 Push and pull modes skip the ladder: one side is the truth.
 """
@@ -17,7 +21,8 @@ Push and pull modes skip the ladder: one side is the truth.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import (
@@ -30,6 +35,7 @@ from syncd.engine.model import (
     META,
     META_ONLY,
     MOVE,
+    SIDES,
     UNCHANGED,
     Action,
     Agreed,
@@ -41,6 +47,7 @@ from syncd.engine.model import (
     agreed_from,
     classify,
     content_equal,
+    kept_local,
     meta_equal,
     other,
     stat_matches,
@@ -48,6 +55,15 @@ from syncd.engine.model import (
 )
 
 Observed = Mapping[str, Entry | None]
+
+
+def is_git_internal(path: str) -> bool:
+    """True for paths inside a ``.git`` directory (at the root or in a nested repository).
+
+    Git rewrites its own files wholesale (index, HEAD, refs, logs) and names objects by
+    content, so a conflict copy there is only litter that git itself may trip over.
+    """
+    return path.startswith(".git/") or "/.git/" in path
 
 
 def conflict_name(path: str, side: Side, stamp: str) -> str:
@@ -106,6 +122,15 @@ def needs_digest(base: BaseIndex, observed: Observed, side: Side) -> list[str]:
     return out
 
 
+def _row(base: BaseIndex, path: str, side: Side) -> Agreed | None:
+    """The base row describing what ``side`` holds at ``path``: the agreed row, or for the
+    local side a local-only marker (the remote holds nothing there)."""
+    agreed = base.get(path)
+    if agreed is None and side == "local":
+        return base.kept(path)
+    return agreed
+
+
 def _view(path: str, observed: Observed, agreed: Agreed | None, side: Side) -> Entry | None:
     if path in observed:
         entry = observed[path]
@@ -123,11 +148,13 @@ def _refreshed(agreed: Agreed, local: Entry, remote: Entry) -> Agreed | None:
 
 class _Planner:
     def __init__(self, policy: Policy, base: BaseIndex | None = None,
-                 observed: dict[Side, Observed] | None = None) -> None:
+                 observed: dict[Side, Observed] | None = None,
+                 unconfirmed: Mapping[Side, Collection[str]] | None = None) -> None:
         self.policy = policy
         self.plan = Plan()
         self.base = base if base is not None else BaseIndex()
         self.observed: dict[Side, Observed] = observed or {"local": {}, "remote": {}}
+        self.unconfirmed: Mapping[Side, Collection[str]] = unconfirmed or {}
         # Losing directories of conflicts: their subtree goes with them to the conflict copy.
         self.moved_aside: set[str] = set()
 
@@ -140,10 +167,22 @@ class _Planner:
 
     def delete(self, side: Side, current: Entry, path: str) -> None:
         if side == "local" and self.policy.is_preserved(path, current.kind == DIR):
-            # Preserve-absent: the local path stays; the base forgets it.
-            self.plan.records[path] = None
+            # Preserve-absent: the local path stays, marked local-only so that it is not
+            # taken for a local creation and sent back (e.g. by the full scan of a restart).
+            self.plan.records[path] = kept_local(current)
             return
         self.plan.actions.append(Action(side, DELETE, path, None, current))
+
+    def in_doubt(self, path: str) -> bool:
+        """True when ``path``, or a directory above it, is gone from a side that has not
+        reported it: that may be a directory move on that side whose events have not
+        arrived yet. Taken for a deletion, it would delete or forget what the move
+        carried along, and the move, seen next, would bring it back as new."""
+        for side in SIDES:
+            doubtful = self.unconfirmed.get(side)
+            if doubtful and (path in doubtful or any(a in doubtful for a in ancestors(path))):
+                return True
+        return False
 
     def propagate(self, frm: Side, change: str, source: Entry | None, current: Entry | None,
                   path: str) -> None:
@@ -181,7 +220,24 @@ class _Planner:
             return "local"
         return "remote"
 
+    def git_conflict(self, path: str, local: Entry, remote: Entry) -> None:
+        """Both sides changed a file inside ``.git``: the newer version wins (a directory
+        beats a file) and the other is replaced, with no conflict copy. The conflict is
+        still recorded so that it shows in the listing."""
+        if (local.kind == DIR) != (remote.kind == DIR):
+            win: Side = "local" if local.kind == DIR else "remote"
+        elif local.mtime_ns != remote.mtime_ns:
+            win = "local" if local.mtime_ns > remote.mtime_ns else "remote"
+        else:
+            win = self.winner(local, remote)
+        loser, source = (remote, local) if win == "local" else (local, remote)
+        self.copy(other(win), source, loser)
+        self.plan.conflicts.append(Conflict(path, win, "", local, remote, self.policy.stamp))
+
     def conflict(self, path: str, local: Entry, remote: Entry) -> None:
+        if is_git_internal(path):
+            self.git_conflict(path, local, remote)
+            return
         win = self.winner(local, remote)
         lose = other(win)
         loser = local if lose == "local" else remote
@@ -194,7 +250,24 @@ class _Planner:
             self.moved_aside.add(path)
         self.plan.conflicts.append(Conflict(path, win, aside, local, remote, self.policy.stamp))
 
-    def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None) -> None:
+    def decide_kept(self, path: str, kept: Agreed, local: Entry | None, remote: Entry | None) -> bool:
+        """Two-way, a local-only marker and no agreed row: True when settled here."""
+        if remote is not None:
+            return False  # the remote holds the path again: decided as if nothing was agreed
+        change = classify(local, kept, "local")
+        if change == UNCHANGED:
+            assert local is not None
+            if local.ino != kept.local_ino:
+                self.plan.records[path] = replace(kept, local_ino=local.ino)
+        elif local is None:
+            self.plan.records[path] = None
+        else:
+            # Changed locally after the remote deleted it: a new local change, it travels.
+            self.copy("remote", local, None)
+        return True
+
+    def decide(self, path: str, agreed: Agreed | None, local: Entry | None, remote: Entry | None,
+               kept: Agreed | None = None) -> None:
         if self.moved_aside and any(a in self.moved_aside for a in ancestors(path)):
             # Under a directory that lost a conflict (decided first: parents sort first). The
             # winner holds a non-directory there; the loser's entries travel with the conflict
@@ -208,6 +281,11 @@ class _Planner:
             return
         if mode == "pull":
             self.make_equal("remote", remote, local, path)
+            return
+        if self.unconfirmed and self.in_doubt(path):
+            self.plan.deferred.append(path)
+            return
+        if kept is not None and agreed is None and self.decide_kept(path, kept, local, remote):
             return
         lc = classify(local, agreed, "local")
         rc = classify(remote, agreed, "remote")
@@ -273,8 +351,10 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
                     and (side, parent) not in copying):
                 for doomed_copy in [a for a in plan.actions if a.path == parent and a.side == other(side)]:
                     plan.actions.remove(doomed_copy)
-                aside = free_conflict_name(parent, side, policy.stamp, base, views[side])
-                plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
+                aside = ""
+                if not is_git_internal(parent):  # inside .git the file is just replaced
+                    aside = free_conflict_name(parent, side, policy.stamp, base, views[side])
+                    plan.actions.append(Action(side, ASIDE, parent, None, here, aside))
                 plan.actions.append(Action(side, COPY, parent, there, here))
                 copying.add((side, parent))
                 plan.conflicts.append(Conflict(parent, other(side), aside, views["local"].get(parent),
@@ -304,26 +384,34 @@ def _keep_parents(plan: Plan, base: BaseIndex, views: dict[Side, dict[str, Entry
                 copying.add((other(side), parent))
 
 
-def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy) -> Plan:
-    """Decide, for every observed path, what each side must do to agree."""
+def reconcile(base: BaseIndex, local: Observed, remote: Observed, policy: Policy,
+              unconfirmed: Mapping[Side, Collection[str]] | None = None) -> Plan:
+    """Decide, for every observed path, what each side must do to agree.
+
+    ``unconfirmed`` (two-way): per side, paths the base says that side holds, seen absent
+    there although the side did not report them (nor a directory above them). Nothing is
+    decided at or below them: they are listed in ``Plan.deferred``, to be looked at again
+    once that side reports them or is scanned in full.
+    """
     local = expand_absent(base, local)
     remote = expand_absent(base, remote)
-    planner = _Planner(policy, base, {"local": local, "remote": remote})
+    planner = _Planner(policy, base, {"local": local, "remote": remote}, unconfirmed)
     views: dict[Side, dict[str, Entry | None]] = {"local": {}, "remote": {}}
     for path in sorted(set(local) | set(remote)):
         agreed = base.get(path)
-        lv = _view(path, local, agreed, "local")
+        kept = None if agreed is not None else base.kept(path)
+        lv = _view(path, local, agreed or kept, "local")
         rv = _view(path, remote, agreed, "remote")
         views["local"][path] = lv
         views["remote"][path] = rv
-        planner.decide(path, agreed, lv, rv)
+        planner.decide(path, agreed, lv, rv, kept)
     plan = planner.plan
-    for view_side in ("local", "remote"):
+    for view_side in SIDES:
         for action in plan.actions:
             for parent in ancestors(action.path):
                 if parent not in views[view_side]:
-                    agreed = base.get(parent)
-                    views[view_side][parent] = None if agreed is None else agreed.as_entry(view_side)  # type: ignore[arg-type]
+                    row = _row(base, parent, view_side)
+                    views[view_side][parent] = None if row is None else row.as_entry(view_side)
     _keep_parents(plan, base, views, policy)
     plan.actions.sort(key=_sort_key)
     return plan
@@ -380,12 +468,11 @@ def detect_moves(base: BaseIndex, local: Observed, remote: Observed) -> list[Act
 
 
 def rekey(base: BaseIndex, old: str, new: str) -> None:
-    """Record a completed move of ``old`` (and its subtree) to ``new`` in the base."""
-    for path in [old, *base.under(old)]:
-        agreed = base.get(path)
+    """Record a completed move of ``old`` (and its subtree) to ``new`` in the base.
+    Local-only markers inside follow: the move carried those local files along."""
+    for path in [old, *base.under(old), *base.kept_under(old)]:
+        agreed = base.get(path) or base.kept(path)
         if agreed is None:
             continue
         base.discard(path)
-        moved = new + path[len(old):]
-        base.set(Agreed(moved, agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
-                        agreed.target, agreed.local_ino, agreed.remote_ino))
+        base.set(replace(agreed, path=new + path[len(old):]))

@@ -23,8 +23,8 @@ def adopt(base: BaseIndex, intents: Iterable[Intent], local: Mapping[str, Entry 
         seen = local if intent.side == "local" else remote
         if intent.dest is not None:  # a rename
             if seen.get(intent.path) is None and seen.get(intent.dest) is not None:
-                for path in [intent.path, *base.under(intent.path)]:
-                    row = base.get(path)
+                for path in [intent.path, *base.under(intent.path), *base.kept_under(intent.path)]:
+                    row = base.get(path) or base.kept(path)
                     if row is None:
                         continue
                     moved = intent.dest + path[len(intent.path):]

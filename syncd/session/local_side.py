@@ -18,7 +18,7 @@ class BaseDigests(DigestCache):
         self.base = base
 
     def get(self, rel: str, size: int, mtime_ns: int, ino: int) -> bytes | None:
-        agreed = self.base.get(rel)
+        agreed = self.base.get(rel) or self.base.kept(rel)
         if (agreed is not None and agreed.kind == m.FILE and agreed.size == size
                 and agreed.mtime_ns == mtime_ns and agreed.local_ino == ino):
             return agreed.digest

@@ -127,6 +127,14 @@ class Session:
         self._failures: dict[str, int] = {}  # path -> consecutive failed attempts
         self._recent_moves: list[tuple[str, str, float]] = []  # (old, new, when) replayed moves
         self._walk_next: set[str] = set()  # known directories to walk, not just stat, next cycle
+        # Paths to look at again on both sides (a failed operation), which unlike watcher
+        # reports say nothing about what either side did.
+        self._recheck: set[str] = set()
+        # Paths reconcile deferred: looked at again with the next cycle, never on their own.
+        self._parked: set[str] = set()
+        # Per side: tracked paths that side itself was seen to lack (its own report or a full
+        # scan) while their base rows stayed; the evidence holds while the rows do.
+        self._seen_gone: dict[em.Side, set[str]] = {"local": set(), "remote": set()}
         self._intents: list[Intent] = []
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -274,7 +282,7 @@ class Session:
     async def follow(self) -> None:
         next_rescan = time.monotonic() + self.cfg.rescan_interval
         while not self._stop.is_set():
-            if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty:
+            if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty or self._recheck:
                 self.idle.clear()
                 await self.cycle()
                 continue
@@ -364,6 +372,20 @@ class Session:
                 self._commit([(p, None) for p in forget])
         return observed
 
+    def _sweep_kept(self, observed: Observed) -> None:
+        """After a full local scan: local-only paths it did not find are gone (decided by
+        reconcile) or newly ignored (forgotten here, like tracked ones)."""
+        forget = []
+        for row in self.base.kept_rows():
+            if row.path in observed:
+                continue
+            if self._ignored(row.path, row.kind):
+                forget.append(row.path)
+            else:
+                observed[row.path] = None
+        if forget:
+            self._commit([(p, None) for p in forget])
+
     def _split_dirty(self, dirty: set[str]) -> tuple[list[str], list[str]]:
         """Known directories need only a stat; anything else is walked if a directory."""
         shallow: list[str] = []
@@ -374,6 +396,29 @@ class Session:
             known_dir = agreed is not None and agreed.kind == m.DIR and path not in walk
             (shallow if known_dir else deep).append(path)
         return shallow, deep
+
+    def _has_row(self, side: em.Side, path: str) -> bool:
+        return path in self.base or (side == "local" and self.base.kept(path) is not None)
+
+    def _unconfirmed(self, side: em.Side, observed: Observed, full: bool, reported: set[str]) -> set[str]:
+        """Tracked paths seen absent on ``side`` although ``side`` reported neither them nor
+        a directory above them (now or in an earlier cycle while their rows stayed), and was
+        not scanned in full: they were looked at because the other side reported them, or
+        to retry an operation. Such an absence may be a directory move on ``side`` whose
+        events (which tell a move from a deletion) are still on their way."""
+        gone = self._seen_gone[side]
+        sure = self._translate(reported) | gone  # events named under a directory moved just now
+        doubtful = set()
+        for path, entry in observed.items():
+            if entry is not None:
+                gone.discard(path)
+            elif not self._has_row(side, path):
+                continue  # absent as agreed: nothing to doubt
+            elif full or path in sure or any(a in sure for a in ancestors(path)):
+                gone.add(path)
+            else:
+                doubtful.add(path)
+        return doubtful
 
     def _translate(self, paths: set[str]) -> set[str]:
         """Events can name a path under a directory this session just moved (they were
@@ -399,7 +444,9 @@ class Session:
             if not os.path.isdir(self.cfg.local):
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
             entries = await asyncio.to_thread(local.scanner.scan_all)
-            return self._observe(entries, [], True, filtered=True)
+            observed = self._observe(entries, [], True, filtered=True)
+            self._sweep_kept(observed)
+            return observed
         shallow, deep = self._split_dirty(dirty)
 
         def scan() -> tuple[list[m.Entry], list[str]]:
@@ -472,14 +519,15 @@ class Session:
             if self.agent is not None and self.agent.error is not None:
                 raise SessionError(f"lost the agent: {self.agent.error}")
             if (self.finished_cycles >= target and self.idle.is_set() and not self.local_dirty
-                    and not self.remote_dirty and not self.local_full and not self.remote_full):
+                    and not self.remote_dirty and not self._recheck and not self.local_full
+                    and not self.remote_full):
                 return
             if self._stop.is_set():
                 raise SessionError("the session stopped")
             await asyncio.sleep(0.01)
 
     def pending(self) -> tuple[int, int]:
-        return len(self.local_dirty), len(self.remote_dirty)
+        return len(self.local_dirty | self._recheck), len(self.remote_dirty | self._recheck)
 
     async def cycle(self) -> None:
         self.started_cycles += 1
@@ -490,10 +538,13 @@ class Session:
         local_dirty, remote_dirty = self.local_dirty, self.remote_dirty
         self.local_full = self.remote_full = False
         self.local_dirty, self.remote_dirty = set(), set()
+        reported: dict[em.Side, set[str]] = {"local": set(local_dirty), "remote": set(remote_dirty)}
+        recheck = self._recheck | self._parked
+        self._recheck, self._parked = set(), set()
         if not local_full:
-            local_dirty |= {p for p in remote_dirty}  # look at both sides of every path
+            local_dirty |= remote_dirty | recheck  # look at both sides of every path
         if not remote_full:
-            remote_dirty |= {p for p in local_dirty}
+            remote_dirty |= local_dirty | recheck
         t0 = time.perf_counter()
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
@@ -515,12 +566,19 @@ class Session:
         moves = detect_moves(self.base, local, remote)
         if moves:
             await self._apply_moves(moves, local, remote)
-        plan = reconcile(self.base, local, remote, self._policy())
+        unconfirmed: dict[em.Side, set[str]] = {
+            "local": self._unconfirmed("local", local, local_full, reported["local"]),
+            "remote": self._unconfirmed("remote", remote, remote_full, reported["remote"]),
+        }
+        plan = reconcile(self.base, local, remote, self._policy(), unconfirmed)
         self._check_deletions(plan)
         await self._check_not_emptied(plan)
         t2 = time.perf_counter()
         self.state = "syncing"
+        self._parked.update(plan.deferred)
         await self.execute(plan)
+        for side in em.SIDES:
+            self._seen_gone[side] = {p for p in self._seen_gone[side] if self._has_row(side, p)}
         if plan.actions:
             log.info("%s: cycle %d applied %d changes (%s)", self.cfg.name, self.started_cycles,
                      len(plan.actions), self.stats.summary())
@@ -555,7 +613,9 @@ class Session:
         if self.force_next:
             return
         tracked = len(self.base)
-        forgotten = sum(1 for path, row in plan.records.items() if row is None and path in self.base)
+        # A row becoming a local-only marker leaves the tracked set like a forgotten one.
+        forgotten = sum(1 for path, row in plan.records.items()
+                        if (row is None or row.local_only) and path in self.base)
         for side in em.SIDES:
             count = plan.deletions(side)
             if count > self.cfg.max_delete_min and count > self.cfg.max_delete_ratio * tracked:
@@ -613,18 +673,22 @@ class Session:
                          move.side, result.message)
                 continue
             self.report(f"{'->' if move.side == 'remote' else '<-'} {move.side:6} move   {move.path} -> {move.dest}")
-            changed = [move.path, *self.base.under(move.path)]
+            changed = [move.path, *self.base.under(move.path), *self.base.kept_under(move.path)]
             rekey(self.base, move.path, move.dest)
             # What either side changed inside it around the move may have been reported
             # under the old name: walk the new one next cycle, on both sides.
             self._recent_moves.append((move.path, move.dest, time.monotonic()))
             self.local_dirty = self._translate(self.local_dirty)
             self.remote_dirty = self._translate(self.remote_dirty)
+            self._recheck = self._translate(self._recheck)
+            for side in em.SIDES:  # what a side was seen to lack moved along too
+                self._seen_gone[side] = self._translate(self._seen_gone[side])
             self._walk_next.add(move.dest)
             self.local_dirty.add(move.dest)
             self.remote_dirty.add(move.dest)
             updates: list[tuple[str, Agreed | None]] = [(p, None) for p in changed]
-            updates += [(p, self.base.get(p)) for p in [move.dest, *self.base.under(move.dest)]]
+            updates += [(p, self.base.get(p) or self.base.kept(p))
+                        for p in [move.dest, *self.base.under(move.dest), *self.base.kept_under(move.dest)]]
             self._commit(updates)
             # The side that replayed the move was observed before it: what it held under the
             # old name (changes inside included) now lives under the new one.
@@ -662,8 +726,12 @@ class Session:
             add_conflicts(self.store, plan.conflicts)
         for conflict in plan.conflicts:
             self.stats.conflicts.append(conflict)
-            self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
-                        f"other version kept as {conflict.loser_copy}")
+            if conflict.loser_copy:
+                self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, "
+                            f"other version kept as {conflict.loser_copy}")
+            else:
+                self.report(f"!! conflict {conflict.path}: {conflict.winner} wins, other version replaced "
+                            "(inside .git: no conflict copy)")
         remote_actions = [a for a in plan.actions if a.side == "remote"]
         local_actions = [a for a in plan.actions if a.side == "local"]
         assert self.store is not None and self.local is not None
@@ -739,9 +807,7 @@ class Session:
             failures = self._failures[action.path] = self._failures.get(action.path, 0) + 1
         not_empty = "not empty" in result.message.lower()
         if not not_empty and failures <= RETRIES:
-            for path in [action.path, *ancestors(action.path)]:
-                self.local_dirty.add(path)
-                self.remote_dirty.add(path)
+            self._recheck.update([action.path, *ancestors(action.path)])
         elif failures == RETRIES + 1:
             log.warning("%s: %s on %s keeps failing (%s); retrying at the next full rescan",
                         self.cfg.name, action.path, action.side, result.message)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.twoway_util import Pair, open_pair, wait_quiescent
+from syncd.store import Store, list_conflicts
+from tests.e2e.twoway_util import Pair, conflict_lines, content_tree, normalise_conflict, open_pair, wait_quiescent
 from tests.sshd import SshServer
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -127,3 +129,65 @@ def test_git_repository_survives_commits_checkout_and_rebase(pair: Pair) -> None
     assert not (repo_l / "src" / "cache.pyc").exists()
     assert git(repo_r, "status", "--porcelain").stdout == ""
     pair.sessions[-1].stop()
+
+
+@pytest.mark.parametrize("newer", ["local", "remote"])
+def test_git_internal_conflict_newer_wins_without_conflict_copies(pair: Pair, newer: str) -> None:
+    """Both sides stage different files while syncd is stopped: ``.git/index`` (and the
+    ORIG_HEAD-like churn files) conflict. The newer version wins and nothing is left inside
+    ``.git`` but git's own files; the conflict is still listed. A conflict outside ``.git``
+    keeps its conflict copy as before."""
+    repo_l, repo_r = pair.local, pair.remote
+    git(repo_l, "init", "-q")
+    _commit(repo_l, "README.md", "# project\n", "initial")
+    pair.start()
+    _agree(pair, "initial push")
+    pair.sessions[-1].stop()
+
+    (repo_l / "local.txt").write_text("staged locally\n")
+    git(repo_l, "add", "local.txt")
+    (repo_l / "README.md").write_text("# local readme\n")
+    (repo_r / "remote.txt").write_text("staged remotely\n")
+    git(repo_r, "add", "remote.txt")
+    (repo_r / "README.md").write_text("# remote readme\n")
+    winner, loser = (repo_l, repo_r) if newer == "local" else (repo_r, repo_l)
+    now = time.time()
+    os.utime(loser / ".git" / "index", (now - 60, now - 60))
+    os.utime(winner / ".git" / "index", (now, now))
+    index = (winner / ".git" / "index").read_bytes()
+
+    s = pair.start()
+    wait_quiescent(repo_l, repo_r, s, timeout=30, what="conflicts settled")
+    for root in (repo_l, repo_r):
+        litter = [p for p in _all_paths(root / ".git") if ".syncd-conflict" in p]
+        assert litter == [], f"conflict copies inside .git on {root.name}: {litter}\n{s.stdout()}"
+        assert (root / ".git" / "index").read_bytes() == index
+    lines = [normalise_conflict(ln) for ln in conflict_lines(s)]
+    assert f"!! conflict .git/index: {newer} wins, other version replaced (inside .git: no conflict copy)" \
+        in lines, s.stdout()
+    # Outside .git nothing changed: the losing README is kept as a conflict copy (remote wins).
+    assert "!! conflict README.md: remote wins, other version kept as README.syncd-conflict-local-STAMP.md" \
+        in lines, s.stdout()
+    assert content_tree(repo_l)["README.syncd-conflict-local-STAMP.md"] == "# local readme\n"
+    # Both object files are there (content-addressed: they never conflict); the repository is sound.
+    staged = "local.txt" if newer == "local" else "remote.txt"
+    for root in (repo_l, repo_r):
+        fsck = git(root, "fsck", "--no-progress", "--full", check=False)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        assert git(root, "--no-optional-locks", "diff", "--cached", "--name-only").stdout.split() == [staged]
+        for name, text in (("local.txt", "staged locally\n"), ("remote.txt", "staged remotely\n")):
+            blob = git(root, "hash-object", name).stdout.strip()
+            assert git(root, "cat-file", "-p", blob).stdout == text
+    s.stop()
+    # The conflict list (what `syncd conflicts` shows) has it, with no copy.
+    (index_db,) = (pair.state / "sessions").glob("*.sqlite")
+    store = Store(str(index_db))
+    try:
+        listed = {(c.path, c.winner, c.copy) for c in list_conflicts(store)}
+    finally:
+        store.close()
+    assert (".git/index", newer, "") in listed, listed
+
+
+def _all_paths(root: Path) -> list[str]:
+    return [os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files]

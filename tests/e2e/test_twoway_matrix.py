@@ -417,25 +417,29 @@ def test_live_pull_into_recreated_local_directory(pair: Pair) -> None:
     s.stop()
 
 
-MOVE_RACE = (
-    "Session._apply_moves: a change the replaying side made inside the directory just before syncd "
-    "replayed the move there (still in its watcher's debounce window, or made between the scan and "
-    "the Rename) is reported afterwards under the old name, which the base no longer has, and the "
-    "moved directory is only stat'ed (shallow scan of a known directory): the deletion is lost (the "
-    "trees stay different, syncd idle) or undone")
-
-
-@pytest.mark.xfail(reason=MOVE_RACE, strict=False)
+@pytest.mark.parametrize("order", ["move-first", "delete-first"])
 @pytest.mark.parametrize("moved_by", ["remote", "local"])
-def test_live_directory_moved_on_one_side_while_the_other_deletes_inside(pair: Pair, moved_by: str) -> None:
+def test_live_directory_moved_on_one_side_while_the_other_deletes_inside(pair: Pair, moved_by: str,
+                                                                         order: str) -> None:
     """One side renames d17 to d25 while the other deletes d17/f1.txt at the same moment
-    (before syncd has seen that deletion): the deletion must reach the moved directory."""
+    (before syncd has seen that deletion): the deletion must reach the moved directory.
+
+    Regressions: the side that moved d17 was looked at because the other side reported
+    d17/f1.txt, before its own events had arrived; lacking d17/f1.txt (moved away) it was
+    taken for a deletion there too - the path forgotten (move first), or after a failed
+    delete, d17 taken for deleted and removed on the other side (delete first) - and the
+    move, seen next, brought d25/f1.txt back as a new file."""
     make_tree(pair.local, {"d17/f1.txt": "1\n", "d17/f2.txt": "2\n", "top.txt": "t\n"})
     s = pair.start()
     wait_quiescent(pair.local, pair.remote, s, what="initial push")
     mover, deleter = (pair.remote, pair.local) if moved_by == "remote" else (pair.local, pair.remote)
-    os.rename(mover / "d17", mover / "d25")
-    os.unlink(deleter / "d17" / "f1.txt")
+    if order == "move-first":
+        os.rename(mover / "d17", mover / "d25")
+        os.unlink(deleter / "d17" / "f1.txt")
+    else:
+        os.unlink(deleter / "d17" / "f1.txt")
+        time.sleep(0.02)  # the deletion reaches syncd first; the move lands while it is applied
+        os.rename(mover / "d17", mover / "d25")
     wait_quiescent(pair.local, pair.remote, s, timeout=10, what="move and delete")
     assert content_tree(pair.local) == {"d25": DIR_MARK, "d25/f2.txt": "2\n", "top.txt": "t\n"}
     s.stop()

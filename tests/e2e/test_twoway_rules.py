@@ -7,6 +7,7 @@ edit it directly to play the remote coding agent.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.e2e.twoway_util import (
     assert_idle,
     conflict_lines,
     content_tree,
+    kill9,
     make_tree,
     normalise_conflict,
     open_pair,
@@ -96,6 +98,9 @@ def test_remote_directory_deletion_keeps_preserved_and_ignored_local_entries(pai
     assert (pair.local / "proj" / "build" / "out.o").exists()
     assert not (pair.local / "proj" / "a.txt").exists()
     assert (pair.local / ".env").read_text() == "ROOT=1\n"
+    # ...nor send them back to the remote, which deleted them (they stay local-only).
+    remote_after = content_tree(pair.remote)
+    assert not any(p == ".env" or p.startswith("proj") for p in remote_after), remote_after
     wait_idle(s2)
     s2.stop()
     if busy:  # everything above is checked strictly; this one is a known bug
@@ -105,6 +110,65 @@ def test_remote_directory_deletion_keeps_preserved_and_ignored_local_entries(pai
 BUSY_NOT_EMPTY = ("known bug: Session._settle re-dirties a directory whose deletion failed with 'not empty' "
                   "(it holds preserved/ignored entries) before returning, so every cycle plans the same "
                   "deletion again: a busy loop")
+
+
+def _probe(pair: Pair, s: SyncProcess, name: str) -> None:
+    """Create a file on the remote and wait until it arrives locally: every cycle before it,
+    the first full scan of a (re)start included, has then been carried out."""
+    (pair.remote / name).write_text(f"{name}\n")
+    wait_until(lambda: (pair.local / name).exists(), 15, session=s, message=f"{name} to arrive")
+    _local_only(pair, f"{name} settled")
+
+
+def _sent(s: SyncProcess, path: str) -> list[str]:
+    """The session's lines that wrote ``path`` on the remote."""
+    return [ln for ln in s.stdout_lines() if re.match(rf"-> remote\s+\S+\s+{re.escape(path)}(?: \(|$)", ln)]
+
+
+def test_preserved_file_deleted_on_remote_stays_local_across_restarts(pair: Pair) -> None:
+    """The remote deletes a preserve-absent file: the local copy is kept and stays local, also
+    after a restart (full scans of both sides, no agreed row) and after kill -9; a local edit
+    made after the deletion is a new change and travels again."""
+    make_tree(pair.local, {".env": "TOKEN=1\n", "a.txt": "a\n", "cfg/.env": "NESTED=1\n"})
+    s1 = pair.start(*PRESERVE)
+    wait_quiescent(pair.local, pair.remote, s1, what="initial push")
+    assert (pair.remote / ".env").read_text() == "TOKEN=1\n"
+
+    os.unlink(pair.remote / ".env")
+    os.unlink(pair.remote / "cfg" / ".env")
+    _probe(pair, s1, "probe1.txt")
+    assert (pair.local / ".env").read_text() == "TOKEN=1\n"
+    assert (pair.local / "cfg" / ".env").read_text() == "NESTED=1\n"
+    assert not (pair.remote / ".env").exists() and not (pair.remote / "cfg" / ".env").exists()
+    s1.stop()
+
+    # A clean restart: the full scans see .env on the local side only.
+    s2 = pair.start(*PRESERVE)
+    _probe(pair, s2, "probe2.txt")
+    assert not (pair.remote / ".env").exists(), s2.stdout()
+    assert not (pair.remote / "cfg" / ".env").exists(), s2.stdout()
+    assert _sent(s2, ".env") == [] and _sent(s2, "cfg/.env") == [], s2.stdout()
+    kill9(s2)
+
+    # Killed, then started again: the marker was in the base on disk.
+    s3 = pair.start(*PRESERVE)
+    _probe(pair, s3, "probe3.txt")
+    assert not (pair.remote / ".env").exists() and not (pair.remote / "cfg" / ".env").exists(), s3.stdout()
+    assert (pair.local / ".env").read_text() == "TOKEN=1\n"
+
+    # Edited locally after the remote's deletion: a new local change, it is sent.
+    (pair.local / ".env").write_text("TOKEN=2\n")
+    wait_until(lambda: (pair.remote / ".env").exists(), 15, session=s3, message=".env edited locally to be sent")
+    wait_quiescent(pair.local, pair.remote, s3, keep=lambda p: p != "cfg/.env", what="local edit sent")
+    assert (pair.remote / ".env").read_text() == "TOKEN=2\n"
+    # The file that was not edited stays local-only.
+    assert not (pair.remote / "cfg" / ".env").exists()
+    # Once sent again, .env is synced like any file: a remote edit comes back.
+    (pair.remote / ".env").write_text("TOKEN=3\n")
+    wait_until(lambda: (pair.local / ".env").read_text() == "TOKEN=3\n", 15, session=s3,
+               message="remote edit of .env to arrive")
+    assert_idle(s3)
+    s3.stop()
 
 
 def test_pull_mode_remote_is_the_truth_except_preserved(pair: Pair) -> None:

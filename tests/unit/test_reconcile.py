@@ -24,11 +24,13 @@ from syncd.engine.model import (
     Plan,
     Policy,
     agreed_from,
+    kept_local,
 )
 from syncd.engine.reconcile import (
     conflict_name,
     detect_moves,
     expand_absent,
+    is_git_internal,
     needs_digest,
     reconcile,
     rekey,
@@ -71,8 +73,9 @@ def agreed(entry: Entry) -> Agreed:
     return agreed_from(entry, ino(entry.path, "local"), ino(entry.path, "remote"))
 
 
-def base_of(*entries: Entry) -> BaseIndex:
-    return BaseIndex(agreed(e) for e in entries)
+def base_of(*entries: Entry, kept: tuple[Entry, ...] = ()) -> BaseIndex:
+    """Agreed rows for ``entries``; local-only markers for the local entries ``kept``."""
+    return BaseIndex([*(agreed(e) for e in entries), *(kept_local(e) for e in kept)])
 
 
 def policy(mode: str = "two-way", winner: str = "remote", preserve: tuple[str, ...] = ()) -> Policy:
@@ -91,6 +94,10 @@ def cname(path: str, side: str) -> str:
 
 
 BASE_TREE = (f("a.txt", "v0"), d("dir"), f("dir/b.txt", "b0"), f("run.sh", "echo", 0o644), ln("l", "a.txt"))
+GIT_TREE = (*BASE_TREE, d(".git"), f(".git/index", "i0"), f(".git/HEAD", "ref: main"), d(".git/refs"),
+            d(".git/refs/heads"), f(".git/refs/heads/main", "c1"), f(".git/refs/heads/x", "c1"))
+ENV = f(".env", "secret")  # a preserved local file the remote deleted (kept local-only)
+PRESERVE_ENV = policy(preserve=(".env",))
 
 
 @dataclass
@@ -99,10 +106,13 @@ class Case:
     local: dict[str, Entry | None]
     remote: dict[str, Entry | None]
     actions: list[tuple[str, ...]]
-    records: dict[str, str | None] = field(default_factory=dict)  # path -> "row" | None
+    records: dict[str, str | None] = field(default_factory=dict)  # path -> "row" | "kept" | None
     conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, winner)
     base: tuple[Entry, ...] = BASE_TREE
     policy: Policy = field(default_factory=policy)
+    kept: tuple[Entry, ...] = ()  # local entries under a local-only marker in the base
+    unconfirmed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # side -> absences not reported
+    deferred: tuple[str, ...] = ()
 
 
 CASES = [
@@ -219,11 +229,11 @@ CASES = [
          conflicts=[("a.txt", "remote")],
          base=(*BASE_TREE, f("gone.txt"))),
     # -- preserve-absent ----------------------------------------------------------------------------
-    Case("two-way-preserved-not-deleted", {}, {".env": None}, [], records={".env": None},
+    Case("two-way-preserved-not-deleted", {}, {".env": None}, [], records={".env": "kept"},
          base=(*BASE_TREE, f(".env", "secret")), policy=policy(preserve=(".env",))),
     Case("two-way-preserved-dir-content-not-deleted", {}, {".claude": None},
          [],
-         records={".claude": None, ".claude/settings.json": None},
+         records={".claude": "kept", ".claude/settings.json": "kept"},
          base=(*BASE_TREE, d(".claude"), f(".claude/settings.json")), policy=policy(preserve=(".claude/",))),
     Case("two-way-unpreserved-deleted", {}, {".env": None}, [("local", DELETE, ".env")],
          base=(*BASE_TREE, f(".env", "secret")), policy=policy(preserve=("*.key",))),
@@ -236,9 +246,9 @@ CASES = [
          policy=policy("pull")),
     Case("pull-local-created-is-deleted", {"new.txt": f("new.txt")}, {}, [("local", DELETE, "new.txt")],
          policy=policy("pull")),
-    Case("pull-local-created-preserved", {".env": f(".env")}, {}, [], records={".env": None},
+    Case("pull-local-created-preserved", {".env": f(".env")}, {}, [], records={".env": "kept"},
          policy=policy("pull", preserve=(".env",))),
-    Case("pull-remote-deleted-preserved", {}, {".env": None}, [], records={".env": None},
+    Case("pull-remote-deleted-preserved", {}, {".env": None}, [], records={".env": "kept"},
          base=(*BASE_TREE, f(".env", "secret")), policy=policy("pull", preserve=(".env",))),
     Case("pull-local-deleted-is-restored", {"a.txt": None}, {}, [("local", COPY, "a.txt")], policy=policy("pull")),
     Case("pull-local-chmod-reverted", {"run.sh": f("run.sh", "echo", 0o755)}, {},
@@ -255,19 +265,109 @@ CASES = [
     Case("push-local-deleted", {"a.txt": None}, {}, [("remote", DELETE, "a.txt")], policy=policy("push")),
     Case("push-remote-deleted-preserved-pattern-irrelevant", {}, {".env": None}, [("remote", COPY, ".env")],
          base=(*BASE_TREE, f(".env", "secret")), policy=policy("push", preserve=(".env",))),
+    # -- kept local-only after the remote deleted a preserved path --------------------------------
+    Case("kept-unchanged-is-not-sent-again", {".env": ENV}, {}, [], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-unchanged-remote-seen-absent", {".env": ENV}, {".env": None}, [], kept=(ENV,),
+         policy=PRESERVE_ENV),
+    Case("kept-unobserved", {}, {}, [], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-modified-locally-is-sent", {".env": f(".env", "secret2", mtime=T1)}, {},
+         [("remote", COPY, ".env")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-chmod-locally-is-sent", {".env": f(".env", "secret", 0o600)}, {}, [("remote", COPY, ".env")],
+         kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-new-inode-same-file-refreshed", {".env": f(".env", "secret", inode=99)}, {}, [],
+         records={".env": "kept"}, kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-deleted-locally-is-forgotten", {".env": None}, {}, [], records={".env": None}, kept=(ENV,),
+         policy=PRESERVE_ENV),
+    Case("kept-remote-recreated-same", {}, {".env": f(".env", "secret", side="remote")}, [],
+         records={".env": "row"}, kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-remote-recreated-differently-is-a-conflict", {},
+         {".env": f(".env", "theirs", side="remote")},
+         [("local", ASIDE, ".env", cname(".env", "local")), ("local", COPY, ".env")],
+         conflicts=[(".env", "remote")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-deleted-locally-remote-recreated", {".env": None}, {".env": f(".env", "theirs", side="remote")},
+         [("local", COPY, ".env")], kept=(ENV,), policy=PRESERVE_ENV),
+    Case("kept-pull-stays", {".env": f(".env", "secret2", mtime=T1)}, {}, [], records={".env": "kept"},
+         kept=(ENV,), policy=policy("pull", preserve=(".env",))),
+    Case("kept-push-is-sent", {".env": ENV}, {}, [("remote", COPY, ".env")], kept=(ENV,),
+         policy=policy("push", preserve=(".env",))),
+    Case("kept-dir-goes-along-with-a-new-file", {".claude/new.json": f(".claude/new.json", "{}")}, {},
+         [("remote", COPY, ".claude"), ("remote", COPY, ".claude/new.json")],
+         kept=(d(".claude"), f(".claude/settings.json")), policy=policy(preserve=(".claude/",))),
+    Case("kept-local-absence-unconfirmed-waits", {".env": None}, {}, [], kept=(ENV,), policy=PRESERVE_ENV,
+         unconfirmed={"local": (".env",)}, deferred=(".env",)),
+    # -- inside .git: the newer version wins, no conflict copy --------------------------------------
+    Case("git-index-newer-local-wins", {".git/index": f(".git/index", "L", mtime=T2)},
+         {".git/index": f(".git/index", "R", mtime=T1, side="remote")}, [("remote", COPY, ".git/index")],
+         conflicts=[(".git/index", "local")], base=GIT_TREE),
+    Case("git-index-newer-remote-wins", {".git/index": f(".git/index", "L", mtime=T1)},
+         {".git/index": f(".git/index", "R", mtime=T2, side="remote")}, [("local", COPY, ".git/index")],
+         conflicts=[(".git/index", "remote")], base=GIT_TREE),
+    Case("git-index-newer-wins-whatever-the-policy", {".git/index": f(".git/index", "L", mtime=T1)},
+         {".git/index": f(".git/index", "R", mtime=T2, side="remote")}, [("local", COPY, ".git/index")],
+         conflicts=[(".git/index", "remote")], base=GIT_TREE, policy=policy(winner="local")),
+    Case("git-same-mtime-policy-decides", {".git/HEAD": f(".git/HEAD", "L")},
+         {".git/HEAD": f(".git/HEAD", "R", side="remote")}, [("remote", COPY, ".git/HEAD")],
+         conflicts=[(".git/HEAD", "local")], base=GIT_TREE, policy=policy(winner="local")),
+    Case("git-both-created", {".git/ORIG_HEAD": f(".git/ORIG_HEAD", "L", mtime=T2)},
+         {".git/ORIG_HEAD": f(".git/ORIG_HEAD", "R", mtime=T1, side="remote")},
+         [("remote", COPY, ".git/ORIG_HEAD")], conflicts=[(".git/ORIG_HEAD", "local")], base=GIT_TREE),
+    Case("git-nested-repository", {"sub/.git/index": f("sub/.git/index", "L", mtime=T1)},
+         {"sub/.git/index": f("sub/.git/index", "R", mtime=T2, side="remote")},
+         [("local", COPY, "sub/.git/index")], conflicts=[("sub/.git/index", "remote")],
+         base=(*GIT_TREE, d("sub"), d("sub/.git"), f("sub/.git/index", "i0"))),
+    Case("git-dir-beats-newer-file", {".git/refs/heads/x": d(".git/refs/heads/x"),
+                                      ".git/refs/heads/x/y": f(".git/refs/heads/x/y", "c1")},
+         {".git/refs/heads/x": f(".git/refs/heads/x", "c2", mtime=T2, side="remote")},
+         [("remote", COPY, ".git/refs/heads/x"), ("remote", COPY, ".git/refs/heads/x/y")],
+         conflicts=[(".git/refs/heads/x", "local")], base=GIT_TREE),
+    Case("git-parent-replaced-by-file", {".git/refs/heads/main": f(".git/refs/heads/main", "c2", mtime=T1)},
+         {".git/refs/heads": f(".git/refs/heads", "junk", side="remote")},
+         [("local", DELETE, ".git/refs/heads/x"), ("remote", COPY, ".git/refs/heads"),
+          ("remote", COPY, ".git/refs/heads/main")],
+         conflicts=[(".git/refs/heads", "local")], base=GIT_TREE),
+    Case("gitignore-is-not-inside-git", {".gitignore": f(".gitignore", "L", mtime=T2)},
+         {".gitignore": f(".gitignore", "R", mtime=T1, side="remote")},
+         [("local", ASIDE, ".gitignore", cname(".gitignore", "local")), ("local", COPY, ".gitignore")],
+         conflicts=[(".gitignore", "remote")], base=(*GIT_TREE, f(".gitignore", "g0"))),
+    Case("github-dir-is-not-inside-git", {".github/ci.yml": f(".github/ci.yml", "L", mtime=T2)},
+         {".github/ci.yml": f(".github/ci.yml", "R", mtime=T1, side="remote")},
+         [("local", ASIDE, ".github/ci.yml", cname(".github/ci.yml", "local")), ("local", COPY, ".github/ci.yml")],
+         conflicts=[(".github/ci.yml", "remote")]),
+    # -- absences a side did not report itself (a directory move there may be under way) ----------
+    Case("both-absent-one-unconfirmed-waits", {"a.txt": None}, {"a.txt": None}, [],
+         unconfirmed={"local": ("a.txt",)}, deferred=("a.txt",)),
+    Case("both-absent-under-unconfirmed-dir-waits", {"dir": None}, {"dir": None}, [],
+         unconfirmed={"remote": ("dir",)}, deferred=("dir", "dir/b.txt")),
+    Case("both-absent-others-unconfirmed-forgets", {"a.txt": None}, {"a.txt": None}, [],
+         records={"a.txt": None}, unconfirmed={"local": ("dir/b.txt",), "remote": ("a.txt.bak",)}),
+    Case("unconfirmed-deletion-waits", {"a.txt": None}, {}, [], unconfirmed={"local": ("a.txt",)},
+         deferred=("a.txt",)),
+    Case("unconfirmed-deletion-vs-modified-waits", {"a.txt": None},
+         {"a.txt": f("a.txt", "v1", mtime=T1, side="remote")}, [], unconfirmed={"local": ("a.txt",)},
+         deferred=("a.txt",)),
+    Case("created-under-unconfirmed-dir-waits", {"dir": None}, {"dir/new.txt": f("dir/new.txt", side="remote")},
+         [], unconfirmed={"local": ("dir",)}, deferred=("dir", "dir/b.txt", "dir/new.txt")),
+    Case("unconfirmed-elsewhere-holds-nothing-else", {"a.txt": None, "dir": None}, {},
+         [("remote", DELETE, "a.txt")], unconfirmed={"local": ("dir",)}, deferred=("dir", "dir/b.txt")),
+    Case("unconfirmed-ignored-in-pull-mode", {"a.txt": None}, {}, [("local", COPY, "a.txt")],
+         unconfirmed={"local": ("a.txt",)}, policy=policy("pull")),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_reconcile_table(case: Case) -> None:
-    base = base_of(*case.base)
-    plan = reconcile(base, case.local, case.remote, case.policy)
+    base = base_of(*case.base, kept=case.kept)
+    plan = reconcile(base, case.local, case.remote, case.policy, case.unconfirmed)  # type: ignore[arg-type]
     assert summary(plan) == case.actions
-    got_records = {p: (None if a is None else "row") for p, a in plan.records.items()}
+    got_records = {p: (None if a is None else "kept" if a.local_only else "row") for p, a in plan.records.items()}
     assert got_records == case.records
+    assert tuple(plan.deferred) == case.deferred
     assert [(c.path, c.winner) for c in plan.conflicts] == case.conflicts
     for c in plan.conflicts:
-        assert c.loser_copy == cname(c.path, "local" if c.winner == "remote" else "remote")
+        if is_git_internal(c.path):
+            assert c.loser_copy == ""  # git rewrites its own files: no copy inside .git
+        else:
+            assert c.loser_copy == cname(c.path, "local" if c.winner == "remote" else "remote")
         assert c.stamp == STAMP
 
 
@@ -382,7 +482,7 @@ def test_preserved_child_of_deleted_dir_is_kept() -> None:
     plan = reconcile(base, {}, {"dir": None}, policy(preserve=(".env",)))
     assert ("local", DELETE, "dir/b.txt") in summary(plan)
     assert ("local", DELETE, "dir/.env") not in summary(plan)
-    assert plan.records == {"dir/.env": None}
+    assert plan.records == {"dir/.env": kept_local(f("dir/.env", "secret"))}
 
 
 def test_preserved_child_keeps_its_dir_in_pull_mode() -> None:
@@ -391,7 +491,7 @@ def test_preserved_child_keeps_its_dir_in_pull_mode() -> None:
     base = base_of(*BASE_TREE, f("dir/.env", "secret"))
     plan = reconcile(base, {}, {"dir": None}, policy("pull", preserve=(".env",)))
     assert summary(plan) == [("local", DELETE, "dir/b.txt"), ("local", DELETE, "dir")]
-    assert plan.records == {"dir/.env": None}
+    assert plan.records == {"dir/.env": kept_local(f("dir/.env", "secret"))}
 
 
 def test_dir_replaced_by_file_vs_modified_child_is_a_conflict() -> None:
@@ -403,6 +503,66 @@ def test_dir_replaced_by_file_vs_modified_child_is_a_conflict() -> None:
                              ("remote", COPY, "dir/b.txt")]
     (conflict,) = plan.conflicts
     assert (conflict.path, conflict.winner, conflict.loser_copy) == ("dir", "local", cname("dir", "remote"))
+
+
+def test_git_conflict_replaces_the_older_version_in_place() -> None:
+    base = base_of(*GIT_TREE)
+    mine = f(".git/index", "L", mtime=T1)
+    theirs = f(".git/index", "R", mtime=T2, side="remote")
+    plan = reconcile(base, {".git/index": mine}, {".git/index": theirs}, policy())
+    (action,) = plan.actions
+    assert (action.side, action.kind, action.source, action.current) == ("local", COPY, theirs, mine)
+    (conflict,) = plan.conflicts
+    assert (conflict.path, conflict.winner, conflict.loser_copy) == (".git/index", "remote", "")
+    assert (conflict.local, conflict.remote) == (mine, theirs)
+
+
+@pytest.mark.parametrize(("path", "inside"), [
+    (".git/index", True), (".git/objects/ab/cdef", True), ("sub/.git/HEAD", True), ("a/b/.git/refs/x", True),
+    (".git", False), ("sub/.git", False), (".gitignore", False), (".github/x.yml", False), ("x.git/y", False),
+    ("a/.gitmodules", False),
+])
+def test_is_git_internal(path: str, inside: bool) -> None:
+    assert is_git_internal(path) is inside
+
+
+# ---- local-only markers -----------------------------------------------------------------------------
+
+
+def test_remote_deletion_of_preserved_file_leaves_a_marker_of_the_local_copy() -> None:
+    base = base_of(*BASE_TREE, f(".env", "secret"))
+    local_env = f(".env", "secret")
+    plan = reconcile(base, {".env": local_env}, {".env": None}, PRESERVE_ENV)
+    assert plan.actions == []
+    row = plan.records[".env"]
+    assert row is not None and row.local_only
+    assert row == kept_local(local_env)
+    assert (row.local_ino, row.remote_ino, row.digest) == (local_env.ino, 0, local_env.digest)
+
+
+def test_index_keeps_markers_apart() -> None:
+    """Markers never count as tracked rows (halts, walks, scans), and a path is either."""
+    base = base_of(*BASE_TREE, kept=(ENV, d("keep"), f("keep/x")))
+    assert ".env" not in base and len(base) == len(BASE_TREE) and base.get(".env") is None
+    assert base.kept(".env") == kept_local(ENV)
+    assert base.kept_under("keep") == ["keep/x"] and base.under("keep") == []
+    base.set(agreed(ENV))  # sent again: an agreed row replaces the marker
+    assert base.kept(".env") is None and base.get(".env") == agreed(ENV)
+    assert base.under("").count(".env") == 1
+    base.set(kept_local(ENV))  # deleted on the remote again
+    assert base.get(".env") is None and base.kept(".env") is not None and ".env" not in base.under("")
+    base.discard(".env")
+    assert base.kept(".env") is None
+    assert sorted(r.path for r in base.kept_rows()) == ["keep", "keep/x"]
+
+
+def test_rekey_carries_markers_along() -> None:
+    base = base_of(d("dir"), f("dir/a"), kept=(f("dir/.env", "s"), f("dir2/.env", "t")))
+    rekey(base, "dir", "moved")
+    assert base.kept("dir/.env") is None
+    assert base.kept("moved/.env") == replace(kept_local(f("dir/.env", "s")), path="moved/.env")
+    assert base.kept("dir2/.env") is not None
+    assert sorted(base) == ["moved", "moved/a"]
 
 
 # ---- detect_moves and rekey --------------------------------------------------------------------------

@@ -49,3 +49,13 @@ def test_adopt_rename_moves_the_subtree() -> None:
     updates = dict(adopt(base, [Intent("remote", "d", None, "e")], {}, remote))
     assert updates["d"] is None and updates["d/x"] is None
     assert updates["e"] is not None and updates["e/x"] is not None and updates["e/x"].digest == b"x"
+
+
+def test_adopt_rename_carries_local_only_markers() -> None:
+    kept = Agreed("d/.env", FILE, 0o600, 1, 5, b"s", None, 7, 0, local_only=True)
+    base = BaseIndex([Agreed("d", DIR, 0o755, 0, 0, None, None, 1, 2), kept])
+    local = {"d": None, "e": Entry("e", DIR, 0o755, 0, 0, 1)}
+    updates = dict(adopt(base, [Intent("local", "d", None, "e")], local, {}))
+    assert updates["d/.env"] is None
+    moved = updates["e/.env"]
+    assert moved is not None and moved.local_only and moved.local_ino == 7

@@ -135,3 +135,64 @@ def test_large_inode_numbers(db: str) -> None:
         assert rows(s) == {"big": big}
     finally:
         s.close()
+
+
+KEPT = Agreed(".env", FILE, 0o600, 7, 1_700_000_000_000_000_001, b"k" * 20, None, 15, 0, local_only=True)
+
+
+def test_local_only_markers_round_trip(db: str) -> None:
+    s = Store(db)
+    s.commit([(r.path, r) for r in ROWS] + [(KEPT.path, KEPT)])
+    s.close()
+    s = Store(db)
+    try:
+        base = s.load()
+        assert base.kept(".env") == KEPT and base.get(".env") is None
+        assert rows(s) == {r.path: r for r in ROWS}
+        # Sent again: the agreed row replaces the marker (one row per path).
+        sent = Agreed(".env", FILE, 0o600, 7, 1_700_000_000_000_000_001, b"k" * 20, None, 15, 25)
+        s.commit([(".env", sent)])
+        base = s.load()
+        assert base.get(".env") == sent and base.kept(".env") is None
+        s.commit([(".env", KEPT)])
+        s.commit([(".env", None)])
+        base = s.load()
+        assert base.get(".env") is None and base.kept(".env") is None
+    finally:
+        s.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE base (
+    path BLOB PRIMARY KEY, kind INTEGER NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, digest BLOB, target BLOB, local_ino INTEGER NOT NULL,
+    remote_ino INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def test_index_without_markers_is_migrated_in_place(db: str) -> None:
+    """An index written before local-only markers existed opens with all its rows (each one
+    agreed by both sides) and then takes markers."""
+    os.makedirs(os.path.dirname(db))
+    con = sqlite3.connect(db)
+    con.executescript(OLD_SCHEMA)
+    con.execute("INSERT INTO base VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (b"dir", DIR, 0o755, 0, 1_700_000_000_000_000_000, None, None, 11, 21))
+    con.execute("INSERT INTO meta VALUES ('remote_root', '/w')")
+    con.commit()
+    con.close()
+    s = Store(db)
+    try:
+        assert rows(s) == {"dir": ROWS[0]}
+        assert s.get_meta("remote_root") == "/w"
+        s.commit([(KEPT.path, KEPT)])
+        assert s.load().kept(".env") == KEPT
+    finally:
+        s.close()
+    s = Store(db)  # a second open finds the column there already
+    try:
+        assert s.load().kept(".env") == KEPT and rows(s) == {"dir": ROWS[0]}
+    finally:
+        s.close()
