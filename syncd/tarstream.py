@@ -509,6 +509,7 @@ class MirrorResult:
         self.skipped: List[m.Skip] = []
         self.deleted = 0
         self.kept_dirs: List[m.Entry] = []  # absent from the source, kept: they hold kept entries
+        self.kept: List[m.Entry] = []  # absent from the source, kept because ``keep`` said so
 
 
 def _same(st: os.stat_result, entry: m.Entry) -> bool:
@@ -579,7 +580,10 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
 
     for entry in sorted(existing_list, key=lambda e: path_key(e.path), reverse=True):
         rel = entry.path
-        if rel in staged or keep(rel, entry.kind) or _under(rel, leave_set):
+        if rel in staged or _under(rel, leave_set):
+            continue
+        if keep(rel, entry.kind):
+            result.kept.append(entry)
             continue
         if _remove_if_same(root, rel, entry, result):
             result.deleted += 1

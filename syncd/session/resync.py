@@ -14,16 +14,17 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from syncd.agent.tar_jobs import scan_skips
-from syncd.engine.model import Agreed, agreed_from
+from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
 from syncd.tarstream import LEAVE_REASONS, ChunkReader, TarExtractor, TarProducer, mirror, path_key, staging_name
 
 if TYPE_CHECKING:
     from syncd.session.agent_client import TarUpload
+    from syncd.session.local_side import LocalSide
     from syncd.session.session import Session
 
 CHUNK_QUEUE = 8
@@ -92,6 +93,20 @@ def _base_rows(sources: list[m.Entry], placed: list[m.Entry], source_side: str) 
         else:
             rows.append(agreed_from(src, dest.ino, src.ino))
     return rows
+
+
+def _with_digests(local: LocalSide, entries: list[m.Entry]) -> list[m.Entry]:
+    """Kept files with their digests (a marker must say what content stays local-only); a
+    file that cannot be read gets no marker and is simply not tracked."""
+    out = []
+    for entry in entries:
+        if entry.kind == m.FILE and entry.digest is None:
+            digest = local.digest_of(entry.path)
+            if digest is None:
+                continue
+            entry = replace(entry, digest=digest)
+        out.append(entry)
+    return out
 
 
 async def _make_kept_dirs(session: Session, kept: list[m.Entry], sources: list[m.Entry],
@@ -257,7 +272,9 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
     finally:
         await session._fs(extractor.close)
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
-    session.reset_base(_base_rows(sent, result.entries, "remote") + kept)
+    # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.
+    markers = [kept_local(entry) for entry in await session._fs(_with_digests, local, result.kept)]
+    session.reset_base(_base_rows(sent, result.entries, "remote") + kept + markers)
     progress.phase = "done"
     return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
                          result.deleted, skipped + extractor.skipped + result.skipped)

@@ -269,7 +269,8 @@ class Session:
         """The base becomes exactly ``rows`` (after a resync); pending intents and failure
         counts belong to the old state."""
         keep = {row.path for row in rows}
-        for path in [p for p in self.base if p not in keep]:
+        stale = [p for p in self.base if p not in keep] + [r.path for r in self.base.kept_rows() if r.path not in keep]
+        for path in stale:
             self.base.discard(path)
         for row in rows:
             self.base.set(row)

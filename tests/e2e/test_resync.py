@@ -511,8 +511,20 @@ def test_pull_keeps_preserve_absent_entries_and_the_directories_holding_them(
         # Ignored entries stay too, and so does the directory holding them.
         assert sorted(rel for rel in now if rel.startswith("old")) == ["old", "old/node_modules",
                                                                       "old/node_modules/deep.js"]
-        # Not checked here: whether the live sync afterwards uploads the preserved local-only
-        # entries to the remote (a known, separately tracked defect of live syncing).
+        # The live sync afterwards leaves the preserved local-only entries local: only the
+        # directories that hold them (deep/, deep/a/b/, old/) are made on the remote by the
+        # resync, so both sides agree and a flush moves nothing.
+        before = status(daemon, name)
+        flushed = flush(daemon, name)
+        assert counters(flushed) == counters(before), (before, flushed)
+        remote_now = snapshot(remote)
+        assert not any(rel.startswith("secrets") or rel.endswith("local.env") for rel in remote_now), remote_now
+        assert {"deep", "deep/a", "deep/a/b", "old"} <= set(remote_now), remote_now
+        assert os.listdir(remote / "deep/a/b") == [] and os.listdir(remote / "old") == []
+        # A later local edit of a preserved file is a new change: it is sent.
+        write(local / "deep/a/b/local.env", "edited after the pull\n")
+        flush(daemon, name)
+        assert read(remote / "deep/a/b/local.env") == b"edited after the pull\n"
     finally:
         remove_session(daemon, name)
 
