@@ -176,6 +176,17 @@ def _finite(value: float) -> float:
     return value
 
 
+def _printed_json(row: Any, as_json: bool) -> bool:
+    if as_json:
+        _print_json(row)
+    return as_json
+
+
+def timeout_option(default: float, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=default,
+                        show_default=True, callback=lambda ctx, param, value: _finite(value), help=help_text)
+
+
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
@@ -341,8 +352,7 @@ def _with_progress(socket_path: str | None, name: str, work: Callable[[], Any],
 
 @main.command()
 @click.argument("name")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=120.0, show_default=True,
-              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up (exit 6)")
+@timeout_option(120.0, "seconds before giving up (exit 6)")
 @socket_option
 @json_option
 def flush(name: str, timeout: float, socket_path: str | None, as_json: bool) -> None:
@@ -414,8 +424,7 @@ def _print_skipped(skipped: list[dict[str, Any]]) -> None:
 @click.argument("name")
 @click.option("--push", "direction", flag_value="push", help="rebuild the remote from the local tree")
 @click.option("--pull", "direction", flag_value="pull", help="rebuild the local tree from the remote")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=3600.0, show_default=True,
-              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up waiting (exit 6)")
+@timeout_option(3600.0, "seconds before giving up waiting (exit 6)")
 @click.option("--force", is_flag=True, help="even from an empty source tree (which deletes everything)")
 @socket_option
 @json_option
@@ -436,8 +445,7 @@ def resync(name: str, direction: str | None, timeout: float, force: bool, socket
                              _resync_line)
     else:
         row = _call(socket_path, "resync", args, timeout=timeout + 10)
-    if as_json:
-        _print_json(row)
+    if _printed_json(row, as_json):
         return
     click.echo(f"{name}: resync --{direction}: {row['files']} entries, {_size(row['bytes'])} in "
                f"{row['seconds']:.2f}s, {row['deleted']} deleted, {len(row['skipped'])} skipped; syncing live")
@@ -451,8 +459,7 @@ def resync(name: str, direction: str | None, timeout: float, force: bool, socket
 @click.option("--follow-symlinks", is_flag=True, help="send what symlinks point to, as regular files and directories")
 @click.option("--exclude", multiple=True, metavar="PAT", help="gitignore-style pattern not to send (repeatable)")
 @click.option("--runtime", is_flag=True, help="REMOTE_DIR is under the agent's runtime directory, not the remote root")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e8), default=3600.0, show_default=True,
-              callback=lambda ctx, param, value: _finite(value), help="seconds before giving up (exit 6)")
+@timeout_option(3600.0, "seconds before giving up (exit 6)")
 @socket_option
 @json_option
 def upload(name: str, local_dir: str, remote_dir: str, follow_symlinks: bool, exclude: tuple[str, ...],
@@ -461,8 +468,7 @@ def upload(name: str, local_dir: str, remote_dir: str, follow_symlinks: bool, ex
     args = {"name": name, "local": os.path.abspath(local_dir), "remote": remote_dir, "runtime": runtime,
             "follow_symlinks": follow_symlinks, "exclude": list(exclude), "timeout": timeout}
     row = _call(socket_path, "upload", args, timeout=timeout + 10)
-    if as_json:
-        _print_json(row)
+    if _printed_json(row, as_json):
         return
     click.echo(f"{name}: uploaded {row['files']} entries, {_size(row['bytes'])} to {row['where']} "
                f"in {row['seconds']:.2f}s")
