@@ -20,6 +20,7 @@ log = logging.getLogger("syncd.scan")
 # Temp files of in-flight writes; never synced, never reported.
 TEMP_PREFIX = ".syncd-tmp-"
 DIGEST_SIZE = 20
+PRINT_SIZE = 16  # bytes of a directory fingerprint (see dir_print)
 _READ_CHUNK = 1 << 20
 
 IsIgnored = Callable[[str, bool], bool]
@@ -89,6 +90,27 @@ def digest_bytes(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
+def print_record(name: str, kind: int, mode: int, size: int, mtime_ns: int, ino: int,
+                 target: Optional[str]) -> str:
+    """One child's part of its directory's fingerprint: only what the engine compares to
+    decide that an entry is unchanged (a directory's size and mtime and a symlink's mode
+    and times are left out: they drift without meaning a change). NUL cannot occur in a
+    name or a link target, so the records of two different listings never read alike."""
+    if kind == DIR:
+        size = mtime_ns = 0
+    elif kind == SYMLINK:
+        mode = size = mtime_ns = 0
+    return "%s\0%d\0%d\0%d\0%d\0%d\0%s\0" % (name, kind, mode, size, mtime_ns, ino, target or "")
+
+
+def dir_print(records: List[str]) -> bytes:
+    """Fingerprint of a directory listing, from the print_record() of each child (any
+    order): equal on both ends when the listing and the recorded state agree."""
+    records.sort()
+    data = "".join(records).encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=PRINT_SIZE).digest()
+
+
 class DigestCache:
     """Digests keyed by path and valid while (size, mtime_ns, inode) are unchanged."""
 
@@ -136,6 +158,20 @@ class Scanner:
         out: List[Entry] = []
         self._walk("", out, hash_files)
         return out
+
+    def scan_tree(
+        self, expect: Dict[str, bytes], hash_files: bool = True
+    ) -> Tuple[List[Entry], Set[str]]:
+        """Like scan_all, but a directory whose listing has the fingerprint ``expect``
+        gives for it (see dir_print) is only walked through: its children are left out
+        of the entries and the directory is returned in the matched set. Every entry is
+        still stat'ed, so a change made in any way (content, mode, mtime, inode, a name
+        added or gone) makes its directory report its whole listing."""
+        self.skipped = []
+        out: List[Entry] = []
+        matched: Set[str] = set()
+        self._walk("", out, hash_files, expect, matched)
+        return out, matched
 
     def scan_paths(
         self, paths: Iterable[str], recursive: bool, hash_files: bool = True
@@ -235,7 +271,8 @@ class Scanner:
             self.cache.put(entry)
         return entry
 
-    def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool) -> None:
+    def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool,
+              expect: Optional[Dict[str, bytes]] = None, matched: Optional[Set[str]] = None) -> None:
         stack = [rel_dir]
         while stack:
             current = stack.pop()
@@ -250,6 +287,8 @@ class Scanner:
             except OSError as exc:
                 self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
                 continue
+            wanted = expect.get(current) if expect is not None else None
+            listing: List[Tuple[str, os.stat_result, bool]] = []
             for item in items:
                 name = item.name
                 if name.startswith(TEMP_PREFIX):
@@ -267,12 +306,46 @@ class Scanner:
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if self.is_ignored(rel, is_dir):
                     continue
-                entry = self._entry(rel, st, hash_files)
-                if entry is None:
-                    continue
-                out.append(entry)
+                if wanted is None:
+                    entry = self._entry(rel, st, hash_files)
+                    if entry is None:
+                        continue
+                    out.append(entry)
+                else:
+                    listing.append((rel, st, is_dir))
                 if is_dir:
                     stack.append(rel)
+            if wanted is not None and matched is not None:
+                if self._listing_print(listing, len(prefix)) == wanted:
+                    matched.add(current)
+                    continue
+                for rel, st, _ in listing:
+                    entry = self._entry(rel, st, hash_files)
+                    if entry is not None:
+                        out.append(entry)
+
+    def _listing_print(self, listing: List[Tuple[str, os.stat_result, bool]], cut: int) -> Optional[bytes]:
+        """dir_print() of a listing as its entries would read (special files are never
+        synced), or None when a symlink cannot be read."""
+        records = []
+        for rel, st, _ in listing:
+            fmt = stat.S_IFMT(st.st_mode)
+            target = None
+            if fmt == stat.S_IFREG:
+                kind = FILE
+            elif fmt == stat.S_IFDIR:
+                kind = DIR
+            elif fmt == stat.S_IFLNK:
+                kind = SYMLINK
+                try:
+                    target = os.readlink(join(self.root, rel))
+                except OSError:
+                    return None
+            else:
+                continue
+            records.append(print_record(rel[cut:], kind, stat.S_IMODE(st.st_mode), st.st_size,
+                                        st.st_mtime_ns, st.st_ino, target))
+        return dir_print(records)
 
     def _read_ignore_files(self, rel_dir: str, base: str) -> None:
         assert self.on_gitignore is not None

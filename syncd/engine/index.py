@@ -6,6 +6,7 @@ import bisect
 from collections.abc import Iterable, Iterator
 
 from syncd.engine.model import Agreed
+from syncd.scan import dir_print, print_record
 
 
 class BaseIndex:
@@ -52,3 +53,21 @@ class BaseIndex:
 
     def mapping(self) -> dict[str, Agreed]:
         return self._items
+
+
+def dir_prints(base: BaseIndex) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(local, remote) fingerprint of every directory's recorded listing, keyed by the
+    directory ("" = the root), as ``Scanner.scan_tree`` expects them: a directory whose
+    listing on that side still matches holds exactly what the base says."""
+    local: dict[str, list[str]] = {}
+    remote: dict[str, list[str]] = {}
+    for path, row in base.mapping().items():
+        cut = path.rfind("/")
+        parent, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else ("", path)
+        if parent not in local:
+            local[parent] = []
+            remote[parent] = []
+        kind, mode, size, mtime_ns, target = row.kind, row.mode, row.size, row.mtime_ns, row.target
+        local[parent].append(print_record(name, kind, mode, size, mtime_ns, row.local_ino, target))
+        remote[parent].append(print_record(name, kind, mode, size, mtime_ns, row.remote_ino, target))
+    return ({d: dir_print(r) for d, r in local.items()}, {d: dir_print(r) for d, r in remote.items()})

@@ -146,6 +146,33 @@ class AgentClient:
         wire = None if paths is None else tuple(paths)
         return await self._entries(lambda req: m.Scan(req, wire, recursive))
 
+    def supports(self, capability: str) -> bool:
+        """Whether the agent announced ``capability`` in its Hello."""
+        peer = self.conn.peer
+        return peer is not None and capability in peer.capabilities
+
+    async def scan_tree(self, prints: dict[str, bytes]) -> tuple[list[m.Entry], set[str]]:
+        """Scan the whole root, leaving out directories whose listing still has the given
+        fingerprint; return the entries of the others and the set of unchanged ones."""
+        dirs = tuple(prints)
+        blob = b"".join(prints.values())
+        entries: list[m.Entry] = []
+        matched: set[str] | None = None
+        async for reply in self._request(lambda req: m.ScanTree(req, dirs, blob)):
+            if isinstance(reply, m.TreeMatched) and matched is None:
+                bits = reply.matched
+                if len(bits) != (len(dirs) + 7) // 8:
+                    raise AgentError("the agent answered a tree scan with a malformed bitmap")
+                matched = {d for i, d in enumerate(dirs) if bits[i >> 3] >> (i & 7) & 1}
+            elif isinstance(reply, m.ScanChunk) and matched is not None:
+                entries.extend(reply.entries)
+                if reply.done:
+                    break
+            else:
+                raise AgentError(f"the agent answered a tree scan with {type(reply).__name__} out of turn")
+        assert matched is not None  # the loop ends only after the bitmap and the last chunk
+        return entries, matched
+
     async def hash(self, paths: list[str]) -> tuple[list[m.Entry], list[str]]:
         return await self._entries(lambda req: m.Hash(req, tuple(paths)))
 

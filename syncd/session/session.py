@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
-from syncd.engine.index import BaseIndex
+from syncd.engine.index import BaseIndex, dir_prints
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
 from syncd.engine.reconcile import ancestors, detect_moves, needs_digest, reconcile, rekey
 from syncd.engine.recovery import adopt
@@ -118,6 +118,10 @@ class Session:
         self._recent_moves: list[tuple[str, str, float]] = []  # (old, new, when) replayed moves
         self._walk_next: set[str] = set()  # known directories to walk, not just stat, next cycle
         self._intents: list[Intent] = []
+        # Fingerprints of the base's directory listings (local, remote) for full scans, and
+        # the directories each side's last full scan found unchanged.
+        self._prints: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+        self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -277,9 +281,12 @@ class Session:
     def _ignored(self, path: str, kind: int) -> bool:
         return self.rules.is_ignored(path, kind == m.DIR)
 
-    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False) -> Observed:
+    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False,
+                 matched: set[str] | None = None) -> Observed:
         """Scan results as an observation. ``filtered``: already passed through our rules
-        (the local scanner); the remote's answer is checked against local rules too."""
+        (the local scanner); the remote's answer is checked against local rules too.
+        ``matched``: directories a tree scan found unchanged; their children are left out
+        of the observation, so the engine takes them to hold their base state (as they do)."""
         observed: Observed = {}
         if filtered:
             observed = {entry.path: entry for entry in entries}
@@ -292,7 +299,7 @@ class Session:
         if full:
             forget = []
             for path in self.base:
-                if path in observed:
+                if path in observed or (matched and path[: max(path.rfind("/"), 0)] in matched):
                     continue
                 agreed = self.base.get(path)
                 assert agreed is not None
@@ -338,8 +345,12 @@ class Session:
         if full:
             if not os.path.isdir(self.cfg.local):
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
-            entries = await asyncio.to_thread(local.scanner.scan_all)
-            return self._observe(entries, [], True, filtered=True)
+            if self._intents:  # adopting them needs every path seen
+                entries = await asyncio.to_thread(local.scanner.scan_all)
+                return self._observe(entries, [], True, filtered=True)
+            entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
+            self._matched["local"] = matched
+            return self._observe(entries, [], True, filtered=True, matched=matched)
         shallow, deep = self._split_dirty(dirty)
 
         def scan() -> tuple[list[m.Entry], list[str]]:
@@ -372,7 +383,12 @@ class Session:
     async def _observe_remote(self, full: bool, dirty: set[str]) -> Observed:
         agent = self.agent
         assert agent is not None
-        if full:
+        matched: set[str] | None = None
+        if full and not self._intents and agent.supports("scan-tree"):
+            entries, matched = await agent.scan_tree(self._prints[1])
+            absent: list[str] = []
+            self._matched["remote"] = matched
+        elif full:
             entries, absent = await agent.scan(None)
         else:
             shallow, deep = self._split_dirty(dirty)
@@ -385,7 +401,7 @@ class Session:
                 entries += more
                 walked = replaced + [p for p in deep if p in self._walk_next]
                 absent += gone + self._vanished_under(walked, more)
-        observed = self._observe(entries, absent, full)
+        observed = self._observe(entries, absent, full, matched=matched)
         missing = needs_digest(self.base, observed, "remote")
         if missing:
             hashed, vanished = await agent.hash(missing)
@@ -435,6 +451,9 @@ class Session:
         if not remote_full:
             remote_dirty |= {p for p in local_dirty}
         t0 = time.perf_counter()
+        self._matched = {"local": set(), "remote": set()}
+        if (local_full or remote_full) and not self._intents:
+            self._prints = dir_prints(self.base)
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
@@ -485,7 +504,8 @@ class Session:
         if not self.base or self.force_next:
             return
         for side, observed, full in (("local", local, local_full), ("remote", remote, remote_full)):
-            if full and not any(e is not None for e in observed.values()):
+            # A directory found unchanged has children (only those get a fingerprint).
+            if full and not self._matched[side] and not any(e is not None for e in observed.values()):
                 raise Halted(
                     f"the {side} root is empty while {len(self.base)} entries are tracked; "
                     "refusing to propagate the loss (resync or resume with --force)"

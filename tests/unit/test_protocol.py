@@ -57,6 +57,8 @@ SAMPLES: dict[type, Any] = {
     m.Bye: m.Bye(),
     m.Fetch: m.Fetch(6, CAFE),
     m.FileData: m.FileData(6, b"", FILE_ENTRY, ""),
+    m.ScanTree: m.ScanTree(7, ("", "src/" + CAFE), bytes(range(32))),
+    m.TreeMatched: m.TreeMatched(7, b"\x02"),
 }
 
 
