@@ -122,6 +122,7 @@ class Session:
         # the directories each side's last full scan found unchanged.
         self._prints: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
         self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
+        self._prescan: tuple[list[m.Entry], set[str]] | None = None  # local tree scanned while connecting
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -134,7 +135,8 @@ class Session:
         self.wakeup.set()
 
     async def connect(self) -> None:
-        """Check the local root, start the agent and bind it to the remote root."""
+        """Check the local root, start the agent and bind it to the remote root. The
+        local side is prepared meanwhile (see _prepare_local): it needs no remote."""
         cfg = self.cfg
         if not os.path.isdir(cfg.local):
             raise SessionError(f"local directory {cfg.local} does not exist")
@@ -142,10 +144,21 @@ class Session:
             self.store = Store(cfg.index_path())
         except StoreBusy as exc:
             raise SessionError(str(exc)) from None
-        self.base = self.store.load()
-        self._intents = load_intents(self.store)
-        self.local = LocalSide(cfg.local, self.rules, self.base)
         self.state = "connecting"
+        preparing = asyncio.ensure_future(self._prepare_local())
+        try:
+            await self._start_remote()
+            await preparing
+        except BaseException:
+            preparing.cancel()
+            await asyncio.gather(preparing, return_exceptions=True)
+            raise
+        self.connected = True
+        if self.on_connected is not None:
+            self.on_connected()
+
+    async def _start_remote(self) -> None:
+        cfg = self.cfg
         try:
             channel = await start_agent(cfg.remote, cfg.agent)
         except TransportError as exc:
@@ -159,11 +172,30 @@ class Session:
             self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
-        self.connected = True
-        if self.on_connected is not None:
-            self.on_connected()
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
+
+    async def _prepare_local(self) -> None:
+        """Load the base, arm the local watcher, fingerprint the base and scan the local
+        tree: the first cycle then only waits for the remote side."""
+        store = self.store
+        assert store is not None
+        loading = asyncio.ensure_future(asyncio.to_thread(store.load))
+        try:
+            self.base = await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            # The store is closed after a cancellation: let its reader finish first.
+            await asyncio.gather(loading, return_exceptions=True)
+            raise
+        self._intents = load_intents(store)
+        self.local = LocalSide(self.cfg.local, self.rules, self.base)
+        self._tasks.append(asyncio.create_task(self._watch_local()))
+        # Watch before scanning, so nothing changed during the first scan is missed.
+        await self._local_armed.wait()
+        if self._intents:
+            return  # adopting them needs a scan of every path: left to the first cycle
+        self._prints = await asyncio.to_thread(dir_prints, self.base)
+        self._prescan = await asyncio.to_thread(self.local.scanner.scan_tree, self._prints[0])
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -205,10 +237,7 @@ class Session:
                     await connecting
                 return
             connecting.result()
-            self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
-            # Watch before scanning, so nothing changed during the first scan is missed.
-            await self._local_armed.wait()
             await self.follow()
         except (AgentError, ConnectionError) as exc:
             raise SessionError(f"lost the link to {self.cfg.remote.describe()}: {exc}") from None
@@ -254,10 +283,17 @@ class Session:
         def ignored(rel: str, is_dir: bool) -> bool:
             return is_temp_name(rel) or self.rules.is_ignored(rel, is_dir)
 
+        starting = asyncio.ensure_future(asyncio.to_thread(
+            start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
+        ))
         try:
-            watcher = await asyncio.to_thread(
-                start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
-            )
+            watcher = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while it started (the connection failed): it must not outlive us.
+            with contextlib.suppress(Exception):
+                late = await starting
+                await asyncio.to_thread(late.stop)
+            raise
         finally:
             self._local_armed.set()
         try:
@@ -348,7 +384,14 @@ class Session:
             if self._intents:  # adopting them needs every path seen
                 entries = await asyncio.to_thread(local.scanner.scan_all)
                 return self._observe(entries, [], True, filtered=True)
-            entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
+            if self._prescan is not None:
+                # Scanned while the agent started. What changed since came as events:
+                # look at those paths again next cycle.
+                entries, matched = self._prescan
+                self._prescan = None
+                self.local_dirty |= dirty
+            else:
+                entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
             self._matched["local"] = matched
             return self._observe(entries, [], True, filtered=True, matched=matched)
         shallow, deep = self._split_dirty(dirty)
@@ -452,7 +495,7 @@ class Session:
             remote_dirty |= {p for p in local_dirty}
         t0 = time.perf_counter()
         self._matched = {"local": set(), "remote": set()}
-        if (local_full or remote_full) and not self._intents:
+        if (local_full or remote_full) and not self._intents and self._prescan is None:
             self._prints = dir_prints(self.base)
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
