@@ -122,7 +122,8 @@ class Session:
         # the directories each side's last full scan found unchanged.
         self._prints: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
         self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
-        self._prescan: tuple[list[m.Entry], set[str]] | None = None  # local tree scanned while connecting
+        # The local tree, scanned while the agent starts, for the first cycle.
+        self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -176,8 +177,8 @@ class Session:
                  opened.watcher)
 
     async def _prepare_local(self) -> None:
-        """Load the base, arm the local watcher, fingerprint the base and scan the local
-        tree: the first cycle then only waits for the remote side."""
+        """Load the base and fingerprint it, then start arming the local watcher and
+        scanning the local tree: the first cycle then mostly waits for the remote side."""
         store = self.store
         assert store is not None
         loading = asyncio.ensure_future(asyncio.to_thread(store.load))
@@ -190,12 +191,17 @@ class Session:
         self._intents = load_intents(store)
         self.local = LocalSide(self.cfg.local, self.rules, self.base)
         self._tasks.append(asyncio.create_task(self._watch_local()))
-        # Watch before scanning, so nothing changed during the first scan is missed.
-        await self._local_armed.wait()
         if self._intents:
             return  # adopting them needs a scan of every path: left to the first cycle
         self._prints = await asyncio.to_thread(dir_prints, self.base)
-        self._prescan = await asyncio.to_thread(self.local.scanner.scan_tree, self._prints[0])
+        self._prescan = asyncio.ensure_future(self._scan_local_tree())
+
+    async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
+        local = self.local
+        assert local is not None
+        # Watch before scanning, so nothing changed during the scan is missed.
+        await self._local_armed.wait()
+        return await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -204,6 +210,9 @@ class Session:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
         try:
+            if self._prescan is not None:
+                self._prescan.cancel()
+                await asyncio.gather(self._prescan, return_exceptions=True)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -375,6 +384,8 @@ class Session:
     async def _observe_local(self, full: bool, dirty: set[str]) -> Observed:
         local = self.local
         assert local is not None
+        # Watch before scanning, so nothing changed during the first scan is missed.
+        await self._local_armed.wait()
         for path in dirty:
             if path == ".gitignore" or path.endswith("/.gitignore") or path == ".git/info/exclude":
                 local.reload_ignore_file(path)
@@ -385,10 +396,10 @@ class Session:
                 entries = await asyncio.to_thread(local.scanner.scan_all)
                 return self._observe(entries, [], True, filtered=True)
             if self._prescan is not None:
-                # Scanned while the agent started. What changed since came as events:
-                # look at those paths again next cycle.
-                entries, matched = self._prescan
-                self._prescan = None
+                # Scanned while the agent started. What changed since it began came as
+                # events: look at those paths again next cycle.
+                prescan, self._prescan = self._prescan, None
+                entries, matched = await prescan
                 self.local_dirty |= dirty
             else:
                 entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
