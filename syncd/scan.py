@@ -274,6 +274,7 @@ class Scanner:
     def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool,
               expect: Optional[Dict[str, bytes]] = None, matched: Optional[Set[str]] = None) -> None:
         stack = [rel_dir]
+        ifmt, imode = stat.S_IFMT, stat.S_IMODE  # looked up once: the loop below runs per entry
         while stack:
             current = stack.pop()
             base = join(self.root, current)
@@ -288,7 +289,10 @@ class Scanner:
                 self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
                 continue
             wanted = expect.get(current) if expect is not None else None
-            listing: List[Tuple[str, os.stat_result, bool]] = []
+            # With a fingerprint to match, entries are made only if the listing differs.
+            listing: List[Tuple[str, os.stat_result]] = []
+            records: List[str] = []
+            vouched = True
             for item in items:
                 name = item.name
                 if name.startswith(TEMP_PREFIX):
@@ -303,49 +307,38 @@ class Scanner:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue  # vanished since listing
-                is_dir = stat.S_ISDIR(st.st_mode)
+                fmt = ifmt(st.st_mode)
+                is_dir = fmt == stat.S_IFDIR
                 if self.is_ignored(rel, is_dir):
                     continue
-                if wanted is None:
-                    entry = self._entry(rel, st, hash_files)
-                    if entry is None:
-                        continue
-                    out.append(entry)
-                else:
-                    listing.append((rel, st, is_dir))
                 if is_dir:
                     stack.append(rel)
-            if wanted is not None and matched is not None:
-                if self._listing_print(listing, len(prefix)) == wanted:
-                    matched.add(current)
-                    continue
-                for rel, st, _ in listing:
+                if wanted is None:
                     entry = self._entry(rel, st, hash_files)
                     if entry is not None:
                         out.append(entry)
-
-    def _listing_print(self, listing: List[Tuple[str, os.stat_result, bool]], cut: int) -> Optional[bytes]:
-        """dir_print() of a listing as its entries would read (special files are never
-        synced), or None when a symlink cannot be read."""
-        records = []
-        for rel, st, _ in listing:
-            fmt = stat.S_IFMT(st.st_mode)
-            target = None
-            if fmt == stat.S_IFREG:
-                kind = FILE
-            elif fmt == stat.S_IFDIR:
-                kind = DIR
-            elif fmt == stat.S_IFLNK:
-                kind = SYMLINK
-                try:
-                    target = os.readlink(join(self.root, rel))
-                except OSError:
-                    return None
-            else:
+                    continue
+                listing.append((rel, st))
+                if fmt == stat.S_IFREG:
+                    records.append("%s\0%d\0%d\0%d\0%d\0%d\0\0" % (
+                        name, FILE, imode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino))
+                elif is_dir:
+                    records.append(print_record(name, DIR, imode(st.st_mode), 0, 0, st.st_ino, None))
+                elif fmt == stat.S_IFLNK:
+                    try:
+                        records.append(print_record(name, SYMLINK, 0, 0, 0, st.st_ino, os.readlink(base + "/" + name)))
+                    except OSError:
+                        vouched = False
+                # Other kinds are never synced: no entry, so no record either.
+            if wanted is None or matched is None:
                 continue
-            records.append(print_record(rel[cut:], kind, stat.S_IMODE(st.st_mode), st.st_size,
-                                        st.st_mtime_ns, st.st_ino, target))
-        return dir_print(records)
+            if vouched and dir_print(records) == wanted:
+                matched.add(current)
+                continue
+            for rel, st in listing:
+                entry = self._entry(rel, st, hash_files)
+                if entry is not None:
+                    out.append(entry)
 
     def _read_ignore_files(self, rel_dir: str, base: str) -> None:
         assert self.on_gitignore is not None
