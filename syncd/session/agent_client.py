@@ -33,8 +33,16 @@ class AgentClient:
         self.bytes_received = 0
 
     async def start(self) -> m.Hello:
+        self.begin()
+        return await self.wait_hello()
+
+    def begin(self) -> None:
+        """Send our Hello and start reading. Requests may follow at once: the agent
+        serves them in order once it has started."""
         self._send_raw(self.conn.initiate())
         self._reader = asyncio.create_task(self._read_loop())
+
+    async def wait_hello(self) -> m.Hello:
         try:
             return await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT)
         except TimeoutError:
@@ -106,12 +114,21 @@ class AgentClient:
             raise ProtocolError(f"unsolicited {type(message).__name__}")
         queue.put_nowait(message)
 
-    async def _request(self, make: Any) -> AsyncIterator[Any]:
+    def _request(self, make: Any) -> AsyncIterator[Any]:
+        """Send a request now (so it precedes whatever is sent next); iterate over its
+        replies."""
         req = next(self._ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiting[req] = queue
         try:
             self.send(make(req))
+        except BaseException:
+            self._waiting.pop(req, None)
+            raise
+        return self._replies(req, queue)
+
+    async def _replies(self, req: int, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -154,11 +171,20 @@ class AgentClient:
     async def scan_tree(self, prints: dict[str, bytes]) -> tuple[list[m.Entry], set[str]]:
         """Scan the whole root, leaving out directories whose listing still has the given
         fingerprint; return the entries of the others and the set of unchanged ones."""
+        return await self.submit_scan_tree(prints)
+
+    def submit_scan_tree(self, prints: dict[str, bytes]) -> asyncio.Future[tuple[list[m.Entry], set[str]]]:
+        """scan_tree(), with the request written now and a future for its answer."""
         dirs = tuple(prints)
         blob = b"".join(prints.values())
+        replies = self._request(lambda req: m.ScanTree(req, dirs, blob))
+        return asyncio.ensure_future(self._tree_answer(dirs, replies))
+
+    async def _tree_answer(self, dirs: tuple[str, ...],
+                           replies: AsyncIterator[Any]) -> tuple[list[m.Entry], set[str]]:
         entries: list[m.Entry] = []
         matched: set[str] | None = None
-        async for reply in self._request(lambda req: m.ScanTree(req, dirs, blob)):
+        async for reply in replies:
             if isinstance(reply, m.TreeMatched) and matched is None:
                 bits = reply.matched
                 if len(bits) != (len(dirs) + 7) // 8:

@@ -124,6 +124,10 @@ class Session:
         self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
         # The local tree, scanned while the agent starts, for the first cycle.
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
+        # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
+        self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
+        self._prints_ready = asyncio.Event()
+        self._remote_scan_sent = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -164,12 +168,24 @@ class Session:
             channel = await start_agent(cfg.remote, cfg.agent)
         except TransportError as exc:
             raise SessionError(str(exc)) from None
-        self.agent = AgentClient(channel)
+        agent = self.agent = AgentClient(channel)
         try:
-            await self.agent.start()
-            opened = await self.agent.open(cfg.remote.path, self.rules.to_wire(), True, True)
+            agent.begin()
+            # Open, and the first scan, follow our Hello without waiting for the agent's:
+            # it serves them in order as soon as it runs.
+            opening = asyncio.ensure_future(agent.open(cfg.remote.path, self.rules.to_wire(), True, True))
+            try:
+                await agent.wait_hello()
+                if agent.supports("scan-tree"):
+                    self._remote_prescan = asyncio.ensure_future(self._scan_remote_tree(agent))
+                else:
+                    self._remote_scan_sent.set()
+                opened = await opening
+            finally:
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
         except AgentError as exc:
-            await self.agent.close()
+            await agent.close()
             self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
@@ -190,11 +206,27 @@ class Session:
             raise
         self._intents = load_intents(store)
         self.local = LocalSide(self.cfg.local, self.rules, self.base)
+        if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
+            # First, as the remote scan waits for them (the watcher start holds the GIL).
+            self._prints = await asyncio.to_thread(dir_prints, self.base)
+        self._prints_ready.set()
+        # Starting watchfiles holds the GIL for a while on a big tree: not before the
+        # remote scan is on its way, or known not to come.
+        await self._remote_scan_sent.wait()
         self._tasks.append(asyncio.create_task(self._watch_local()))
-        if self._intents:
-            return  # adopting them needs a scan of every path: left to the first cycle
-        self._prints = await asyncio.to_thread(dir_prints, self.base)
-        self._prescan = asyncio.ensure_future(self._scan_local_tree())
+        if not self._intents:
+            self._prescan = asyncio.ensure_future(self._scan_local_tree())
+
+    async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
+        """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
+        try:
+            await self._prints_ready.wait()
+            if self._intents:
+                return None  # adopting them needs a scan of every path
+            scanning = agent.submit_scan_tree(self._prints[1])
+        finally:
+            self._remote_scan_sent.set()
+        return await scanning
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
         local = self.local
@@ -210,9 +242,10 @@ class Session:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
         try:
-            if self._prescan is not None:
-                self._prescan.cancel()
-                await asyncio.gather(self._prescan, return_exceptions=True)
+            for prescan in (self._prescan, self._remote_prescan):
+                if prescan is not None:
+                    prescan.cancel()
+                    await asyncio.gather(prescan, return_exceptions=True)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -438,9 +471,19 @@ class Session:
         agent = self.agent
         assert agent is not None
         matched: set[str] | None = None
-        if full and not self._intents and agent.supports("scan-tree"):
-            entries, matched = await agent.scan_tree(self._prints[1])
+        prescanned = None
+        if full and self._remote_prescan is not None:
+            prescan, self._remote_prescan = self._remote_prescan, None
+            prescanned = await prescan
+            # What changed since it began came as events: look at those paths again.
+            self.remote_dirty |= dirty
+        if prescanned is not None:
+            entries, matched = prescanned
             absent: list[str] = []
+            self._matched["remote"] = matched
+        elif full and not self._intents and agent.supports("scan-tree"):
+            entries, matched = await agent.scan_tree(self._prints[1])
+            absent = []
             self._matched["remote"] = matched
         elif full:
             entries, absent = await agent.scan(None)
