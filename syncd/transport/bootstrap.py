@@ -81,7 +81,21 @@ try:  # an installed msgpack >= 1.0 has the C extension: faster than the bundled
         del sys.modules["msgpack"]
 except ImportError:
     pass
-sys.path.insert(0, p)
+# Run from an unpacked copy of the checked archive: unlike a zip, a directory lets Python
+# keep the compiled modules, so later starts do not compile them again. It is unpacked
+# under a temporary name and renamed, so a copy is whole or absent.
+x = p[:-4]
+if not os.path.isdir(x):
+    t = "%s.%d.tmp" % (x, os.getpid())
+    try:
+        import zipfile
+        with zipfile.ZipFile(p) as z:
+            z.extractall(t)
+        os.rename(t, x)
+    except Exception:
+        import shutil
+        shutil.rmtree(t, ignore_errors=True)
+sys.path.insert(0, x if os.path.isdir(x) else p)
 from syncd.agent.main import main
 sys.exit(main())
 """
