@@ -171,20 +171,11 @@ class AgentClient:
     async def scan_tree(self, prints: dict[str, bytes]) -> tuple[list[m.Entry], set[str]]:
         """Scan the whole root, leaving out directories whose listing still has the given
         fingerprint; return the entries of the others and the set of unchanged ones."""
-        return await self.submit_scan_tree(prints)
-
-    def submit_scan_tree(self, prints: dict[str, bytes]) -> asyncio.Future[tuple[list[m.Entry], set[str]]]:
-        """scan_tree(), with the request written now and a future for its answer."""
         dirs = tuple(prints)
         blob = b"".join(prints.values())
-        replies = self._request(lambda req: m.ScanTree(req, dirs, blob))
-        return asyncio.ensure_future(self._tree_answer(dirs, replies))
-
-    async def _tree_answer(self, dirs: tuple[str, ...],
-                           replies: AsyncIterator[Any]) -> tuple[list[m.Entry], set[str]]:
         entries: list[m.Entry] = []
         matched: set[str] | None = None
-        async for reply in replies:
+        async for reply in self._request(lambda req: m.ScanTree(req, dirs, blob)):
             if isinstance(reply, m.TreeMatched) and matched is None:
                 bits = reply.matched
                 if len(bits) != (len(dirs) + 7) // 8:

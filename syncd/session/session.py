@@ -127,7 +127,6 @@ class Session:
         # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
         self._prints_ready = asyncio.Event()
-        self._remote_scan_sent = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -178,8 +177,6 @@ class Session:
                 await agent.wait_hello()
                 if agent.supports("scan-tree"):
                     self._remote_prescan = asyncio.ensure_future(self._scan_remote_tree(agent))
-                else:
-                    self._remote_scan_sent.set()
                 opened = await opening
             finally:
                 opening.cancel()
@@ -207,26 +204,20 @@ class Session:
         self._intents = load_intents(store)
         self.local = LocalSide(self.cfg.local, self.rules, self.base)
         if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
-            # First, as the remote scan waits for them (the watcher start holds the GIL).
+            # Before the watcher: the remote scan waits for them, and starting watchfiles
+            # holds the GIL for a while on a big tree.
             self._prints = await asyncio.to_thread(dir_prints, self.base)
         self._prints_ready.set()
-        # Starting watchfiles holds the GIL for a while on a big tree: not before the
-        # remote scan is on its way, or known not to come.
-        await self._remote_scan_sent.wait()
         self._tasks.append(asyncio.create_task(self._watch_local()))
         if not self._intents:
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
 
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
-        try:
-            await self._prints_ready.wait()
-            if self._intents:
-                return None  # adopting them needs a scan of every path
-            scanning = agent.submit_scan_tree(self._prints[1])
-        finally:
-            self._remote_scan_sent.set()
-        return await scanning
+        await self._prints_ready.wait()
+        if self._intents:
+            return None  # adopting them needs a scan of every path
+        return await agent.scan_tree(self._prints[1])
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
         local = self.local
