@@ -39,8 +39,10 @@ _ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 
 _MAIN = b"import sys\nfrom syncd.agent.main import main\nsys.exit(main())\n"
 
-# Runs on the remote as `python3 -c LOADER HASH SIZE CACHE_DIR`. Reads stdin with os.read
-# so that no byte meant for the agent is swallowed by a buffer.
+# Runs on the remote as `python3 -S -c LOADER HASH SIZE CACHE_DIR`. Reads stdin with os.read
+# so that no byte meant for the agent is swallowed by a buffer. Started without `site`: the
+# agent needs only the standard library and, if installed, msgpack, and .pth files and
+# site hooks can cost more than the rest of the start.
 LOADER = r"""
 import hashlib, os, sys
 h, n, d = sys.argv[1], int(sys.argv[2]), os.path.expanduser(sys.argv[3])
@@ -76,6 +78,10 @@ if not ok():
     os.replace(t, p)
 say(b"SYNCD-READY\n")
 try:  # an installed msgpack >= 1.0 has the C extension: faster than the bundled fallback
+    import site
+    for s in site.getsitepackages() + [site.getusersitepackages()]:
+        if s not in sys.path and os.path.isdir(s):
+            sys.path.append(s)
     import msgpack
     if msgpack.version < (1, 0):
         del sys.modules["msgpack"]
@@ -132,6 +138,7 @@ def loader_command(python: str = "python3", cache_dir: str = DEFAULT_CACHE_DIR) 
     return " ".join(
         [
             shlex.quote(python) if python == "python3" or "/" in python else python,
+            "-S",
             "-c",
             shlex.quote(LOADER),
             agent_digest(),
