@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
-from syncd.engine.model import Agreed
+from syncd.engine.model import Agreed, Side
 from syncd.scan import dir_print, print_record
 
 
@@ -55,19 +55,18 @@ class BaseIndex:
         return self._items
 
 
-def dir_prints(base: BaseIndex) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """(local, remote) fingerprint of every directory's recorded listing, keyed by the
+def dir_prints(base: BaseIndex, side: Side) -> dict[str, bytes]:
+    """The fingerprint of every directory's recorded listing on ``side``, keyed by the
     directory ("" = the root), as ``Scanner.scan_tree`` expects them: a directory whose
     listing on that side still matches holds exactly what the base says."""
-    local: dict[str, list[str]] = {}
-    remote: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
+    local = side == "local"
     for path, row in base.mapping().items():
         cut = path.rfind("/")
         parent, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else ("", path)
-        if parent not in local:
-            local[parent] = []
-            remote[parent] = []
-        kind, mode, size, mtime_ns, target = row.kind, row.mode, row.size, row.mtime_ns, row.target
-        local[parent].append(print_record(name, kind, mode, size, mtime_ns, row.local_ino, target))
-        remote[parent].append(print_record(name, kind, mode, size, mtime_ns, row.remote_ino, target))
-    return ({d: dir_print(r) for d, r in local.items()}, {d: dir_print(r) for d, r in remote.items()})
+        records = groups.get(parent)
+        if records is None:
+            records = groups[parent] = []
+        records.append(print_record(name, row.kind, row.mode, row.size, row.mtime_ns,
+                                    row.local_ino if local else row.remote_ino, row.target))
+    return {d: dir_print(r) for d, r in groups.items()}

@@ -118,9 +118,9 @@ class Session:
         self._recent_moves: list[tuple[str, str, float]] = []  # (old, new, when) replayed moves
         self._walk_next: set[str] = set()  # known directories to walk, not just stat, next cycle
         self._intents: list[Intent] = []
-        # Fingerprints of the base's directory listings (local, remote) for full scans, and
+        # Fingerprints of the base's directory listings on each side for full scans, and
         # the directories each side's last full scan found unchanged.
-        self._prints: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+        self._prints: dict[str, dict[str, bytes]] = {"local": {}, "remote": {}}
         self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
         # The local tree, scanned while the agent starts, for the first cycle.
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
@@ -206,7 +206,7 @@ class Session:
         if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
             # Before the watcher: the remote scan waits for them, and starting watchfiles
             # holds the GIL for a while on a big tree.
-            self._prints = await asyncio.to_thread(dir_prints, self.base)
+            self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         self._prints_ready.set()
         self._tasks.append(asyncio.create_task(self._watch_local()))
         if not self._intents:
@@ -217,14 +217,15 @@ class Session:
         await self._prints_ready.wait()
         if self._intents:
             return None  # adopting them needs a scan of every path
-        return await agent.scan_tree(self._prints[1])
+        return await agent.scan_tree(self._prints["remote"])
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
         local = self.local
         assert local is not None
+        self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
         # Watch before scanning, so nothing changed during the scan is missed.
         await self._local_armed.wait()
-        return await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
+        return await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -426,7 +427,7 @@ class Session:
                 entries, matched = await prescan
                 self.local_dirty |= dirty
             else:
-                entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints[0])
+                entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
             self._matched["local"] = matched
             return self._observe(entries, [], True, filtered=True, matched=matched)
         shallow, deep = self._split_dirty(dirty)
@@ -473,7 +474,7 @@ class Session:
             absent: list[str] = []
             self._matched["remote"] = matched
         elif full and not self._intents and agent.supports("scan-tree"):
-            entries, matched = await agent.scan_tree(self._prints[1])
+            entries, matched = await agent.scan_tree(self._prints["remote"])
             absent = []
             self._matched["remote"] = matched
         elif full:
@@ -540,8 +541,11 @@ class Session:
             remote_dirty |= {p for p in local_dirty}
         t0 = time.perf_counter()
         self._matched = {"local": set(), "remote": set()}
-        if (local_full or remote_full) and not self._intents and self._prescan is None:
-            self._prints = dir_prints(self.base)
+        if not self._intents and self._prescan is None:
+            if local_full:
+                self._prints["local"] = dir_prints(self.base, "local")
+            if remote_full:
+                self._prints["remote"] = dir_prints(self.base, "remote")
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),

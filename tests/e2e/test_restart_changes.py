@@ -85,3 +85,32 @@ def test_changes_made_while_down_all_travel(pair: Pair) -> None:
     assert_idle(s3)
     assert change_lines(s3) == [], s3.stdout()
     s3.stop()
+
+
+def test_paths_newly_ignored_while_down_are_left_alone(pair: Pair) -> None:
+    tree = {f"d{i}/sub{j}/f{k}.txt": f"file {i} {j} {k}\n" for i in range(3) for j in range(2) for k in range(3)}
+    make_tree(pair.local, tree)
+    s1 = pair.start()
+    wait_quiescent(pair.local, pair.remote, s1, what="initial push")
+    s1.stop()
+
+    L, R = pair.local, pair.remote
+    (L / ".gitignore").write_text("d1/\n")  # ignored locally from now on
+    (L / "d1/sub0/f0.txt").write_text("changed while ignored\n")
+    (R / "d2/sub1/f2.txt").unlink()  # under a directory the restart ignores with --ignore
+    s2 = pair.start("--ignore", "d2/")
+
+    def synced(path: str) -> bool:
+        return path.split("/")[0] not in ("d1", "d2")
+
+    wait_quiescent(L, R, s2, what="restart with new ignore rules", keep=synced)
+    assert_idle(s2)
+    assert (R / ".gitignore").read_text() == "d1/\n"
+    # Nothing under the newly ignored directories travelled or was deleted.
+    assert (R / "d1/sub0/f0.txt").read_text() == "file 1 0 0\n"
+    assert (L / "d1/sub0/f0.txt").read_text() == "changed while ignored\n"
+    assert (L / "d2/sub1/f2.txt").is_file() and not (R / "d2/sub1/f2.txt").exists()
+    for root in (L, R):
+        assert len([p for p in (root / "d0").rglob("*") if p.is_file()]) == 6
+    assert not [ln for ln in change_lines(s2) if "d1/" in ln or "d2/" in ln], s2.stdout()
+    s2.stop()

@@ -43,7 +43,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def scan(root: Path, base: BaseIndex) -> tuple[dict[str, m.Entry], set[str]]:
-    entries, matched = make_scanner(root).scan_tree(dir_prints(base)[0])
+    entries, matched = make_scanner(root).scan_tree(dir_prints(base, "local"))
     return {e.path: e for e in entries}, matched
 
 
@@ -56,7 +56,7 @@ def test_unchanged_tree_lists_nothing(root: Path) -> None:
 
 def test_remote_fingerprints_use_remote_inodes(root: Path) -> None:
     base = record(root)
-    local, remote = dir_prints(base)
+    local, remote = dir_prints(base, "local"), dir_prints(base, "remote")
     assert set(local) == set(remote) and all(local[d] != remote[d] for d in local)
     _, matched = make_scanner(root).scan_tree(remote)
     assert matched == set()
