@@ -542,10 +542,12 @@ class Session:
         t0 = time.perf_counter()
         self._matched = {"local": set(), "remote": set()}
         if not self._intents and self._prescan is None:
+            # In a thread, so the loop keeps serving events; nothing else changes the base
+            # while a cycle runs.
             if local_full:
-                self._prints["local"] = dir_prints(self.base, "local")
+                self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
             if remote_full:
-                self._prints["remote"] = dir_prints(self.base, "remote")
+                self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
