@@ -4,7 +4,7 @@
 Everything runs on 127.0.0.1: one throw-away OpenSSH ``sshd`` (``tests/sshd.py``), one
 generated tree, one destination directory per tool. See ``bench/README.md``.
 
-    python3 bench/run.py [--files N] [--size-mb M] [--edits K] [--quick]
+    python3 bench/run.py [--files N] [--size-mb M] [--edits K] [--quick] [--noop-only]
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ class Bench:
         self.src_manifest = manifest(self.ctx.src)
         self.expected_sizes = sizes(self.ctx.src)
         out = self.r.setdefault("initial_s", {})
-        for tool in ("rsync", "tar", "unison", "syncd"):
+        for tool in ("rsync", "syncd") if self.args.noop_only else ("rsync", "tar", "unison", "syncd"):
             dst = self.dst[tool]
             dst.mkdir()
             if tool == "unison" and not self.ctx.unison_ok:
@@ -962,6 +962,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the trees and logs")
     p.add_argument("--json", type=Path, default=RESULTS_JSON, help="where to write the results")
     p.add_argument("--no-unison", action="store_true", help="leave Unison out")
+    p.add_argument("--noop-only", action="store_true",
+                   help="only the no-op restart (after the initial sync of rsync and syncd it needs)")
     args = p.parse_args(argv)
     if args.files is None:
         args.files = 5000 if args.quick else 50000
@@ -1031,8 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
         with start_server(sshd, work, extra) as server:
             ctx = Ctx(work=work, server=server, src=tree.root, logs=logs, unison_dir=unison_dir,
                       syncd_cmd=[sys.executable, "-m", "syncd.cli"])
-            if args.no_unison:
-                ctx.unison_reason = "left out (--no-unison)"
+            if args.no_unison or args.noop_only:
+                ctx.unison_reason = "left out (--no-unison)" if args.no_unison else "left out (--noop-only)"
             else:
                 ctx.check_unison()
             results["host"]["unison"] = ctx.unison_reason
@@ -1041,7 +1043,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"ssh baseline (connect + remote login shell + `true`): median {results['ssh_true_s']:.3f} s")
             warm_up_syncd(ctx, results)
             bench = Bench(ctx, tree, args, results)
-            for step in (bench.initial, bench.noop, bench.live, bench.batch_runs):
+            steps = (bench.initial, bench.noop) if args.noop_only else (bench.initial, bench.noop, bench.live,
+                                                                        bench.batch_runs)
+            for step in steps:
                 results["host"].setdefault("loadavg_before_step", {})[step.__name__] = os.getloadavg()
                 try:
                     step()

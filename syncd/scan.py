@@ -21,6 +21,7 @@ log = logging.getLogger("syncd.scan")
 # Temp files of in-flight writes; never synced, never reported.
 TEMP_PREFIX = ".syncd-tmp-"
 DIGEST_SIZE = 20
+PRINT_SIZE = 16  # bytes of a directory fingerprint (see dir_print)
 _READ_CHUNK = 1 << 20
 
 IsIgnored = Callable[[str, bool], bool]
@@ -100,6 +101,25 @@ def _remove_stale(path: str, is_dir: bool) -> None:
             os.unlink(path)
     except OSError:
         pass
+def print_record(name: str, kind: int, mode: int, size: int, mtime_ns: int, ino: int,
+                 target: Optional[str]) -> str:
+    """One child's part of its directory's fingerprint: only what the engine compares to
+    decide that an entry is unchanged (a directory's size and mtime and a symlink's mode
+    and times are left out: they drift without meaning a change). NUL cannot occur in a
+    name or a link target, so the records of two different listings never read alike."""
+    if kind == DIR:
+        size = mtime_ns = 0
+    elif kind == SYMLINK:
+        mode = size = mtime_ns = 0
+    return "%s\0%d\0%d\0%d\0%d\0%d\0%s\0" % (name, kind, mode, size, mtime_ns, ino, target or "")
+
+
+def dir_print(records: List[str]) -> bytes:
+    """Fingerprint of a directory listing, from the print_record() of each child (any
+    order): equal on both ends when the listing and the recorded state agree."""
+    records.sort()
+    data = "".join(records).encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=PRINT_SIZE).digest()
 
 
 class DigestCache:
@@ -149,6 +169,20 @@ class Scanner:
         out: List[Entry] = []
         self._walk("", out, hash_files)
         return out
+
+    def scan_tree(
+        self, expect: Dict[str, bytes], hash_files: bool = True
+    ) -> Tuple[List[Entry], Set[str]]:
+        """Like scan_all, but a directory whose listing has the fingerprint ``expect``
+        gives for it (see dir_print) is only walked through: its children are left out
+        of the entries and the directory is returned in the matched set. Every entry is
+        still stat'ed, so a change made in any way (content, mode, mtime, inode, a name
+        added or gone) makes its directory report its whole listing."""
+        self.skipped = []
+        out: List[Entry] = []
+        matched: Set[str] = set()
+        self._walk("", out, hash_files, expect, matched)
+        return out, matched
 
     def scan_paths(
         self, paths: Iterable[str], recursive: bool, hash_files: bool = True
@@ -253,8 +287,10 @@ class Scanner:
             self.cache.put(entry)
         return entry
 
-    def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool) -> None:
+    def _walk(self, rel_dir: str, out: List[Entry], hash_files: bool,
+              expect: Optional[Dict[str, bytes]] = None, matched: Optional[Set[str]] = None) -> None:
         stack = [rel_dir]
+        ifmt, imode = stat.S_IFMT, stat.S_IMODE  # looked up once: the loop below runs per entry
         while stack:
             current = stack.pop()
             base = join(self.root, current)
@@ -268,6 +304,11 @@ class Scanner:
             except OSError as exc:
                 self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
                 continue
+            wanted = expect.get(current) if expect is not None else None
+            # With a fingerprint to match, entries are made only if the listing differs.
+            listing: List[Tuple[str, os.stat_result]] = []
+            records: List[str] = []
+            vouched = True
             for item in items:
                 name = item.name
                 if name.startswith(TEMP_PREFIX):
@@ -279,15 +320,38 @@ class Scanner:
                     st = item.stat(follow_symlinks=False)
                 except OSError:
                     continue  # vanished since listing
-                is_dir = stat.S_ISDIR(st.st_mode)
+                fmt = ifmt(st.st_mode)
+                is_dir = fmt == stat.S_IFDIR
                 if self.is_ignored(rel, is_dir):
                     continue
-                entry = self._entry(rel, st, hash_files)
-                if entry is None:
-                    continue
-                out.append(entry)
                 if is_dir:
                     stack.append(rel)
+                if wanted is None:
+                    entry = self._entry(rel, st, hash_files)
+                    if entry is not None:
+                        out.append(entry)
+                    continue
+                listing.append((rel, st))
+                if fmt == stat.S_IFREG:
+                    records.append("%s\0%d\0%d\0%d\0%d\0%d\0\0" % (
+                        name, FILE, imode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino))
+                elif is_dir:
+                    records.append(print_record(name, DIR, imode(st.st_mode), 0, 0, st.st_ino, None))
+                elif fmt == stat.S_IFLNK:
+                    try:
+                        records.append(print_record(name, SYMLINK, 0, 0, 0, st.st_ino, os.readlink(base + "/" + name)))
+                    except OSError:
+                        vouched = False
+                # Other kinds are never synced: no entry, so no record either.
+            if wanted is None or matched is None:
+                continue
+            if vouched and dir_print(records) == wanted:
+                matched.add(current)
+                continue
+            for rel, st in listing:
+                entry = self._entry(rel, st, hash_files)
+                if entry is not None:
+                    out.append(entry)
 
     def _read_ignore_files(self, rel_dir: str, base: str) -> None:
         assert self.on_gitignore is not None

@@ -17,11 +17,11 @@ from syncd import __version__
 from syncd.fsops import Root, UnsafePath, read_file, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
-from syncd.scan import Scanner, digest_bytes, is_temp_name
+from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
-CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar")
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree")
 
 
 class Agent:
@@ -99,6 +99,8 @@ class Agent:
                 # Hash round trip (our own writes are in the digest cache already).
                 entries, absent = self.scanner.scan_paths(msg.paths, msg.recursive, hash_files=True)
             self.send_entries(msg.req, entries, absent)
+        elif isinstance(msg, m.ScanTree):
+            self.scan_tree(msg)
         elif isinstance(msg, m.Hash):
             entries, absent = self.scanner.hash_paths(msg.paths)
             self.send_entries(msg.req, entries, absent)
@@ -169,6 +171,23 @@ class Agent:
                 self.send(m.FileData(msg.req, data, entry, error))
         finally:
             self.root.release()  # cached directory descriptors must not outlive the request
+
+    def scan_tree(self, msg: m.ScanTree) -> None:
+        assert self.scanner is not None
+        dirs = msg.dirs
+        if len(msg.prints) != PRINT_SIZE * len(dirs):
+            self.send(m.Failure(msg.req, "invalid", "ScanTree: %d bytes of fingerprints for %d directories"
+                                % (len(msg.prints), len(dirs))))
+            return
+        prints = msg.prints
+        expect = {d: prints[i * PRINT_SIZE : (i + 1) * PRINT_SIZE] for i, d in enumerate(dirs)}
+        entries, matched = self.scanner.scan_tree(expect, hash_files=False)
+        bits = bytearray((len(dirs) + 7) // 8)
+        for i, d in enumerate(dirs):
+            if d in matched:
+                bits[i >> 3] |= 1 << (i & 7)
+        self.send(m.TreeMatched(msg.req, bytes(bits)))
+        self.send_entries(msg.req, entries, [])
 
     def send_entries(self, req: int, entries: List[m.Entry], absent: List[str]) -> None:
         for start in range(0, max(len(entries), 1), SCAN_CHUNK):

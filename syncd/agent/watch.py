@@ -454,19 +454,22 @@ class Watcher:
             log.exception("watch: is_ignored(%r) failed; treating the path as watched", rel)
             return False
 
-    def _list_dir(self, rel: str) -> List[Tuple[str, os.DirEntry[str], bool]]:
+    def _list_dir(self, rel: str, dirs_only: bool = False) -> List[Tuple[str, os.DirEntry[str], bool]]:
         """The entries of a directory that are not ignored: (relpath, entry, is_dir).
 
-        Symlinks are never followed (except the root itself, by _abs(""))."""
+        Symlinks are never followed (except the root itself, by _abs("")). With
+        `dirs_only`, other entries are left out before their (costly) ignore check."""
         out: List[Tuple[str, os.DirEntry[str], bool]] = []
         try:
             with os.scandir(self._abs(rel)) as it:
                 for entry in it:
-                    child = _join(rel, entry.name)
                     try:
                         is_dir = entry.is_dir(follow_symlinks=False)
                     except OSError:
                         is_dir = False
+                    if dirs_only and not is_dir:
+                        continue
+                    child = _join(rel, entry.name)
                     if not self._ignored(child, is_dir):
                         out.append((child, entry, is_dir))
         except OSError as exc:
@@ -757,7 +760,7 @@ class _InotifyBackend:
                 continue
             seen.add(wd)
             self._map(wd, d)
-            for child, _entry, is_dir in w._list_dir(d):
+            for child, _entry, is_dir in w._list_dir(d, dirs_only=not report):
                 if report:
                     w._batcher.add(child)
                 if is_dir:

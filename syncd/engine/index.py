@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
-from syncd.engine.model import Agreed
+from syncd.engine.model import Agreed, Side
+from syncd.scan import dir_print, print_record
 
 
 class BaseIndex:
@@ -83,3 +84,22 @@ class BaseIndex:
         """Marked paths strictly below ``path`` (markers are few: a linear scan)."""
         prefix = path + "/"
         return [p for p in self._kept if p.startswith(prefix)]
+
+def dir_prints(base: BaseIndex, side: Side) -> dict[str, bytes]:
+    """The fingerprint of every directory's recorded listing on ``side``, keyed by the
+    directory ("" = the root), as ``Scanner.scan_tree`` expects them: a directory whose
+    listing on that side still matches holds exactly what the base says."""
+    groups: dict[str, list[str]] = {}
+    local = side == "local"
+    # Local-only markers are on the local disk (a kept preserve-absent file), not remotely.
+    rows = list(base.mapping().values()) + (base.kept_rows() if local else [])
+    for row in rows:
+        path = row.path
+        cut = path.rfind("/")
+        parent, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else ("", path)
+        records = groups.get(parent)
+        if records is None:
+            records = groups[parent] = []
+        records.append(print_record(name, row.kind, row.mode, row.size, row.mtime_ns,
+                                    row.local_ino if local else row.remote_ino, row.target))
+    return {d: dir_print(r) for d, r in groups.items()}

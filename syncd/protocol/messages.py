@@ -342,10 +342,30 @@ class TarResult:
     done: bool
 
 
+@dataclass(frozen=True)
+class ScanTree:
+    """Scan the whole root like Scan(None), but leave out the children of each directory
+    of ``dirs`` whose listing still has the fingerprint given (``syncd.scan.dir_print``):
+    the daemon knows them. Answered by one TreeMatched, then ScanChunks."""
+
+    req: int
+    dirs: Tuple[str, ...]
+    prints: bytes  # syncd.scan.PRINT_SIZE bytes per directory, in the order of ``dirs``
+
+
+@dataclass(frozen=True)
+class TreeMatched:
+    """The directories of a ScanTree found unchanged: bit i (of byte i // 8, lowest bit
+    first) stands for ``dirs[i]``."""
+
+    req: int
+    matched: bytes
+
+
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult,
+    TarResult, ScanTree, TreeMatched,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -386,9 +406,11 @@ TAGS: Dict[type, int] = {
     SetMeta: 46,
     CopyAside: 47,
     DropBlob: 48,
+    ScanTree: 60,
+    TreeMatched: 61,
 }
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult,
+    TarResult, ScanTree, TreeMatched,
 )

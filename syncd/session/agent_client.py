@@ -34,8 +34,16 @@ class AgentClient:
         self.bytes_received = 0
 
     async def start(self) -> m.Hello:
+        self.begin()
+        return await self.wait_hello()
+
+    def begin(self) -> None:
+        """Send our Hello and start reading. Requests may follow at once: the agent
+        serves them in order once it has started."""
         self._send_raw(self.conn.initiate())
         self._reader = asyncio.create_task(self._read_loop())
+
+    async def wait_hello(self) -> m.Hello:
         try:
             return await asyncio.wait_for(asyncio.shield(self._hello), HELLO_TIMEOUT)
         except TimeoutError:
@@ -114,12 +122,21 @@ class AgentClient:
             raise ProtocolError(f"unsolicited {type(message).__name__}")
         return queue
 
-    async def _request(self, make: Any, bound: int = 0) -> AsyncIterator[Any]:
+    def _request(self, make: Any, bound: int = 0) -> AsyncIterator[Any]:
+        """Send a request now (so it precedes whatever is sent next); iterate over its
+        replies (``bound``: at most that many wait unread)."""
         req = next(self._ids)
         queue: asyncio.Queue[Any] = asyncio.Queue(bound)
         self._waiting[req] = queue
         try:
             self.send(make(req))
+        except BaseException:
+            self._waiting.pop(req, None)
+            raise
+        return self._replies(req, queue)
+
+    async def _replies(self, req: int, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -153,6 +170,33 @@ class AgentClient:
     async def scan(self, paths: list[str] | None, recursive: bool = True) -> tuple[list[m.Entry], list[str]]:
         wire = None if paths is None else tuple(paths)
         return await self._entries(lambda req: m.Scan(req, wire, recursive))
+
+    def supports(self, capability: str) -> bool:
+        """Whether the agent announced ``capability`` in its Hello."""
+        peer = self.conn.peer
+        return peer is not None and capability in peer.capabilities
+
+    async def scan_tree(self, prints: dict[str, bytes]) -> tuple[list[m.Entry], set[str]]:
+        """Scan the whole root, leaving out directories whose listing still has the given
+        fingerprint; return the entries of the others and the set of unchanged ones."""
+        dirs = tuple(prints)
+        blob = b"".join(prints.values())
+        entries: list[m.Entry] = []
+        matched: set[str] | None = None
+        async for reply in self._request(lambda req: m.ScanTree(req, dirs, blob)):
+            if isinstance(reply, m.TreeMatched) and matched is None:
+                bits = reply.matched
+                if len(bits) != (len(dirs) + 7) // 8:
+                    raise AgentError("the agent answered a tree scan with a malformed bitmap")
+                matched = {d for i, d in enumerate(dirs) if bits[i >> 3] >> (i & 7) & 1}
+            elif isinstance(reply, m.ScanChunk) and matched is not None:
+                entries.extend(reply.entries)
+                if reply.done:
+                    break
+            else:
+                raise AgentError(f"the agent answered a tree scan with {type(reply).__name__} out of turn")
+        assert matched is not None  # the loop ends only after the bitmap and the last chunk
+        return entries, matched
 
     async def hash(self, paths: list[str]) -> tuple[list[m.Entry], list[str]]:
         return await self._entries(lambda req: m.Hash(req, tuple(paths)))

@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
-from syncd.engine.index import BaseIndex
+from syncd.engine.index import BaseIndex, dir_prints
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
 from syncd.engine.reconcile import ancestors, detect_moves, needs_digest, reconcile, rekey
 from syncd.engine.recovery import adopt
 from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import is_temp_name
+from syncd.scan import is_temp_name, parent_of
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
@@ -136,6 +136,15 @@ class Session:
         # scan) while their base rows stayed; the evidence holds while the rows do.
         self._seen_gone: dict[em.Side, set[str]] = {"local": set(), "remote": set()}
         self._intents: list[Intent] = []
+        # Fingerprints of the base's directory listings on each side for full scans, and
+        # the directories each side's last full scan found unchanged.
+        self._prints: dict[str, dict[str, bytes]] = {"local": {}, "remote": {}}
+        self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
+        # The local tree, scanned while the agent starts, for the first cycle.
+        self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
+        # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
+        self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
+        self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
         self.force_next = False  # skip the safety halts for one cycle (resume --force)
@@ -148,7 +157,8 @@ class Session:
         self.wakeup.set()
 
     async def connect(self) -> None:
-        """Check the local root, start the agent and bind it to the remote root."""
+        """Check the local root, start the agent and bind it to the remote root. The
+        local side is prepared meanwhile (see _prepare_local): it needs no remote."""
         cfg = self.cfg
         if not os.path.isdir(cfg.local):
             raise SessionError(f"local directory {cfg.local} does not exist")
@@ -156,28 +166,84 @@ class Session:
             self.store = Store(cfg.index_path())
         except StoreBusy as exc:
             raise SessionError(str(exc)) from None
-        self.base = self.store.load()
-        self._intents = load_intents(self.store)
-        self.local = LocalSide(cfg.local, self.rules, self.base)
         self.state = "connecting"
+        preparing = asyncio.ensure_future(self._prepare_local())
+        try:
+            await self._start_remote()
+            await preparing
+        except BaseException:
+            preparing.cancel()
+            await asyncio.gather(preparing, return_exceptions=True)
+            raise
+        self.connected = True
+        if self.on_connected is not None:
+            self.on_connected()
+
+    async def _start_remote(self) -> None:
+        cfg = self.cfg
         try:
             channel = await start_agent(cfg.remote, cfg.agent)
         except TransportError as exc:
             raise SessionError(str(exc)) from None
-        self.agent = AgentClient(channel)
+        agent = self.agent = AgentClient(channel)
         try:
-            await self.agent.start()
-            opened = await self.agent.open(cfg.remote.path, self.rules.to_wire(), True, True)
+            agent.begin()
+            # Open, and the first scan, follow our Hello without waiting for the agent's:
+            # it serves them in order as soon as it runs.
+            opening = asyncio.ensure_future(agent.open(cfg.remote.path, self.rules.to_wire(), True, True))
+            try:
+                await agent.wait_hello()
+                if agent.supports("scan-tree") and self.resync is None:
+                    self._remote_prescan = asyncio.ensure_future(self._scan_remote_tree(agent))
+                opened = await opening
+            finally:
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
         except AgentError as exc:
-            await self.agent.close()
+            await agent.close()
             self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
-        self.connected = True
-        if self.on_connected is not None:
-            self.on_connected()
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
+
+    async def _prepare_local(self) -> None:
+        """Load the base and fingerprint it, then start arming the local watcher and
+        scanning the local tree: the first cycle then mostly waits for the remote side."""
+        store = self.store
+        assert store is not None
+        loading = asyncio.ensure_future(asyncio.to_thread(store.load))
+        try:
+            self.base = await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            # The store is closed after a cancellation: let its reader finish first.
+            await asyncio.gather(loading, return_exceptions=True)
+            raise
+        self._intents = load_intents(store)
+        self.local = LocalSide(self.cfg.local, self.rules, self.base)
+        if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
+            # Before the watcher: the remote scan waits for them, and starting watchfiles
+            # holds the GIL for a while on a big tree.
+            self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
+        self._prints_ready.set()
+        self._tasks.append(asyncio.create_task(self._watch_local()))
+        if not self._intents and self.resync is None:  # a resync changes the tree first
+            self._prescan = asyncio.ensure_future(self._scan_local_tree())
+
+    async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
+        """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
+        await self._prints_ready.wait()
+        if self._intents:
+            return None  # adopting them needs a scan of every path
+        return await agent.scan_tree(self._prints["remote"])
+
+    async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
+        local = self.local
+        assert local is not None
+        self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
+        # Watch before scanning, so nothing changed during the scan is missed.
+        await self._local_armed.wait()
+        return await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -186,6 +252,10 @@ class Session:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
         try:
+            for prescan in (self._prescan, self._remote_prescan):
+                if prescan is not None:
+                    prescan.cancel()
+                    await asyncio.gather(prescan, return_exceptions=True)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -221,10 +291,7 @@ class Session:
             connecting.result()
             if self.resync is not None:
                 await self._resync(self.resync)
-            self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
-            # Watch before scanning, so nothing changed during the first scan is missed.
-            await self._local_armed.wait()
             await self.follow()
         except (AgentError, ConnectionError) as exc:
             raise SessionError(f"lost the link to {self.cfg.remote.describe()}: {exc}") from None
@@ -319,10 +386,17 @@ class Session:
         def ignored(rel: str, is_dir: bool) -> bool:
             return is_temp_name(rel) or self.rules.is_ignored(rel, is_dir)
 
+        starting = asyncio.ensure_future(asyncio.to_thread(
+            start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
+        ))
         try:
-            watcher = await asyncio.to_thread(
-                start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
-            )
+            watcher = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while it started (the connection failed): it must not outlive us.
+            with contextlib.suppress(Exception):
+                late = await starting
+                await asyncio.to_thread(late.stop)
+            raise
         finally:
             self._local_armed.set()
         try:
@@ -346,9 +420,12 @@ class Session:
     def _ignored(self, path: str, kind: int) -> bool:
         return self.rules.is_ignored(path, kind == m.DIR)
 
-    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False) -> Observed:
+    def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False,
+                 matched: set[str] | None = None) -> Observed:
         """Scan results as an observation. ``filtered``: already passed through our rules
-        (the local scanner); the remote's answer is checked against local rules too."""
+        (the local scanner); the remote's answer is checked against local rules too.
+        ``matched``: directories a tree scan found unchanged; their children are left out
+        of the observation, so the engine takes them to hold their base state (as they do)."""
         observed: Observed = {}
         if filtered:
             observed = {entry.path: entry for entry in entries}
@@ -361,7 +438,7 @@ class Session:
         if full:
             forget = []
             for path in self.base:
-                if path in observed:
+                if path in observed or (matched and path[: max(path.rfind("/"), 0)] in matched):
                     continue
                 agreed = self.base.get(path)
                 assert agreed is not None
@@ -373,12 +450,13 @@ class Session:
                 self._commit([(p, None) for p in forget])
         return observed
 
-    def _sweep_kept(self, observed: Observed) -> None:
+    def _sweep_kept(self, observed: Observed, matched: set[str]) -> None:
         """After a full local scan: local-only paths it did not find are gone (decided by
-        reconcile) or newly ignored (forgotten here, like tracked ones)."""
+        reconcile) or newly ignored (forgotten here, like tracked ones). Those in a
+        directory found unchanged (``matched``) were not listed: they are still there."""
         forget = []
         for row in self.base.kept_rows():
-            if row.path in observed:
+            if row.path in observed or parent_of(row.path) in matched:
                 continue
             if self._ignored(row.path, row.kind):
                 forget.append(row.path)
@@ -438,15 +516,30 @@ class Session:
     async def _observe_local(self, full: bool, dirty: set[str]) -> Observed:
         local = self.local
         assert local is not None
+        # Watch before scanning, so nothing changed during the first scan is missed.
+        await self._local_armed.wait()
         for path in dirty:
             if path == ".gitignore" or path.endswith("/.gitignore") or path == ".git/info/exclude":
                 local.reload_ignore_file(path)
         if full:
             if not os.path.isdir(self.cfg.local):
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
-            entries = await asyncio.to_thread(local.scanner.scan_all)
-            observed = self._observe(entries, [], True, filtered=True)
-            self._sweep_kept(observed)
+            if self._intents:  # adopting them needs every path seen
+                entries = await asyncio.to_thread(local.scanner.scan_all)
+                observed = self._observe(entries, [], True, filtered=True)
+                self._sweep_kept(observed, set())
+                return observed
+            if self._prescan is not None:
+                # Scanned while the agent started. What changed since it began came as
+                # events: look at those paths again next cycle.
+                prescan, self._prescan = self._prescan, None
+                entries, matched = await prescan
+                self.local_dirty |= dirty
+            else:
+                entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
+            self._matched["local"] = matched
+            observed = self._observe(entries, [], True, filtered=True, matched=matched)
+            self._sweep_kept(observed, matched)
             return observed
         shallow, deep = self._split_dirty(dirty)
 
@@ -480,7 +573,22 @@ class Session:
     async def _observe_remote(self, full: bool, dirty: set[str]) -> Observed:
         agent = self.agent
         assert agent is not None
-        if full:
+        matched: set[str] | None = None
+        prescanned = None
+        if full and self._remote_prescan is not None:
+            prescan, self._remote_prescan = self._remote_prescan, None
+            prescanned = await prescan
+            # What changed since it began came as events: look at those paths again.
+            self.remote_dirty |= dirty
+        if prescanned is not None:
+            entries, matched = prescanned
+            absent: list[str] = []
+            self._matched["remote"] = matched
+        elif full and not self._intents and agent.supports("scan-tree"):
+            entries, matched = await agent.scan_tree(self._prints["remote"])
+            absent = []
+            self._matched["remote"] = matched
+        elif full:
             entries, absent = await agent.scan(None)
         else:
             shallow, deep = self._split_dirty(dirty)
@@ -493,7 +601,7 @@ class Session:
                 entries += more
                 walked = replaced + [p for p in deep if p in self._walk_next]
                 absent += gone + self._vanished_under(walked, more)
-        observed = self._observe(entries, absent, full)
+        observed = self._observe(entries, absent, full, matched=matched)
         missing = needs_digest(self.base, observed, "remote")
         if missing:
             hashed, vanished = await agent.hash(missing)
@@ -547,6 +655,14 @@ class Session:
         if not remote_full:
             remote_dirty |= local_dirty | recheck
         t0 = time.perf_counter()
+        self._matched = {"local": set(), "remote": set()}
+        if not self._intents and self._prescan is None:
+            # In a thread, so the loop keeps serving events; nothing else changes the base
+            # while a cycle runs.
+            if local_full:
+                self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
+            if remote_full:
+                self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
@@ -604,7 +720,8 @@ class Session:
         if not self.base or self.force_next:
             return
         for side, observed, full in (("local", local, local_full), ("remote", remote, remote_full)):
-            if full and not any(e is not None for e in observed.values()):
+            # A directory found unchanged has children (only those get a fingerprint).
+            if full and not self._matched[side] and not any(e is not None for e in observed.values()):
                 raise Halted(
                     f"the {side} root is empty while {len(self.base)} entries are tracked; "
                     "refusing to propagate the loss (resync or resume with --force)"

@@ -42,8 +42,10 @@ _ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 
 _MAIN = b"import sys\nfrom syncd.agent.main import main\nsys.exit(main())\n"
 
-# Runs on the remote as `python3 -c LOADER HASH SIZE CACHE_DIR`. Reads stdin with os.read
-# so that no byte meant for the agent is swallowed by a buffer.
+# Runs on the remote as `python3 -S -c LOADER HASH SIZE CACHE_DIR`. Reads stdin with os.read
+# so that no byte meant for the agent is swallowed by a buffer. Started without `site`: the
+# agent needs only the standard library and, if installed, msgpack, and .pth files and
+# site hooks can cost more than the rest of the start.
 LOADER = r"""
 import hashlib, os, sys
 h, n, d = sys.argv[1], int(sys.argv[2]), os.path.expanduser(sys.argv[3])
@@ -79,12 +81,30 @@ if not ok():
     os.replace(t, p)
 say(b"SYNCD-READY\n")
 try:  # an installed msgpack >= 1.0 has the C extension: faster than the bundled fallback
+    import site
+    for s in site.getsitepackages() + [site.getusersitepackages()]:
+        if s not in sys.path and os.path.isdir(s):
+            sys.path.append(s)
     import msgpack
     if msgpack.version < (1, 0):
         del sys.modules["msgpack"]
 except ImportError:
     pass
-sys.path.insert(0, p)
+# Run from an unpacked copy of the checked archive: unlike a zip, a directory lets Python
+# keep the compiled modules, so later starts do not compile them again. It is unpacked
+# under a temporary name and renamed, so a copy is whole or absent.
+x = p[:-4]
+if not os.path.isdir(x):
+    t = "%s.%d.tmp" % (x, os.getpid())
+    try:
+        import zipfile
+        with zipfile.ZipFile(p) as z:
+            z.extractall(t)
+        os.rename(t, x)
+    except Exception:
+        import shutil
+        shutil.rmtree(t, ignore_errors=True)
+sys.path.insert(0, x if os.path.isdir(x) else p)
 from syncd.agent.main import main
 sys.exit(main())
 """
@@ -121,6 +141,7 @@ def loader_command(python: str = "python3", cache_dir: str = DEFAULT_CACHE_DIR) 
     return " ".join(
         [
             shlex.quote(python) if python == "python3" or "/" in python else python,
+            "-S",
             "-c",
             shlex.quote(LOADER),
             agent_digest(),

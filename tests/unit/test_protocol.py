@@ -63,6 +63,8 @@ SAMPLES: dict[type, Any] = {
     m.TarData: m.TarData(8, b"\0" * 1024),
     m.TarEnd: m.TarEnd(7, (m.Skip("src/" + CAFE, "changed", "changed while it was archived"),)),
     m.TarResult: m.TarResult(8, (FILE_ENTRY,), (m.Skip("fifo", "special", "not synced"),), 3, "/work", True),
+    m.ScanTree: m.ScanTree(7, ("", "src/" + CAFE), bytes(range(32))),
+    m.TreeMatched: m.TreeMatched(7, b"\x02"),
 }
 
 
