@@ -35,6 +35,7 @@ class Agent:
         self.watcher: Any = None
         self.rules: Any = None
         self.receiving: Dict[int, Any] = {}  # req -> tar_jobs.Receive in progress
+        self.sending: Any = None  # tar_jobs.Send of the tree, if one was started
 
     def send(self, message: Any) -> None:
         data = self.conn.send(message)
@@ -69,6 +70,8 @@ class Agent:
             for job in self.receiving.values():
                 job.abort()  # the daemon went away mid-stream: the root stays as it was
             self.receiving.clear()
+            if self.sending is not None:
+                self.sending.stop()
             if self.watcher is not None:
                 self.watcher.stop()
             if self.root is not None:
@@ -113,7 +116,7 @@ class Agent:
         elif isinstance(msg, m.Apply):
             self.send(m.Applied(msg.req, tuple(self.apply_one(op) for op in msg.ops)))
             self.root.release()
-        elif isinstance(msg, (m.TarReceive, m.TarData, m.TarEnd, m.TarSend)):
+        elif isinstance(msg, (m.TarReceive, m.TarData, m.TarEnd, m.TarSend, m.TarAck)):
             self.tar(msg)
         else:
             raise ProtocolError("unexpected %s from the daemon" % type(msg).__name__)
@@ -124,10 +127,13 @@ class Agent:
 
         assert self.root is not None and self.scanner is not None
         if isinstance(msg, m.TarSend):
-            try:
-                tar_jobs.send_root(self.root, self.scanner, msg.req, self.send)
-            finally:
-                self.root.release()
+            if self.sending is not None and not self.sending.done():
+                raise ProtocolError("a second tar stream while one is being sent")
+            self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send)
+            return
+        if isinstance(msg, m.TarAck):
+            if self.sending is not None and self.sending.req == msg.req:
+                self.sending.ack(msg.consumed)
             return
         if isinstance(msg, m.TarReceive):
             if msg.req in self.receiving:

@@ -197,8 +197,69 @@ class Receive:
                 os.unlink(path)
 
 
-def send_root(root: Root, scanner: Scanner, req: int, send: Callable[[Any], None]) -> None:
-    """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult."""
+class Send:
+    """The root streamed to the daemon (TarSend) by a thread of its own, so that the main
+    thread keeps reading the daemon's credits (TarAck): at most ``window`` bytes of data
+    are sent ahead of them, which bounds what the link and the daemon buffer."""
+
+    def __init__(self, root: Root, scanner: Scanner, msg: m.TarSend, send: Callable[[Any], None]) -> None:
+        self.root = root
+        self.scanner = scanner
+        self.req = msg.req
+        self.window = msg.window
+        self.send = send
+        self.sent = 0
+        self.acked = 0
+        self.stopped = False
+        self.credit = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="syncd-tar", daemon=True)
+        self.thread.start()
+
+    def ack(self, consumed: int) -> None:
+        with self.credit:
+            self.acked = max(self.acked, consumed)
+            self.credit.notify()
+
+    def stop(self) -> None:
+        with self.credit:
+            self.stopped = True
+            self.credit.notify()
+        self.thread.join(5.0)  # a write to a daemon that is gone fails soon; never hang on it
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def _wait_credit(self) -> bool:
+        with self.credit:
+            while self.window and self.sent - self.acked >= self.window and not self.stopped:
+                self.credit.wait()
+            return not self.stopped
+
+    def _run(self) -> None:
+        try:
+            send_root(self.root, self.scanner, self.req, self._send_data, self.send)
+        except OSError:
+            pass  # the daemon went away; the main thread sees EOF
+        except Exception as exc:  # report, never leave the daemon waiting
+            try:
+                self.send(m.Failure(self.req, "failed", "sending the tree failed: %r" % (exc,)))
+            except OSError:
+                pass
+        finally:
+            self.root.release()
+
+    def _send_data(self, chunk: bytes) -> bool:
+        if not self._wait_credit():
+            return False
+        self.send(m.TarData(self.req, chunk))
+        self.sent += len(chunk)
+        return True
+
+
+def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes], bool],
+              send: Callable[[Any], None]) -> None:
+    """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult.
+    ``send_data`` returns False when the stream is to stop."""
     entries = scanner.scan_all(hash_files=False)
     skipped = scan_skips(scanner)
     total = sum(e.size for e in entries if e.kind == m.FILE)
@@ -206,7 +267,8 @@ def send_root(root: Root, scanner: Scanner, req: int, send: Callable[[Any], None
     producer = TarProducer(root.path, entries)
     try:
         for chunk in producer.chunks():
-            send(m.TarData(req, chunk))
+            if not send_data(chunk):
+                return
     finally:
         producer.close()
     send_result(send, req, producer.sent, skipped + producer.skipped, 0, root.path)

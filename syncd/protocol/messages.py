@@ -300,9 +300,19 @@ class TarReceive:
 
 @dataclass(frozen=True)
 class TarSend:
-    """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult."""
+    """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult. At most
+    ``window`` bytes of TarData may be unacknowledged (TarAck); 0 = no limit."""
 
     req: int
+    window: int = 0
+
+
+@dataclass(frozen=True)
+class TarAck:
+    """Daemon to agent: ``consumed`` bytes of a TarSend's data taken in so far (credit)."""
+
+    req: int
+    consumed: int
 
 
 @dataclass(frozen=True)
@@ -365,7 +375,7 @@ class TreeMatched:
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched,
+    TarResult, ScanTree, TreeMatched, TarAck,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -393,6 +403,7 @@ TAGS: Dict[type, int] = {
     TarData: 21,
     TarEnd: 22,
     TarResult: 23,
+    TarAck: 24,
     # structs
     Entry: 32,
     Expect: 33,
@@ -412,5 +423,5 @@ TAGS: Dict[type, int] = {
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched,
+    TarResult, ScanTree, TreeMatched, TarAck,
 )

@@ -13,7 +13,7 @@ from syncd.protocol.codec import Connection, ProtocolError
 from syncd.transport.channel import Channel
 
 HELLO_TIMEOUT = 20.0
-TAR_QUEUE = 8  # chunks of about 1 MiB
+TAR_WINDOW = 16 * 1024 * 1024  # tar data the agent may send ahead of our credits
 
 
 class AgentError(Exception):
@@ -84,9 +84,7 @@ class AgentClient:
                 for message in self.conn.receive_data(data):
                     queue = self._dispatch(message)
                     if queue is not None:
-                        # A bounded queue (a tar stream) full: stop reading until the
-                        # consumer catches up, so the sender is held back, not buffered.
-                        await queue.put(message)
+                        queue.put_nowait(message)
         except (ProtocolError, AgentError, ConnectionError, OSError) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -100,8 +98,6 @@ class AgentClient:
         if not self._hello.done():
             self._hello.set_exception(AgentError(str(exc)))
         for queue in self._waiting.values():
-            while queue.full():
-                queue.get_nowait()  # the stream is dead anyway: make room for the error
             queue.put_nowait(exc)
         self.changes.put_nowait(m.Changes((), True))  # wake whoever waits for changes
 
@@ -122,11 +118,11 @@ class AgentClient:
             raise ProtocolError(f"unsolicited {type(message).__name__}")
         return queue
 
-    def _request(self, make: Any, bound: int = 0) -> AsyncIterator[Any]:
+    def _request(self, make: Any) -> AsyncIterator[Any]:
         """Send a request now (so it precedes whatever is sent next); iterate over its
-        replies (``bound``: at most that many wait unread)."""
+        replies."""
         req = next(self._ids)
-        queue: asyncio.Queue[Any] = asyncio.Queue(bound)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiting[req] = queue
         try:
             self.send(make(req))
@@ -234,10 +230,9 @@ class AgentClient:
     def fetch(self, path: str) -> AsyncIterator[m.FileData]:
         return self._request(lambda req: m.Fetch(req, path))
 
-    def tar_from_agent(self) -> AsyncIterator[Any]:
-        """The remote root as a tar stream: TarStart, TarData..., TarResult... (last done).
-        At most a few chunks wait here: the agent is held back, not buffered."""
-        return self._request(lambda req: m.TarSend(req), bound=TAR_QUEUE)
+    def tar_from_agent(self, window: int = TAR_WINDOW) -> TarDownload:
+        """The remote root as a tar stream; see TarDownload."""
+        return TarDownload(self, window)
 
     def tar_to_agent(self, path: str, runtime: bool) -> TarUpload:
         """Start sending a tar stream to the agent; see TarUpload."""
@@ -306,6 +301,42 @@ class TarUpload:
                     return entries, skips, item.deleted, item.where
         finally:
             self.close()
+
+    def close(self) -> None:
+        self.client._waiting.pop(self.req, None)
+
+
+class TarDownload:
+    """The remote root as a tar stream: iterate over TarStart, TarData..., TarResult...
+    (the last has ``done``), and ``ack`` the data taken in. The agent sends at most
+    ``window`` bytes ahead of the acknowledgements: memory stays bounded on both sides
+    however slow the consumer, without relying on the transport's own flow control."""
+
+    def __init__(self, client: AgentClient, window: int) -> None:
+        self.client = client
+        self.window = window
+        self.req = next(client._ids)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        client._waiting[self.req] = self.queue
+        self._acked = 0
+        client.send(m.TarSend(self.req, window))
+
+    def __aiter__(self) -> TarDownload:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise AgentError(str(item))
+        if isinstance(item, m.Failure):
+            raise AgentError(item.message)
+        return item
+
+    def ack(self, consumed: int) -> None:
+        """``consumed`` bytes of data taken in so far; credit is returned in quarters."""
+        if consumed - self._acked >= self.window // 4:
+            self._acked = consumed
+            self.client.send(m.TarAck(self.req, consumed))
 
     def close(self) -> None:
         self.client._waiting.pop(self.req, None)

@@ -233,14 +233,18 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
     sent: list[m.Entry] = []
     skipped: list[m.Skip] = []
     refused = False
+    stream = agent.tar_from_agent()
+    consumed = 0
     try:
-        async for item in agent.tar_from_agent():
+        async for item in stream:
             if isinstance(item, m.TarStart):
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
             elif isinstance(item, m.TarData):
-                await data.put(item.data)
+                await data.put(item.data)  # waits while the extractor is behind
+                consumed += len(item.data)
+                stream.ack(consumed)
             elif isinstance(item, m.TarResult):
                 if not sent and not skipped:
                     await data.put(None)  # the archive is complete
@@ -270,6 +274,7 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
         await _drain_thread(work, unblock)
         raise
     finally:
+        stream.close()
         await session._fs(extractor.close)
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
     # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.

@@ -406,3 +406,42 @@ def test_a_damaged_header_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExtractError, match="checksum"):
         ex.extract(io.BytesIO(damaged))  # type: ignore[arg-type]
     ex.close()
+
+
+def test_the_agent_sends_no_further_ahead_than_its_credit(tmp_path: Path) -> None:
+    """Flow control of a tree sent to the daemon: the sender stops at the window and goes
+    on as credit (TarAck) comes back; memory on both ends is bounded by it."""
+    import time
+
+    from syncd.agent.tar_jobs import Send
+
+    for i in range(6):
+        (tmp_path / f"f{i}").write_bytes(os.urandom(1 << 20))
+    sent: list[object] = []
+
+    def data_bytes() -> int:
+        return sum(len(msg.data) for msg in sent if isinstance(msg, m.TarData))
+
+    def settle() -> int:
+        last = -1
+        while data_bytes() != last:
+            last = data_bytes()
+            time.sleep(0.2)
+        return last
+
+    root = Root(str(tmp_path))
+    job = Send(root, Scanner(str(tmp_path)), m.TarSend(1, 2 << 20), sent.append)
+    try:
+        first = settle()
+        assert 0 < first <= (2 << 20) + (1 << 20), "sent past its window"
+        assert not job.done()
+        job.ack(first)
+        assert settle() > first, "credit did not release the sender"
+        job.ack(1 << 40)
+        job.thread.join(10)
+        assert job.done()
+        assert isinstance(sent[-1], m.TarResult) and sent[-1].done
+        assert data_bytes() > 6 << 20
+    finally:
+        job.stop()
+        root.close()
