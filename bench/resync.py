@@ -128,9 +128,19 @@ def rsync(server: Any, src: str, dst: str, logs: Path) -> float:
                      logfile=logs / "rsync.log", what="rsync")
 
 
-def drop_caches_hint() -> None:
-    """Let the page cache settle between runs (writeback of the previous destination)."""
+def settle(src: Path) -> None:
+    """Same start for every tool: the previous destination written back, and the source
+    tree read once so that it is in the page cache (this machine's memory limit evicts it
+    between runs, and whoever ran first would pay the cold reads for the others)."""
     os.sync()
+    for dirpath, _, filenames in os.walk(src):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            with contextlib.suppress(OSError), open(path, "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
     time.sleep(1.0)
 
 
@@ -170,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.cli("rm", "warm")
 
             for direction in ("push", "pull"):
-                drop_caches_hint()
+                settle(src)
                 if direction == "push":
                     local, remote = src, work / f"{direction}-syncd"
                     remote.mkdir()
@@ -190,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"syncd resync --{direction}: {seconds:.2f} s ({summary['files']} entries, "
                     f"{len(summary['skipped'])} skipped), RSS daemon {rss['daemon_kib'] // 1024} MiB, "
                     f"agent {rss['agent_kib'] // 1024} MiB, check {check}")
-                drop_caches_hint()
+                settle(src)
                 tar_dst = work / f"{direction}-tar"
                 tar_dst.mkdir()
                 tar_s = (tar_push if direction == "push" else tar_pull)(server, src, tar_dst, work / "logs")
-                drop_caches_hint()
+                settle(src)
                 rsync_dst = work / f"{direction}-rsync"
                 if direction == "push":
                     rsync_s = rsync(server, f"{src}/", f"{server.user}@{server.host}:{rsync_dst}/", work / "logs")
