@@ -226,7 +226,10 @@ class Session:
             # holds the GIL for a while on a big tree.
             self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         self._prints_ready.set()
-        self._tasks.append(asyncio.create_task(self._watch_local()))
+        if self.resync is None:
+            self._tasks.append(asyncio.create_task(self._watch_local()))
+        # else armed after the resync: watching a tree being rebuilt only costs (each event
+        # would be looked at again anyway, and a watcher thread slows the extraction).
         if not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
 
@@ -291,6 +294,7 @@ class Session:
             connecting.result()
             if self.resync is not None:
                 await self._resync(self.resync)
+                self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             await self.follow()
         except (AgentError, ConnectionError) as exc:
