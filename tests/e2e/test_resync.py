@@ -651,27 +651,6 @@ def test_push_cut_by_killing_the_agent_leaves_the_remote_as_it_was(
         remove_session(daemon, name)
 
 
-def test_push_cut_by_a_pause_leaves_the_remote_as_it_was(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
-    name = "push-pause"
-    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "local")
-    try:
-        remote_before = snapshot(remote)
-        running = resync_background(daemon, name, "push")
-        wait_until(lambda: staging_with_data(remote, rf"{re.escape(TEMP_PREFIX)}\d+-tar-\d+"), 30,
-                   message="the push to stream into the remote staging directory")
-        daemon.rpc("pause", {"name": name})
-
-        result = finish(running)
-        assert result.returncode == EXIT_ERROR, describe(result)
-        assert "interrupted" in result.stderr, describe(result)
-        wait_state(daemon, name, "paused")
-        # The agent discards its staging area as soon as the stream is abandoned.
-        wait_until(lambda: temp_names(remote) == [], 20, message="the remote staging directory to go")
-        assert_same(remote_before, snapshot(remote), ("before", "after"))
-    finally:
-        remove_session(daemon, name)
-
-
 def test_pull_cut_by_killing_the_daemon_leaves_the_local_as_it_was(sshd: SshServer, tmp_path: Path) -> None:
     own = DaemonProc(tmp_path / "own-daemon")
     (tmp_path / "own-daemon").mkdir()
@@ -706,22 +685,26 @@ def test_pull_cut_by_killing_the_daemon_leaves_the_local_as_it_was(sshd: SshServ
         own.stop()
 
 
-def test_pull_cut_by_a_pause_leaves_the_local_as_it_was(daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
-    name = "pull-pause"
-    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "remote")
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_resync_cut_by_a_pause_leaves_the_destination_as_it_was(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path, direction: str) -> None:
+    name = f"{direction}-pause"
+    local, remote = _prepare_interrupted(daemon, sshd, tmp_path, name, "local" if direction == "push" else "remote")
+    destination, staging = (remote, r"\d+-tar-\d+") if direction == "push" else (local, r"\d+-resync")
     try:
-        local_before = snapshot(local)
-        running = resync_background(daemon, name, "pull")
-        wait_until(lambda: staging_with_data(local, rf"{re.escape(TEMP_PREFIX)}\d+-resync"), 30,
-                   message="the pull to stream into the local staging directory")
+        before = snapshot(destination)
+        running = resync_background(daemon, name, direction)
+        wait_until(lambda: staging_with_data(destination, re.escape(TEMP_PREFIX) + staging), 30,
+                   message=f"the {direction} to stream into the staging directory")
         daemon.rpc("pause", {"name": name})
 
         result = finish(running)
         assert result.returncode == EXIT_ERROR, describe(result)
         assert "interrupted" in result.stderr, describe(result)
         wait_state(daemon, name, "paused")
-        assert temp_names(local) == []
-        assert_same(local_before, snapshot(local), ("before", "after"))
+        # The staging area is discarded as soon as the stream is abandoned.
+        wait_until(lambda: temp_names(destination) == [], 20, message="the staging directory to go")
+        assert_same(before, snapshot(destination), ("before", "after"))
     finally:
         remove_session(daemon, name)
 
