@@ -30,7 +30,6 @@ from syncd.protocol import messages as m
 from syncd.scan import DIGEST_SIZE, TEMP_PREFIX
 
 CHUNK = 1 << 20
-BLOCK = 512
 _ZEROS = bytes(CHUNK)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -53,6 +52,12 @@ Progress = Callable[[int, int], None]  # (files, bytes) just done
 
 class ExtractError(Exception):
     """The archive is malformed or could not be written; the staging area is discarded."""
+
+
+def scan_skips(skipped: Iterable[Tuple[str, str]]) -> List[m.Skip]:
+    """A scanner's skipped entries, (path, why), as Skips: special or unreadable."""
+    return [m.Skip(path, SPECIAL if why.startswith("special") else UNREADABLE, "%s: %s" % (path or ".", why))
+            for path, why in skipped]
 
 
 def staging_name(tag: str) -> str:
@@ -140,8 +145,8 @@ class TarProducer:
                         pending, size = [], 0
                 if len(self._root._dirs) > _MAX_CACHED_DIRS:
                     self._root.release()
-            pending.append(bytes(2 * BLOCK))
-            self.bytes += size + 2 * BLOCK
+            pending.append(tf.END)
+            self.bytes += size + len(tf.END)
             yield b"".join(pending)
         finally:
             self._root.release()
@@ -231,8 +236,8 @@ class TarProducer:
                 digest.update(data)
                 left -= len(data)
                 yield data
-            if size % BLOCK:
-                yield bytes(BLOCK - size % BLOCK)
+            if tf.padding(size):
+                yield bytes(tf.padding(size))
             after = os.fstat(fd)
         finally:
             os.close(fd)

@@ -20,13 +20,12 @@ from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
 from syncd.tarstream import (
     LEAVE_REASONS,
-    SPECIAL,
-    UNREADABLE,
     ChunkReader,
     ExtractError,
     TarExtractor,
     TarProducer,
     mirror,
+    scan_skips,
     staging_name,
 )
 
@@ -42,15 +41,6 @@ def runtime_dir() -> str:
     path = os.path.join(base, "syncd", "run")
     os.makedirs(path, 0o700, exist_ok=True)
     return path
-
-
-def scan_skips(scanner: Scanner) -> List[m.Skip]:
-    """The scanner's skipped entries as Skips (special files, unreadable ones)."""
-    out = []
-    for path, why in scanner.skipped:
-        reason = SPECIAL if why.startswith("special") else UNREADABLE
-        out.append(m.Skip(path, reason, "%s: %s" % (path or ".", why)))
-    return out
 
 
 def _reap_stale(directory: str) -> None:
@@ -261,7 +251,7 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
     """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult.
     ``send_data`` returns False when the stream is to stop."""
     entries = scanner.scan_all(hash_files=False)
-    skipped = scan_skips(scanner)
+    skipped = scan_skips(scanner.skipped)
     total = sum(e.size for e in entries if e.kind == m.FILE)
     send(m.TarStart(req, len(entries), total))
     producer = TarProducer(root.path, entries)

@@ -43,8 +43,7 @@ class SessionRunner:
         self.totals: dict[str, int] = {"sent_files": 0, "sent_bytes": 0, "received_files": 0,
                                        "received_bytes": 0, "deleted": 0}
         self.connected_since = 0.0
-        self._resync_request: str | None = None  # "push" or "pull", for the next session
-        self._resync_force = False
+        self._resync_request: tuple[str, bool] | None = None  # (direction, force) for the next session
         self._resync_waiter: asyncio.Future[dict[str, Any]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -89,9 +88,10 @@ class SessionRunner:
             if self.paused or self.halt_reason:
                 await self._idle_until_woken(None)
                 continue
-            resync, self._resync_request = self._resync_request, None
+            request, self._resync_request = self._resync_request, None
+            resync, force = request if request is not None else (None, False)
             session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected,
-                              resync=resync, on_resync=self._resync_done, resync_force=self._resync_force)
+                              resync=resync, on_resync=self._resync_done, resync_force=force)
             session.force_next = self._force
             self._force = False
             self.session = session
@@ -143,8 +143,7 @@ class SessionRunner:
             raise ValueError(f"a resync of {self.spec.name} is already running")
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resync_waiter = waiter
-        self._resync_request = direction
-        self._resync_force = force
+        self._resync_request = (direction, force)
         self.paused = False
         self.halt_reason = ""
         self.state = f"resync-{direction}"

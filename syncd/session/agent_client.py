@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from syncd import __version__
@@ -18,6 +18,15 @@ TAR_WINDOW = 16 * 1024 * 1024  # tar data the agent may send ahead of our credit
 
 class AgentError(Exception):
     """The agent refused a request or the link to it failed."""
+
+
+def _reply(item: Any) -> Any:
+    """A queued reply, or the error it stands for (a Failure, or the link's exception)."""
+    if isinstance(item, BaseException):
+        raise AgentError(str(item))
+    if isinstance(item, m.Failure):
+        raise AgentError(item.message)
+    return item
 
 
 class AgentClient:
@@ -134,12 +143,7 @@ class AgentClient:
     async def _replies(self, req: int, queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise AgentError(str(item))
-                if isinstance(item, m.Failure):
-                    raise AgentError(item.message)
-                yield item
+                yield _reply(await queue.get())
         finally:
             self._waiting.pop(req, None)
 
@@ -214,13 +218,9 @@ class AgentClient:
 
         async def results() -> tuple[m.OpResult, ...]:
             try:
-                item = await queue.get()
+                item = _reply(await queue.get())
             finally:
                 self._waiting.pop(req, None)
-            if isinstance(item, BaseException):
-                raise AgentError(str(item))
-            if isinstance(item, m.Failure):
-                raise AgentError(item.message)
             if not isinstance(item, m.Applied) or len(item.results) != len(ops):
                 raise AgentError("the agent answered a batch with the wrong number of results")
             return item.results
@@ -254,25 +254,35 @@ class AgentClient:
         await self.channel.close()
 
 
-class TarUpload:
-    """A tar stream to the agent: ``send`` chunks (each waits for the link to drain),
-    then ``finish`` with what the stream lacks, and get the agent's result."""
+class _Stream:
+    """A request whose replies arrive over time: ``first`` (given the request id) is
+    sent at once; ``reply`` waits for the next answer."""
 
-    def __init__(self, client: AgentClient, path: str, runtime: bool) -> None:
+    def __init__(self, client: AgentClient, first: Callable[[int], Any]) -> None:
         self.client = client
         self.req = next(client._ids)
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         client._waiting[self.req] = self.queue
-        client.send(m.TarReceive(self.req, path, runtime))
+        client.send(first(self.req))
+
+    async def reply(self) -> Any:
+        return _reply(await self.queue.get())
+
+    def close(self) -> None:
+        self.client._waiting.pop(self.req, None)
+
+
+class TarUpload(_Stream):
+    """A tar stream to the agent: ``send`` chunks (each waits for the link to drain),
+    then ``finish`` with what the stream lacks, and get the agent's result."""
+
+    def __init__(self, client: AgentClient, path: str, runtime: bool) -> None:
+        super().__init__(client, lambda req: m.TarReceive(req, path, runtime))
 
     def _check(self) -> None:
         # The agent refuses early (e.g. an unwritable target): stop sending at once.
         if not self.queue.empty():
-            item = self.queue.get_nowait()
-            if isinstance(item, m.Failure):
-                raise AgentError(item.message)
-            if isinstance(item, BaseException):
-                raise AgentError(str(item))
+            item = _reply(self.queue.get_nowait())
             raise AgentError(f"unexpected {type(item).__name__} during a tar stream")
 
     async def send(self, data: bytes) -> None:
@@ -288,11 +298,7 @@ class TarUpload:
         skips: list[m.Skip] = []
         try:
             while True:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    raise AgentError(str(item))
-                if isinstance(item, m.Failure):
-                    raise AgentError(item.message)
+                item = await self.reply()
                 if not isinstance(item, m.TarResult):
                     raise AgentError(f"unexpected {type(item).__name__} after a tar stream")
                 entries.extend(item.entries)
@@ -302,41 +308,26 @@ class TarUpload:
         finally:
             self.close()
 
-    def close(self) -> None:
-        self.client._waiting.pop(self.req, None)
 
-
-class TarDownload:
+class TarDownload(_Stream):
     """The remote root as a tar stream: iterate over TarStart, TarData..., TarResult...
     (the last has ``done``), and ``ack`` the data taken in. The agent sends at most
     ``window`` bytes ahead of the acknowledgements: memory stays bounded on both sides
     however slow the consumer, without relying on the transport's own flow control."""
 
     def __init__(self, client: AgentClient, window: int) -> None:
-        self.client = client
+        super().__init__(client, lambda req: m.TarSend(req, window))
         self.window = window
-        self.req = next(client._ids)
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        client._waiting[self.req] = self.queue
         self._acked = 0
-        client.send(m.TarSend(self.req, window))
 
     def __aiter__(self) -> TarDownload:
         return self
 
     async def __anext__(self) -> Any:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise AgentError(str(item))
-        if isinstance(item, m.Failure):
-            raise AgentError(item.message)
-        return item
+        return await self.reply()
 
     def ack(self, consumed: int) -> None:
         """``consumed`` bytes of data taken in so far; credit is returned in quarters."""
         if consumed - self._acked >= self.window // 4:
             self._acked = consumed
             self.client.send(m.TarAck(self.req, consumed))
-
-    def close(self) -> None:
-        self.client._waiting.pop(self.req, None)

@@ -17,10 +17,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from syncd.agent.tar_jobs import scan_skips
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
-from syncd.tarstream import LEAVE_REASONS, ChunkReader, TarExtractor, TarProducer, mirror, path_key, staging_name
+from syncd.tarstream import (
+    LEAVE_REASONS,
+    ChunkReader,
+    TarExtractor,
+    TarProducer,
+    mirror,
+    path_key,
+    scan_skips,
+    staging_name,
+)
 
 if TYPE_CHECKING:
     from syncd.session.agent_client import TarUpload
@@ -198,7 +206,7 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
     assert local is not None and agent is not None
     progress = session.resync_progress = ResyncProgress("push")
     entries = await session._fs(local.scanner.scan_all, False)
-    skipped = scan_skips(local.scanner)
+    skipped = scan_skips(local.scanner.skipped)
     if not entries and not force:
         raise _refuse_empty("push", "local")
     progress.total_files = len(entries)

@@ -9,14 +9,13 @@ import os
 import time
 from typing import Any
 
-from syncd.agent.tar_jobs import scan_skips
 from syncd.fsops import UnsafePath, split_path
 from syncd.rules import Rules
 from syncd.scan import Scanner
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.resync import ResyncProgress, send_stream
-from syncd.tarstream import TarProducer, walk_following
+from syncd.tarstream import TarProducer, scan_skips, walk_following
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
@@ -27,7 +26,7 @@ class UploadError(Exception):
 
 def check_remote_dir(remote_dir: str) -> str:
     """REMOTE_DIR must be a plain relative path (no '..', not the root itself)."""
-    clean = remote_dir.strip("/") if not remote_dir.startswith("/") else remote_dir
+    clean = remote_dir.rstrip("/") or remote_dir  # "a/" is "a"; "/" stays absolute
     try:
         split_path(clean)
     except UnsafePath as exc:
@@ -49,7 +48,7 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
     else:
         scanner = Scanner(local_dir, rules.is_ignored)
         entries = await asyncio.to_thread(scanner.scan_all, False)
-        skipped = scan_skips(scanner)
+        skipped = scan_skips(scanner.skipped)
     try:
         channel = await start_agent(cfg.remote, cfg.agent)
     except TransportError as exc:

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from syncd.control.client import call
+from tests.e2e.daemon_util import wait_until
 from tests.e2e.helpers import cli_argv, cli_env, snapshot_diff, tree_snapshot
 from tests.sshd import HOST, SshServer, _descendants
 
@@ -236,14 +237,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, describe: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{describe()}")
-        time.sleep(0.02)
+    return wait_until(predicate, timeout, message=lambda: f"{what}\n{describe()}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import pytest
 
 from syncd.control import wire
 from syncd.control.client import RemoteError, call
+from tests.e2e.daemon_util import wait_until
 from tests.e2e.systemd_util import (
     REPO_ROOT,
     UNITS_DIR,
@@ -114,15 +115,9 @@ class Rig:
                             "StatusText", "ExecMainStatus", "ExecMainCode")
 
     def wait(self, predicate: Callable[[], T], timeout: float, what: str) -> T:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; unit: {self.show()}\n"
-                                     + self.describe())
-            time.sleep(0.1)
+        value: T = wait_until(predicate, timeout, 0.1,
+                              message=lambda: f"{what}; unit: {self.show()}\n{self.describe()}")
+        return value
 
     def wait_running(self, timeout: float = 20.0, *, other_than: str = "") -> dict[str, str]:
         """Wait for active (running) with a STATUS= and a MainPID other than *other_than*."""
