@@ -9,7 +9,7 @@ added ``--paused`` (so no live sync happens first); the time is the wall time of
 The peak RSS of the daemon and of the remote agent (VmHWM) is read after each resync, and
 every destination is checked file by file against the source.
 
-    python3 bench/resync.py [--quick] [--files N] [--size-mb M] [--keep]
+    python3 bench/resync.py [--quick] [--files N] [--size-mb M] [--dir /dev/shm] [--keep]
 
 Results go to ``bench/resync-results.json``.
 """
@@ -35,6 +35,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
+from daemon import CLK_TCK, cpu_ticks  # noqa: E402  (sibling module)
 from run import compare, generate_tree, log, manifest, run_timed  # noqa: E402  (sibling module)
 
 RESULTS = BENCH_DIR / "resync-results.json"
@@ -49,6 +50,27 @@ def vm_hwm_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return 0
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:8]]
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Machine CPU seconds used between start and stop: what a run cost in total, across
+    every process (ssh and sshd included), on a machine where nothing else runs."""
+
+    def __enter__(self) -> CpuMeter:
+        self.start = machine_cpu_s()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = machine_cpu_s() - self.start
 
 
 def agent_pids() -> list[int]:
@@ -151,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--dir", default="/tmp",
+                        help="where the trees go (e.g. /dev/shm: a tmpfs takes the disk's noise out)")
     args = parser.parse_args(argv)
     if args.quick:
         args.files, args.size_mb = 5000, 100
@@ -159,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"bench: {reason}", file=sys.stderr)
         return 1
-    work = Path(tempfile.mkdtemp(prefix="syncd-resync-bench-", dir="/tmp")).resolve()
+    work = Path(tempfile.mkdtemp(prefix="syncd-resync-bench-", dir=args.dir)).resolve()
     (work / "logs").mkdir()
-    results: dict[str, Any] = {"files": args.files, "size_mb": args.size_mb, "loadavg_start": os.getloadavg()}
+    results: dict[str, Any] = {"files": args.files, "size_mb": args.size_mb, "dir": args.dir,
+                               "loadavg_start": os.getloadavg()}
     try:
         log(f"generating ~{args.files} files / {args.size_mb} MiB in {work}")
         tree = generate_tree(work / "src", args.files, args.size_mb, args.seed)
@@ -191,10 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                     dest = local
                 others = set(agent_pids())
                 daemon.add_paused(direction, local, remote)
-                seconds, summary = daemon.resync(direction, direction)
+                agents = set(agent_pids()) - others
+                before = {p: cpu_ticks(p) for p in (daemon.proc.pid, *agents)}
+                with CpuMeter() as syncd_cpu:
+                    seconds, summary = daemon.resync(direction, direction)
                 ours = set(agent_pids()) - others
                 rss = {"daemon_kib": vm_hwm_kib(daemon.proc.pid),
                        "agent_kib": max((vm_hwm_kib(p) for p in ours), default=0)}
+                cpu = {"machine_s": round(syncd_cpu.seconds, 2),
+                       "daemon_s": (cpu_ticks(daemon.proc.pid) - before[daemon.proc.pid]) / CLK_TCK,
+                       "agent_s": sum(cpu_ticks(p) - before.get(p, 0) for p in ours) / CLK_TCK}
                 check = compare(expected, manifest(dest))
                 daemon.cli("rm", direction)
                 log(f"syncd resync --{direction}: {seconds:.2f} s ({summary['files']} entries, "
@@ -203,17 +234,23 @@ def main(argv: list[str] | None = None) -> int:
                 settle(src)
                 tar_dst = work / f"{direction}-tar"
                 tar_dst.mkdir()
-                tar_s = (tar_push if direction == "push" else tar_pull)(server, src, tar_dst, work / "logs")
+                with CpuMeter() as tar_cpu:
+                    tar_s = (tar_push if direction == "push" else tar_pull)(server, src, tar_dst, work / "logs")
                 settle(src)
                 rsync_dst = work / f"{direction}-rsync"
-                if direction == "push":
-                    rsync_s = rsync(server, f"{src}/", f"{server.user}@{server.host}:{rsync_dst}/", work / "logs")
-                else:
-                    rsync_s = rsync(server, f"{server.user}@{server.host}:{src}/", f"{rsync_dst}/", work / "logs")
-                log(f"tar: {tar_s:.2f} s, rsync: {rsync_s:.2f} s")
+                with CpuMeter() as rsync_cpu:
+                    if direction == "push":
+                        rsync_s = rsync(server, f"{src}/", f"{server.user}@{server.host}:{rsync_dst}/",
+                                        work / "logs")
+                    else:
+                        rsync_s = rsync(server, f"{server.user}@{server.host}:{src}/", f"{rsync_dst}/",
+                                        work / "logs")
+                cpu.update(tar_machine_s=round(tar_cpu.seconds, 2), rsync_machine_s=round(rsync_cpu.seconds, 2))
+                log(f"tar: {tar_s:.2f} s, rsync: {rsync_s:.2f} s; CPU seconds {cpu}")
                 results[direction] = {
                     "syncd_s": seconds, "syncd_daemon_s": summary["seconds"], "tar_s": tar_s, "rsync_s": rsync_s,
-                    "ratio_tar": seconds / tar_s, "ratio_rsync": seconds / rsync_s, "rss": rss, "check": check,
+                    "ratio_tar": seconds / tar_s, "ratio_rsync": seconds / rsync_s, "rss": rss, "cpu": cpu,
+                    "check": check,
                     "skipped": len(summary["skipped"])}
                 for path in (dest, tar_dst, rsync_dst):
                     if path != src:

@@ -44,7 +44,8 @@ def split_path(rel: str) -> List[str]:
     for part in parts:
         if part in ("", ".", ".."):
             raise UnsafePath("path %r has a %r component" % (rel, part))
-        if len(os.fsencode(part)) > _NAME_MAX:
+        # A character encodes to at most 4 bytes: only long names need encoding to check.
+        if len(part) > _NAME_MAX // 4 and len(os.fsencode(part)) > _NAME_MAX:
             raise UnsafePath("name too long in %r" % rel)
     return parts
 
@@ -104,6 +105,11 @@ class Root:
     def parent(self, rel: str) -> Tuple[int, str]:
         """Return (directory fd, final name) for ``rel``, refusing any symlinked component."""
         parts = split_path(rel)
+        if len(parts) == 1:
+            return self.fd, rel
+        cached = self._dirs.get(rel[: -len(parts[-1]) - 1])
+        if cached is not None:  # the usual case: a sibling was just resolved
+            return cached, parts[-1]
         fd = self.fd
         key = ""
         for part in parts[:-1]:

@@ -29,6 +29,9 @@ _GNU_LONGLINK = b"K"
 
 _MAX_OCTAL_SIZE = 8**11 - 1  # 12-byte octal field
 _MAX_META = 16 << 20  # a pax or GNU long-name block larger than this is not a real one
+_NO_DATA = (b"1", b"2", b"5")  # hard links, symlinks and directories carry no data
+_ZERO_BLOCK = bytes(BLOCK)
+_READ_SIZE = 1 << 20
 
 
 class TarFormatError(Exception):
@@ -55,10 +58,14 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return str(size).encode() + body
 
 
+def _stamp(mtime_ns: int) -> bytes:
+    seconds, frac = divmod(mtime_ns, 10**9)
+    return b"%d.%09d" % (seconds, frac) if seconds >= 0 else b"%d" % seconds
+
+
 def pax_mtime(mtime_ns: int) -> str:
-    if mtime_ns < 0:
-        return str(mtime_ns // 10**9)
-    return "%d.%09d" % divmod(mtime_ns, 10**9)
+    """A pax mtime: nanoseconds kept, or whole seconds before 1970."""
+    return _stamp(mtime_ns).decode("ascii")
 
 
 def parse_mtime(text: str) -> int:
@@ -69,50 +76,63 @@ def parse_mtime(text: str) -> int:
     return whole * 10**9 + (-part if sec.startswith("-") else part)
 
 
+_IDS = b"0000000\0" b"0000000\0"  # uid and gid: ownership is not carried
+_MAGIC = b"ustar\x0000"
+_TAIL = bytes(BLOCK - 265)
+_FIXED_SUM = sum(_IDS) + sum(_MAGIC) + 8 * 32  # the checksum field counts as spaces
+_PAX_NAME = b"././@PaxHeader"  # the name readers ignore, as GNU tar and tarfile write it
+_pax_blocks: Dict[int, bytes] = {}
+
+
 def _ustar(name: bytes, mode: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
-    header = bytearray(BLOCK)
-    header[0 : len(name)] = name
-    header[100:108] = b"%07o\0" % (mode & 0o7777)
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"%011o\0" % mtime
-    header[148:156] = b"        "
-    header[156:157] = kind
-    header[157 : 157 + len(link)] = link
-    header[257:265] = b"ustar\x0000"
-    header[148:155] = b"%06o\0" % sum(header)
-    return bytes(header)
+    """One ustar header block. Built by concatenation, with the checksum summed over the
+    variable fields only: this runs once or twice per member of a multi-GB stream."""
+    perm = b"%07o\0" % (mode & 0o7777)
+    numbers = b"%011o\0%011o\0" % (size, mtime)
+    check = _FIXED_SUM + sum(name) + sum(perm) + sum(numbers) + kind[0] + sum(link)
+    return b"".join((name, bytes(100 - len(name)), perm, _IDS, numbers, b"%06o\0 " % check, kind, link,
+                     bytes(100 - len(link)), _MAGIC, _TAIL))
+
+
+def _pax_block(length: int) -> bytes:
+    """The ustar block announcing a pax body of ``length`` bytes (the same for every member
+    whose records have that length, so kept)."""
+    block = _pax_blocks.get(length)
+    if block is None:
+        block = _pax_blocks[length] = _ustar(_PAX_NAME, 0o644, length, 0, _PAX, b"")
+    return block
 
 
 def header(path: str, kind: bytes, mode: int, mtime_ns: int, size: int = 0, linkname: str = "") -> bytes:
     """Pax extended header + ustar header for one member (data and padding follow)."""
     name = _encode(path) + (b"/" if kind == DIRECTORY else b"")
-    link = _encode(linkname)
-    records = [_pax_record(b"mtime", pax_mtime(mtime_ns).encode())]
-    binary = False
-    if len(name) > 100 or len(link) > 100:
+    link = _encode(linkname) if linkname else b""
+    stamp = _stamp(mtime_ns)
+    seconds = mtime_ns // 10**9
+    if len(name) <= 100 and len(link) <= 100 and size <= _MAX_OCTAL_SIZE:
+        body = _pax_record(b"mtime", stamp)  # the common case: nothing else is needed
+    else:
+        records = [_pax_record(b"mtime", stamp)]
+        binary = False
         try:
             name.decode("utf-8")
             link.decode("utf-8")
         except UnicodeDecodeError:
             binary = True
-    if len(name) > 100:
-        records.append(_pax_record(b"path", name))
-        name = name[:100]
-    if len(link) > 100:
-        records.append(_pax_record(b"linkpath", link))
-        link = link[:100]
-    if binary:
-        records.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
-    if size > _MAX_OCTAL_SIZE:
-        records.append(_pax_record(b"size", str(size).encode()))
-    body = b"".join(records)
-    seconds = mtime_ns // 10**9
-    return (_ustar(b"PaxHeader/" + name[:90], 0o644, len(body), max(seconds, 0), _PAX, b"")
-            + body + bytes(padding(len(body)))
-            + _ustar(name, mode, size if size <= _MAX_OCTAL_SIZE else 0, max(min(seconds, 8**11 - 1), 0),
-                     kind, link))
+        if len(name) > 100:
+            records.append(_pax_record(b"path", name))
+            name = name[:100]
+        if len(link) > 100:
+            records.append(_pax_record(b"linkpath", link))
+            link = link[:100]
+        if binary:
+            records.insert(0, _pax_record(b"hdrcharset", b"BINARY"))
+        if size > _MAX_OCTAL_SIZE:
+            records.append(_pax_record(b"size", str(size).encode()))
+            size = 0
+        body = b"".join(records)
+    return b"".join((_pax_block(len(body)), body, bytes(padding(len(body))),
+                     _ustar(name, mode, size, max(min(seconds, 8**11 - 1), 0), kind, link)))
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -139,10 +159,15 @@ class Member:
 
     def has_data(self) -> bool:
         """Whether ``size`` bytes of content follow (links and directories carry none)."""
-        return self.kind not in (HARDLINK, SYMLINK, DIRECTORY)
+        return self.kind not in _NO_DATA
 
 
 def _number(field: bytes) -> int:
+    if field[-1:] == b"\0":  # what ustar writers put there: octal digits and a NUL
+        try:
+            return int(field[:-1], 8)
+        except ValueError:
+            pass
     if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * len(field) - 8)) if field[:1] == b"\xff" else value
@@ -180,42 +205,65 @@ def _parse_pax(data: bytes) -> Dict[bytes, bytes]:
 
 
 class TarReader:
-    """Members of a tar stream, read through ``read(n)`` (which may return fewer bytes)."""
+    """Members of a tar stream, read through ``read(n)`` (which may return fewer bytes).
+
+    The reader keeps the piece it last read and slices headers and small members out of
+    it, so that a stream of many small files costs few calls to ``read``.
+    """
 
     def __init__(self, read: Callable[[int], bytes]) -> None:
         self._read = read
+        self._buf = b""
+        self._pos = 0
         self._left = 0  # data bytes of the current member not yet read
         self._pad = 0
 
+    def _more(self) -> bool:
+        data = self._read(_READ_SIZE)
+        if not data:
+            return False
+        self._buf, self._pos = data, 0
+        return True
+
     def _exact(self, size: int) -> bytes:
-        data = self._read(size)
-        if len(data) == size:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < size:
-            more = self._read(size - got)
-            if not more:
-                raise TarFormatError("the tar stream ends in the middle of a member")
-            parts.append(more)
-            got += len(more)
+        """``size`` bytes, or fewer only at the end of the stream."""
+        pos, end = self._pos, self._pos + size
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        parts = [self._buf[pos:]]
+        got = len(parts[0])
+        self._buf, self._pos = b"", 0
+        while got < size and self._more():
+            piece = self._buf[: size - got]
+            self._pos = len(piece)
+            parts.append(piece)
+            got += len(piece)
         return b"".join(parts)
+
+    def _need(self, size: int) -> bytes:
+        data = self._exact(size)
+        if len(data) < size:
+            raise TarFormatError("the tar stream ends in the middle of a member")
+        return data
 
     def read_data(self, size: int) -> bytes:
         """Up to ``size`` bytes of the current member's data; b"" at its end."""
         if self._left <= 0:
             return b""
-        data = self._read(min(size, self._left))
-        if not data:
+        if self._pos >= len(self._buf) and not self._more():
             raise TarFormatError("the tar stream ends in the middle of a member")
-        self._left -= len(data)
-        return data
+        pos = self._pos
+        end = min(pos + min(size, self._left), len(self._buf))
+        self._pos = end
+        self._left -= end - pos
+        return self._buf[pos:end]
 
     def _skip_rest(self) -> None:
         while self._left > 0:
             self.read_data(1 << 20)
         if self._pad:
-            self._exact(self._pad)
+            self._need(self._pad)
             self._pad = 0
 
     def next(self) -> Optional[Member]:
@@ -225,24 +273,23 @@ class TarReader:
         long_name: Optional[bytes] = None
         long_link: Optional[bytes] = None
         while True:
-            block = self._read(BLOCK)
+            block = self._exact(BLOCK)
             if not block:
                 return None  # end of stream without the end marker: tolerated, like tar
             if len(block) < BLOCK:
-                block += self._exact(BLOCK - len(block))
-            if block.count(0) == BLOCK:
+                raise TarFormatError("the tar stream ends in the middle of a member")
+            if block == _ZERO_BLOCK:
                 return None
             stored = _number(block[148:156])
-            computed = sum(block[:148]) + 256 + sum(block[156:])
-            if stored != computed:
+            if stored != sum(block) - sum(block[148:156]) + 256:
                 raise TarFormatError("bad header checksum: not a tar stream, or a damaged one")
             kind = block[156:157]
             size = _number(block[124:136])
             if kind in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
                 if not 0 <= size <= _MAX_META:
                     raise TarFormatError("extended header of %d bytes" % size)
-                data = self._exact(size)
-                self._exact(padding(size))
+                data = self._need(size)
+                self._need(padding(size))
                 if kind == _PAX:
                     pax.update(_parse_pax(data))
                 elif kind == _GNU_LONGNAME:
@@ -257,22 +304,24 @@ class TarReader:
                     name = prefix + b"/" + name
             if long_name is not None:
                 name = long_name
-            if b"path" in pax:
-                name = pax[b"path"]
             link = long_link if long_link is not None else _string(block[157:257])
-            if b"linkpath" in pax:
-                link = pax[b"linkpath"]
-            if b"size" in pax:
-                size = int(pax[b"size"])
+            mtime_ns: Optional[int] = None
+            if pax:
+                name = pax.get(b"path", name)
+                link = pax.get(b"linkpath", link)
+                if b"size" in pax:
+                    size = int(pax[b"size"])
+                if b"mtime" in pax:
+                    try:
+                        mtime_ns = parse_mtime(pax[b"mtime"].decode("ascii"))
+                    except (ValueError, UnicodeDecodeError):
+                        pass
             if size < 0:
                 raise TarFormatError("negative size")
-            mtime_ns = _number(block[136:148]) * 10**9
-            if b"mtime" in pax:
-                try:
-                    mtime_ns = parse_mtime(pax[b"mtime"].decode("ascii"))
-                except (ValueError, UnicodeDecodeError):
-                    pass
+            if mtime_ns is None:
+                mtime_ns = _number(block[136:148]) * 10**9
             member = Member(_decode(name), kind, _number(block[100:108]) & 0o7777, size, mtime_ns, _decode(link))
-            self._left = size if member.has_data() else 0
-            self._pad = padding(size) if member.has_data() else 0
+            has_data = kind not in _NO_DATA
+            self._left = size if has_data else 0
+            self._pad = padding(size) if has_data else 0
             return member

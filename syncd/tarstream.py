@@ -73,30 +73,32 @@ def path_key(rel: str) -> Tuple[str, ...]:
 
 class ChunkReader:
     """A read-only file over a source of chunks (``get()`` returns bytes, or None at the
-    end), for a tar reader fed by another thread. Reads slice the current chunk without
-    copying the rest of it."""
+    end), for a tar reader fed by another thread. A read that takes a whole chunk gets
+    the chunk itself, not a copy."""
 
     def __init__(self, get: Callable[[], Optional[bytes]]) -> None:
         self._get = get
-        self._chunk = memoryview(b"")
+        self._chunk = b""
+        self._pos = 0
         self._eof = False
 
     def read(self, size: int = -1) -> bytes:
-        while not self._chunk and not self._eof:  # an empty chunk is not the end
+        while self._pos >= len(self._chunk) and not self._eof:  # an empty chunk is not the end
             data = self._get()
             if data is None:
                 self._eof = True
             else:
-                self._chunk = memoryview(data)
-        if size < 0 or size > len(self._chunk):
-            size = len(self._chunk)
-        out = bytes(self._chunk[:size])
-        self._chunk = self._chunk[size:]
-        return out
+                self._chunk, self._pos = data, 0
+        pos = self._pos
+        end = len(self._chunk) if size < 0 else min(pos + size, len(self._chunk))
+        self._pos = end
+        if pos == 0 and end == len(self._chunk):
+            return self._chunk
+        return self._chunk[pos:end]
 
     def drain(self) -> None:
         """Consume the source to its end (after the archive's end, or after an error)."""
-        self._chunk = memoryview(b"")
+        self._chunk, self._pos = b"", 0
         while not self._eof:
             if self._get() is None:
                 self._eof = True
@@ -367,20 +369,23 @@ class TarExtractor:
     def _parent_fd(self, rel: str) -> Tuple[int, str]:
         """Directory fd and name for ``rel``, making missing parent directories (archives
         need not list them)."""
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            kind = self.entries.get(parent)
-            if kind is None:
-                dir_fd, name = self.root.parent(parent)
-                try:
-                    os.mkdir(name, 0o700, dir_fd=dir_fd)
-                except FileExistsError:
-                    pass
-                self._dirs.setdefault(parent, (0o755, 0))
-                self.entries[parent] = m.Entry(parent, m.DIR, 0o755, 0, 0, 0)
-            elif kind.kind != m.DIR:
-                raise UnsafePath("%s is not a directory in the archive" % parent)
+        parent = rel.rpartition("/")[0]
+        known = self.entries.get(parent) if parent else None
+        if parent and (known is None or known.kind != m.DIR):  # not the usual sibling case
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                kind = self.entries.get(parent)
+                if kind is None:
+                    dir_fd, name = self.root.parent(parent)
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=dir_fd)
+                    except FileExistsError:
+                        pass
+                    self._dirs.setdefault(parent, (0o755, 0))
+                    self.entries[parent] = m.Entry(parent, m.DIR, 0o755, 0, 0, 0)
+                elif kind.kind != m.DIR:
+                    raise UnsafePath("%s is not a directory in the archive" % parent)
         return self.root.parent(rel)
 
     def _member(self, reader: tf.TarReader, member: tf.Member) -> None:
@@ -463,9 +468,11 @@ class TarExtractor:
                 data = reader.read_data(CHUNK)
                 if not data:
                     break
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                written = os.write(fd, data)
+                if written < len(data):  # a short write: finish it from a view
+                    view = memoryview(data)[written:]
+                    while view:
+                        view = view[os.write(fd, view):]
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)
