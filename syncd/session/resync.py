@@ -205,7 +205,7 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
     local, agent = session.local, session.agent
     assert local is not None and agent is not None
     progress = session.resync_progress = ResyncProgress("push")
-    entries = await session._fs(local.scanner.scan_all, False)
+    entries = await session.local_listing()
     skipped = scan_skips(local.scanner.skipped)
     if not entries and not force:
         raise _refuse_empty("push", "local")

@@ -144,6 +144,7 @@ class Session:
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
         # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
+        self._push_scan: asyncio.Future[list[m.Entry]] | None = None  # a resync --push's listing
         self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -232,6 +233,17 @@ class Session:
         # would be looked at again anyway, and a watcher thread slows the extraction).
         if not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
+        if self.resync == "push":  # what to send: listed while the agent starts
+            self._push_scan = self._fs(self.local.scanner.scan_all, False)
+
+    async def local_listing(self) -> list[m.Entry]:
+        """The whole local tree, without digests (for a resync --push)."""
+        local = self.local
+        assert local is not None
+        if self._push_scan is not None:
+            listing, self._push_scan = self._push_scan, None
+            return await listing
+        return await self._fs(local.scanner.scan_all, False)
 
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
@@ -255,7 +267,7 @@ class Session:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
         try:
-            for prescan in (self._prescan, self._remote_prescan):
+            for prescan in (self._prescan, self._remote_prescan, self._push_scan):
                 if prescan is not None:
                     prescan.cancel()
                     await asyncio.gather(prescan, return_exceptions=True)
