@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
+from syncd.session.extract_worker import ExtractWorker
 from syncd.tarstream import (
     LEAVE_REASONS,
-    ChunkReader,
-    TarExtractor,
     TarProducer,
     mirror,
     path_key,
@@ -227,17 +226,11 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
     local, agent = session.local, session.agent
     assert local is not None and agent is not None
     progress = session.resync_progress = ResyncProgress("pull")
-    loop = asyncio.get_running_loop()
     staging_rel = staging_name("resync")
     rules = session.rules
-    extractor = TarExtractor(os.path.join(session.cfg.local, staging_rel),
-                             is_ignored=lambda rel, is_dir: rules.is_ignored(rel, is_dir), progress=progress.add)
-    data: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
-
-    def get() -> bytes | None:
-        return asyncio.run_coroutine_threadsafe(data.get(), loop).result()
-
-    work = session._fs(extractor.extract, ChunkReader(get))
+    # Extracted by a child process: see extract_worker for why.
+    extractor = await ExtractWorker.start(os.path.join(session.cfg.local, staging_rel), session.cfg.local,
+                                          rules.to_wire(), progress.add)
     sent: list[m.Entry] = []
     skipped: list[m.Skip] = []
     refused = False
@@ -250,19 +243,18 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
             elif isinstance(item, m.TarData):
-                await data.put(item.data)  # waits while the extractor is behind
+                await extractor.feed(item.data)  # waits while the extractor is behind
                 consumed += len(item.data)
                 stream.ack(consumed)
             elif isinstance(item, m.TarResult):
                 if not sent and not skipped:
-                    await data.put(None)  # the archive is complete
+                    await extractor.finish()  # the archive is complete
                 sent.extend(item.entries)
                 skipped.extend(item.skipped)
                 if item.done:
                     break
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
-        await work
         if refused:
             raise _refuse_empty("pull", "remote")
         progress.phase = "placing"
@@ -273,17 +265,9 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
             mirror, local.root, staging_rel, extractor.entries, existing,
             lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
         )
-    except BaseException:
-        def unblock() -> None:
-            while not data.empty():
-                data.get_nowait()
-            data.put_nowait(None)
-
-        await _drain_thread(work, unblock)
-        raise
     finally:
         stream.close()
-        await session._fs(extractor.close)
+        await extractor.close()
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
     # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.
     markers = [kept_local(entry) for entry in await session._fs(_with_digests, local, result.kept)]
