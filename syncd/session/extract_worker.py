@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+import syncd
 from syncd.protocol import messages as m
 from syncd.rules import load_root_rules
 from syncd.tarstream import ExtractError, TarExtractor
@@ -134,8 +135,11 @@ class ExtractWorker:
     @classmethod
     async def start(cls, staging: str, root: str, rules: dict[str, list[str]],
                     progress: Callable[[int, int], None]) -> ExtractWorker:
+        # The child imports the very syncd this daemon runs, however it was found.
+        package_home = os.path.dirname(os.path.dirname(os.path.abspath(syncd.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_home, os.environ.get("PYTHONPATH")])))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "syncd.session.extract_worker", staging, root,
+            sys.executable, "-m", "syncd.session.extract_worker", staging, root, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert proc.stdin is not None
         pipe = proc.stdin.get_extra_info("pipe")
