@@ -22,7 +22,7 @@ from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
 PIPE_SIZE = 1 << 20
-CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree")
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests")
 
 
 class Agent:
@@ -117,7 +117,7 @@ class Agent:
         elif isinstance(msg, m.Apply):
             self.send(m.Applied(msg.req, tuple(self.apply_one(op) for op in msg.ops)))
             self.root.release()
-        elif isinstance(msg, (m.TarReceive, m.TarData, m.TarEnd, m.TarSend, m.TarAck)):
+        elif isinstance(msg, (m.TarReceive, m.TarData, m.TarEnd, m.TarSend, m.TarAck, m.TarDigests)):
             self.tar(msg)
         else:
             raise ProtocolError("unexpected %s from the daemon" % type(msg).__name__)
@@ -150,6 +150,9 @@ class Agent:
             return  # the stream was refused: its data is dropped
         if isinstance(msg, m.TarData):
             job.feed(msg.data)
+            return
+        if isinstance(msg, m.TarDigests):
+            job.known(msg.entries)
             return
         del self.receiving[msg.req]
         try:

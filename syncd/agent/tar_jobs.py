@@ -13,7 +13,7 @@ import os
 import queue
 import shutil
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
@@ -101,6 +101,7 @@ class Receive:
         self.base_root.parent(self.staging_rel)
         _reap_stale(os.path.join(base, parent))
         self.where = os.path.join(base, self.target) if self.target else base
+        self.digests: Dict[str, Tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, digest), as sent
         self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
         self.error: Optional[str] = None
         self.extractor = TarExtractor(os.path.join(base, self.staging_rel), is_ignored=self._ignored)
@@ -133,6 +134,23 @@ class Receive:
     def feed(self, data: bytes) -> None:
         self.queue.put(data)
 
+    def known(self, entries: Tuple[m.Entry, ...]) -> None:
+        """Digests the daemon computed for files it sent (see TarDigests)."""
+        if self.whole_root:  # only the root's scanner has a cache to fill
+            for e in entries:
+                if e.kind == m.FILE and e.digest is not None:
+                    self.digests[e.path] = (e.size, e.mtime_ns, e.digest)
+
+    def _remember(self, placed: List[m.Entry]) -> None:
+        """Files that landed as they were sent go in the digest cache: the next scan of
+        the root then hashes none of them."""
+        cache = self.scanner.cache
+        for e in placed:
+            sent = self.digests.get(e.path)
+            if sent is not None and e.kind == m.FILE and sent[0] == e.size and sent[1] == e.mtime_ns:
+                cache.put(m.Entry(e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, sent[2]))
+        self.digests.clear()
+
     def abort(self) -> None:
         """The link went away mid-stream: discard everything staged."""
         self.queue.put(None)
@@ -159,6 +177,7 @@ class Receive:
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
                 result = mirror(self.base_root, self.staging_rel, ex.entries, existing,
                                 lambda rel, kind: False, leave)
+                self._remember(result.entries)
                 # Kept directories go back too, so the daemon can make them on its side.
                 return result.entries + result.kept_dirs, ex.skipped + result.skipped, result.deleted
             self._replace()

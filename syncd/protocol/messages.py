@@ -339,6 +339,16 @@ class TarEnd:
 
 
 @dataclass(frozen=True)
+class TarDigests:
+    """Files of a stream the daemon sent, with the digests it computed reading them: the
+    agent keeps those that landed unchanged in its digest cache, so its next scan does
+    not read the whole tree again. Sent in chunks, before TarEnd."""
+
+    req: int
+    entries: Tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
 class TarResult:
     """Outcome of a tar stream, in chunks (the last has ``done``): the entries archived
     (TarSend, files with digests) or placed (TarReceive), what was skipped, how many
@@ -375,7 +385,7 @@ class TreeMatched:
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -404,6 +414,7 @@ TAGS: Dict[type, int] = {
     TarEnd: 22,
     TarResult: 23,
     TarAck: 24,
+    TarDigests: 25,
     # structs
     Entry: 32,
     Expect: 33,
@@ -423,5 +434,5 @@ TAGS: Dict[type, int] = {
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests,
 )

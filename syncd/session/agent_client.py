@@ -13,6 +13,7 @@ from syncd.protocol.codec import Connection, ProtocolError
 from syncd.transport.channel import Channel
 
 HELLO_TIMEOUT = 20.0
+DIGESTS_CHUNK = 5000  # files per TarDigests message (about 400 KB)
 TAR_WINDOW = 16 * 1024 * 1024  # tar data the agent may send ahead of our credits
 
 
@@ -289,6 +290,16 @@ class TarUpload(_Stream):
         self._check()
         self.client.send(m.TarData(self.req, data))
         await self.client.drain()
+
+    async def share_digests(self, entries: list[m.Entry]) -> None:
+        """Tell the agent the digests of the files sent (if it keeps them: TarDigests)."""
+        if not self.client.supports("tar-digests"):
+            return
+        files = [e for e in entries if e.kind == m.FILE and e.digest is not None]
+        for i in range(0, len(files), DIGESTS_CHUNK):
+            self._check()
+            self.client.send(m.TarDigests(self.req, tuple(files[i:i + DIGESTS_CHUNK])))
+            await self.client.drain()
 
     async def finish(self, skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
         """(entries placed, skipped, deleted, where)."""

@@ -161,10 +161,11 @@ async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) 
 
 
 async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
-                      run: Callable[..., Awaitable[Any]],
-                      progress: ResyncProgress | None = None) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+                      run: Callable[..., Awaitable[Any]], progress: ResyncProgress | None = None,
+                      share_digests: bool = False) -> tuple[list[m.Entry], list[m.Skip], int, str]:
     """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
-    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
+    by ``run``, sent as it comes), then finish the stream; returns the agent's result.
+    ``share_digests``: the stream is the agent's root, whose digest cache can use them."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
     stop = False
@@ -186,6 +187,8 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
         await work  # raises if the producer failed
         if progress is not None:
             progress.phase = "placing"
+        if share_digests:
+            await upload.share_digests(producer.sent)
         return await upload.finish(producer.skipped + skipped)
     except BaseException:
         stop = True
@@ -213,7 +216,8 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
     progress.phase = "streaming"
     producer = TarProducer(session.cfg.local, entries, progress=progress.add)
     upload = agent.tar_to_agent("", False)
-    placed, remote_skips, deleted, _ = await send_stream(producer, upload, skipped, session._fs, progress)
+    placed, remote_skips, deleted, _ = await send_stream(producer, upload, skipped, session._fs, progress,
+                                                         share_digests=True)
     kept = await _make_kept_dirs(session, placed, producer.sent, "local")
     session.reset_base(_base_rows(producer.sent, placed, "local") + kept)
     progress.phase = "done"

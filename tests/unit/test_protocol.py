@@ -60,6 +60,7 @@ SAMPLES: dict[type, Any] = {
     m.TarReceive: m.TarReceive(7, "skills/" + CAFE, True),
     m.TarSend: m.TarSend(8, 16 << 20),
     m.TarAck: m.TarAck(8, 4 << 20),
+    m.TarDigests: m.TarDigests(7, (FILE_ENTRY,)),
     m.TarStart: m.TarStart(8, 50000, 1 << 30),
     m.TarData: m.TarData(8, b"\0" * 1024),
     m.TarEnd: m.TarEnd(7, (m.Skip("src/" + CAFE, "changed", "changed while it was archived"),)),
