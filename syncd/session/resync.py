@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
-from syncd.session.extract_worker import ExtractWorker
+from syncd.session.tar_worker import ExtractWorker
 from syncd.tarstream import (
     LEAVE_REASONS,
     TarProducer,
     mirror,
     path_key,
-    scan_skips,
     staging_name,
 )
 
@@ -161,11 +160,10 @@ async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) 
 
 
 async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
-                      run: Callable[..., Awaitable[Any]], progress: ResyncProgress | None = None,
-                      share_digests: bool = False) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+                      run: Callable[..., Awaitable[Any]],
+                      progress: ResyncProgress | None = None) -> tuple[list[m.Entry], list[m.Skip], int, str]:
     """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
-    by ``run``, sent as it comes), then finish the stream; returns the agent's result.
-    ``share_digests``: the stream is the agent's root, whose digest cache can use them."""
+    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
     stop = False
@@ -187,8 +185,6 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
         await work  # raises if the producer failed
         if progress is not None:
             progress.phase = "placing"
-        if share_digests:
-            await upload.share_digests(producer.sent)
         return await upload.finish(producer.skipped + skipped)
     except BaseException:
         stop = True
@@ -203,36 +199,45 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
 
 
 async def push(session: Session, force: bool = False) -> ResyncSummary:
-    """Rebuild the remote from the local tree."""
-    local, agent = session.local, session.agent
-    assert local is not None and agent is not None
-    progress = session.resync_progress = ResyncProgress("push")
-    entries = await session.local_listing()
-    skipped = scan_skips(local.scanner.skipped)
-    if not entries and not force:
-        raise _refuse_empty("push", "local")
-    progress.total_files = len(entries)
-    progress.total_bytes = sum(e.size for e in entries if e.kind == m.FILE)
-    progress.phase = "streaming"
-    producer = TarProducer(session.cfg.local, entries, progress=progress.add)
-    upload = agent.tar_to_agent("", False)
-    placed, remote_skips, deleted, _ = await send_stream(producer, upload, skipped, session._fs, progress,
-                                                         share_digests=True)
-    kept = await _make_kept_dirs(session, placed, producer.sent, "local")
-    session.reset_base(_base_rows(producer.sent, placed, "local") + kept)
+    """Rebuild the remote from the local tree (listed, read and hashed by a child process:
+    see tar_worker)."""
+    agent = session.agent
+    assert agent is not None
+    progress = session.resync_progress = session.resync_progress or ResyncProgress("push")
+    worker = await session.push_worker()
+    try:
+        progress.total_files, progress.total_bytes = await worker.announced()
+        if not progress.total_files and not force:
+            raise _refuse_empty("push", "local")
+        progress.phase = "streaming"
+        upload = agent.tar_to_agent("", False)
+        try:
+            async for chunk in worker.chunks():
+                await upload.send(chunk)
+            await worker.finish()
+            progress.phase = "placing"
+            sent = list(worker.entries.values())
+            await upload.share_digests(sent)
+            placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
+        finally:
+            upload.close()
+    finally:
+        await worker.close()
+    kept = await _make_kept_dirs(session, placed, sent, "local")
+    session.reset_base(_base_rows(sent, placed, "local") + kept)
     progress.phase = "done"
-    return ResyncSummary("push", len(producer.sent), progress.bytes, time.monotonic() - progress.started, deleted,
-                         skipped + producer.skipped + remote_skips)
+    return ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
+                         worker.skipped + remote_skips)
 
 
 async def pull(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
     local, agent = session.local, session.agent
     assert local is not None and agent is not None
-    progress = session.resync_progress = ResyncProgress("pull")
+    progress = session.resync_progress = session.resync_progress or ResyncProgress("pull")
     staging_rel = staging_name("resync")
     rules = session.rules
-    # Extracted by a child process: see extract_worker for why.
+    # Extracted by a child process: see tar_worker for why.
     extractor = await ExtractWorker.start(os.path.join(session.cfg.local, staging_rel), session.cfg.local,
                                           rules.to_wire(), progress.add)
     sent: list[m.Entry] = []

@@ -34,6 +34,7 @@ from syncd.session.local_side import LocalSide
 from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary
 from syncd.session.resync import pull as resync_pull
 from syncd.session.resync import push as resync_push
+from syncd.session.tar_worker import ProduceWorker
 from syncd.store import Store, StoreBusy, add_conflicts, clear_intents, load_intents, record_intents
 from syncd.tarstream import ExtractError
 from syncd.transport.channel import TransportError
@@ -102,7 +103,7 @@ class Session:
         self.resync = resync  # "push" or "pull": rebuild that side first, then sync live
         self.on_resync = on_resync
         self.resync_force = resync_force  # resync even from an empty source tree
-        self.resync_progress: ResyncProgress | None = None
+        self.resync_progress: ResyncProgress | None = ResyncProgress(resync) if resync else None
         self.resync_summary: ResyncSummary | None = None
         self.on_connected = on_connected
         self.report = report or (lambda line: None)
@@ -144,7 +145,7 @@ class Session:
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
         # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
-        self._push_scan: asyncio.Future[list[m.Entry]] | None = None  # a resync --push's listing
+        self._push_worker: asyncio.Future[ProduceWorker] | None = None  # a resync --push's archiver
         self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -233,17 +234,20 @@ class Session:
         # would be looked at again anyway, and a watcher thread slows the extraction).
         if not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
-        if self.resync == "push":  # what to send: listed while the agent starts
-            self._push_scan = self._fs(self.local.scanner.scan_all, False)
+        if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
+            self._push_worker = asyncio.ensure_future(
+                ProduceWorker.start(self.cfg.local, self.rules.to_wire(), self._push_progress))
 
-    async def local_listing(self) -> list[m.Entry]:
-        """The whole local tree, without digests (for a resync --push)."""
-        local = self.local
-        assert local is not None
-        if self._push_scan is not None:
-            listing, self._push_scan = self._push_scan, None
-            return await listing
-        return await self._fs(local.scanner.scan_all, False)
+    def _push_progress(self, files: int, size: int) -> None:
+        if self.resync_progress is not None:
+            self.resync_progress.add(files, size)
+
+    async def push_worker(self) -> ProduceWorker:
+        """The process archiving the local tree for a resync --push (started early)."""
+        if self._push_worker is None:
+            self._push_worker = asyncio.ensure_future(
+                ProduceWorker.start(self.cfg.local, self.rules.to_wire(), self._push_progress))
+        return await self._push_worker
 
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
@@ -267,10 +271,16 @@ class Session:
             self.stats.wire_out = self.agent.bytes_sent
             self.stats.wire_in = self.agent.bytes_received
         try:
-            for prescan in (self._prescan, self._remote_prescan, self._push_scan):
+            for prescan in (self._prescan, self._remote_prescan):
                 if prescan is not None:
                     prescan.cancel()
                     await asyncio.gather(prescan, return_exceptions=True)
+            if self._push_worker is not None:
+                worker, self._push_worker = self._push_worker, None
+                if not worker.done():
+                    worker.cancel()
+                with contextlib.suppress(BaseException):
+                    await (await worker).close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

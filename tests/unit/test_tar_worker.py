@@ -1,4 +1,4 @@
-"""The child process that extracts a pulled tar stream: a real subprocess fed real archives."""
+"""The child processes of a resync's tar stream: real subprocesses on real trees."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from syncd.protocol import messages as m
 from syncd.scan import Scanner
-from syncd.session.extract_worker import ExtractWorker
+from syncd.session.tar_worker import ExtractWorker, ProduceWorker
 from syncd.tarstream import ExtractError, TarExtractor, TarProducer
 
 NO_RULES: dict[str, list[str]] = {}
@@ -152,5 +152,86 @@ def test_close_mid_stream_stops_the_child_and_removes_the_staging(tmp_path: Path
         await worker.close()
         assert worker.proc.returncode is not None
         assert list(root.iterdir()) == []
+
+    asyncio.run(go())
+
+
+async def produce(root: Path, rules: dict[str, list[str]]) -> tuple[ProduceWorker, tuple[int, int], bytes,
+                                                                  list[tuple[int, int]]]:
+    reports: list[tuple[int, int]] = []
+    worker = await ProduceWorker.start(str(root), rules, lambda f, b: reports.append((f, b)))
+    try:
+        totals = await worker.announced()
+        data = b"".join([chunk async for chunk in worker.chunks()])
+        await worker.finish()
+    finally:
+        await worker.close()
+    return worker, totals, data, reports
+
+
+def test_produces_the_archive_an_in_process_producer_makes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    reference = TarProducer(str(src), Scanner(str(src)).scan_all(hash_files=False))
+    expected = b"".join(reference.chunks())
+    reference.close()
+
+    async def go() -> None:
+        worker, totals, data, reports = await produce(src, NO_RULES)
+        assert data == expected  # byte for byte
+        files = [e for e in reference.sent if e.kind == m.FILE]
+        assert totals == (len(reference.sent), sum(e.size for e in files))
+        assert sorted(worker.entries.values(), key=lambda e: e.path) == sorted(reference.sent, key=lambda e: e.path)
+        assert all(worker.entries[e.path].digest == e.digest for e in files)  # digests come back
+        assert sum(f for f, _ in reports) == len(reference.sent) and len(reports) > 1
+        assert worker.skipped == []
+
+    asyncio.run(go())
+
+
+def test_produce_lists_under_the_roots_rules_and_reports_special_files(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, files=10)
+    (src / ".gitignore").write_text("*.sh\n")
+    os.mkfifo(src / "pipe")
+
+    async def go() -> None:
+        worker, (files, _), data, _ = await produce(src, {"ignore": ["build/"]})
+        paths = set(worker.entries)
+        assert "run.sh" not in paths and "build" not in paths and "build/out.o" not in paths
+        assert ".gitignore" in paths and "d0/e0/f0.txt" in paths
+        assert files == len(paths)
+        assert [(s.path, s.reason) for s in worker.skipped] == [("pipe", "special")]
+        extractor = TarExtractor(str(tmp_path / "out"))
+        extractor.extract(io.BytesIO(data))
+        assert set(extractor.entries) == paths
+
+    asyncio.run(go())
+
+
+def test_produce_of_a_missing_root_is_a_clear_error(tmp_path: Path) -> None:
+    async def go() -> None:
+        worker = await ProduceWorker.start(str(tmp_path / "gone"), NO_RULES, lambda f, b: None)
+        try:
+            with pytest.raises(ExtractError, match="No such file|gone"):
+                await worker.announced()
+        finally:
+            await worker.close()
+
+    asyncio.run(go())
+
+
+def test_closing_a_producer_mid_stream_stops_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "big.bin").write_bytes(os.urandom(8 << 20))  # more than the pipes hold
+
+    async def go() -> None:
+        worker = await ProduceWorker.start(str(src), NO_RULES, lambda f, b: None)
+        await worker.announced()
+        async for _ in worker.chunks():
+            break  # the daemon stops reading (a pause, a lost link)
+        await worker.close()
+        assert worker.proc.returncode is not None
 
     asyncio.run(go())

@@ -1,0 +1,358 @@
+"""The daemon's side of a resync's tar stream, in a process of its own.
+
+In the daemon the event loop encrypts or decrypts the SSH stream. Reading and hashing the
+tree (push), or extracting it (pull), in the same process made the two contend for one
+interpreter lock: every file's system calls handed it over, and each hand-over cost both
+sides CPU time. A child process does that work instead; the daemon only forwards the
+stream and keeps every decision (what is refused, what is placed, the base).
+
+Both children read on stdin a 4-byte big-endian length and the root's rules as JSON
+(``Rules.to_wire``), and report as msgpack arrays:
+
+- ``["n", files, bytes]``: what will be archived (produce only, before the stream);
+- ``["p", files, bytes]``: progress since the last report;
+- ``["e", path, kind, mode, size, mtime_ns, ino, digest, target]``: an entry archived
+  (produce: files with digests) or staged (extract);
+- ``["s", path, reason, detail]``: an entry skipped;
+- ``["d", bytes]`` at the end, or ``["x", message]`` on failure.
+
+``produce ROOT REPORT_FD``: lists the tree under the rules, writes the tar stream on
+stdout and reports on REPORT_FD. ``extract STAGING ROOT``: reads the tar stream after the
+rules on stdin, extracts it into STAGING and reports on stdout.
+
+    python3 -m syncd.session.tar_worker produce ROOT REPORT_FD
+    python3 -m syncd.session.tar_worker extract STAGING ROOT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import msgpack
+
+import syncd
+from syncd.protocol import messages as m
+from syncd.rules import Rules, load_root_rules
+from syncd.scan import Scanner
+from syncd.tarstream import ExtractError, TarExtractor, TarProducer, scan_skips
+
+_LENGTH = struct.Struct(">I")
+PIPE_SIZE = 1 << 20
+_REPORT_EVERY = 500  # files between progress reports
+_MAX_REPORT = 64 << 20  # no single report is near this; a larger one is garbage
+
+
+def grow_pipe(fd: int) -> None:
+    """Let a pipe hold a whole chunk of the stream (the default is 64 KiB)."""
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+
+
+# ---- the children ------------------------------------------------------------------------
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        data = os.read(fd, size - got)
+        if not data:
+            raise ExtractError("the stream ended before the rules")
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def _read_rules(fd: int, root: str) -> Rules:
+    (size,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size))
+    return load_root_rules(root, **json.loads(_read_exact(fd, size)))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Reports:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+        self.files = 0
+        self.bytes = 0
+
+    def send(self, *item: Any) -> None:
+        _write_all(self.fd, self.packer.pack(list(item)))
+
+    def progress(self, files: int, size: int) -> None:
+        self.files += files
+        self.bytes += size
+        if self.files >= _REPORT_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.files or self.bytes:
+            self.send("p", self.files, self.bytes)
+            self.files = self.bytes = 0
+
+    def entries(self, entries: Iterable[m.Entry]) -> None:
+        for e in entries:
+            self.send("e", e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, e.digest, e.target)
+
+    def skips(self, skipped: Iterable[m.Skip]) -> None:
+        for s in skipped:
+            self.send("s", s.path, s.reason, s.detail)
+
+
+class _Input:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+
+def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> int:
+    """Extract the tar stream on ``in_fd`` into ``staging``; report on ``out_fd``."""
+    grow_pipe(in_fd)
+    reports = _Reports(out_fd)
+    try:
+        rules = _read_rules(in_fd, root)
+        extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress)
+        extractor.extract(_Input(in_fd))  # type: ignore[arg-type]
+    except (ExtractError, OSError, ValueError) as exc:
+        reports.send("x", str(getattr(exc, "strerror", None) or exc))
+        return 1
+    reports.flush()
+    reports.entries(extractor.entries.values())
+    reports.skips(extractor.skipped)
+    reports.send("d", extractor.bytes)
+    return 0
+
+
+def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) -> int:
+    """Archive ``root`` under its rules on ``out_fd``; report on ``report_fd``."""
+    grow_pipe(out_fd)
+    reports = _Reports(report_fd)
+    try:
+        rules = _read_rules(in_fd, root)
+        scanner = Scanner(root, rules.is_ignored)
+        entries = scanner.scan_all(hash_files=False)
+        reports.skips(scan_skips(scanner.skipped))
+        reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))
+        producer = TarProducer(root, entries, progress=reports.progress)
+        try:
+            for chunk in producer.chunks():
+                _write_all(out_fd, chunk)
+        finally:
+            producer.close()
+        os.close(out_fd)  # the stream is whole: the daemon may finish it while we report
+    except (ExtractError, OSError, ValueError) as exc:
+        reports.send("x", str(getattr(exc, "strerror", None) or exc))
+        return 1
+    reports.flush()
+    reports.entries(producer.sent)
+    reports.skips(producer.skipped)
+    reports.send("d", producer.bytes)
+    return 0
+
+
+# ---- the daemon's side -------------------------------------------------------------------
+
+
+class _Worker:
+    """A child process and its reports."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reports: asyncio.StreamReader,
+                 progress: Callable[[int, int], None]) -> None:
+        self.proc = proc
+        self.progress = progress
+        self.entries: dict[str, m.Entry] = {}
+        self.skipped: list[m.Skip] = []
+        self.bytes = 0
+        self.totals: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self.error: str | None = None
+        self._done = False
+        self._reader = asyncio.ensure_future(self._read_reports(reports))
+
+    @staticmethod
+    async def _spawn(*args: str, pass_fds: tuple[int, ...] = (),
+                     stdout: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+        # The child imports the very syncd this daemon runs, however it was found.
+        home = os.path.dirname(os.path.dirname(os.path.abspath(syncd.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "syncd.session.tar_worker", *args, env=env, pass_fds=pass_fds,
+            stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=asyncio.subprocess.PIPE, limit=PIPE_SIZE)
+
+    def _send_rules(self, rules: dict[str, list[str]]) -> None:
+        assert self.proc.stdin is not None
+        header = json.dumps(rules).encode()
+        self.proc.stdin.write(_LENGTH.pack(len(header)) + header)
+
+    async def _read_reports(self, reports: asyncio.StreamReader) -> None:
+        unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", max_buffer_size=_MAX_REPORT)
+        while data := await reports.read(1 << 16):
+            unpacker.feed(data)
+            for item in unpacker:
+                self._report(item)
+
+    def _report(self, item: list[Any]) -> None:
+        tag = item[0]
+        if tag == "p":
+            self.progress(item[1], item[2])
+        elif tag == "e":
+            path, kind, mode, size, mtime_ns, ino, digest, target = item[1:]
+            self.entries[path] = m.Entry(path, kind, mode, size, mtime_ns, ino, digest, target)
+        elif tag == "s":
+            self.skipped.append(m.Skip(item[1], item[2], item[3]))
+        elif tag == "n":
+            self.totals.set_result((item[1], item[2]))
+        elif tag == "d":
+            self.bytes = item[1]
+            self._done = True
+        elif tag == "x":
+            self.error = item[1]
+
+    async def _outcome(self) -> None:
+        """Wait for the child's last report; raise ExtractError if it failed."""
+        await self._reader
+        await self.proc.wait()
+        if self.error is not None:
+            raise ExtractError(self.error)
+        if not self._done:
+            detail = b""
+            if self.proc.stderr is not None:
+                detail = await self.proc.stderr.read()
+            raise ExtractError(f"the tar process failed (status {self.proc.returncode})"
+                               + (f": {detail.decode(errors='replace').strip()}" if detail.strip() else ""))
+
+    async def _stop(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class ExtractWorker(_Worker):
+    """A child extracting into ``staging``: ``feed`` it the stream, ``finish``, then read
+    ``entries``, ``skipped`` and ``bytes`` as from a TarExtractor."""
+
+    def __init__(self, staging: str, proc: asyncio.subprocess.Process, progress: Callable[[int, int], None]) -> None:
+        assert proc.stdout is not None
+        super().__init__(proc, proc.stdout, progress)
+        self.staging = staging
+
+    @classmethod
+    async def start(cls, staging: str, root: str, rules: dict[str, list[str]],
+                    progress: Callable[[int, int], None]) -> ExtractWorker:
+        proc = await cls._spawn("extract", staging, root)
+        assert proc.stdin is not None
+        pipe = proc.stdin.get_extra_info("pipe")
+        if pipe is not None:
+            grow_pipe(pipe.fileno())
+        worker = cls(staging, proc, progress)
+        worker._send_rules(rules)
+        return worker
+
+    async def feed(self, data: bytes) -> None:
+        """Pass on a piece of the stream (waits while the child is behind)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+            await self.proc.stdin.drain()
+        except ConnectionError:  # the child stopped reading: it failed, and says why
+            await self._outcome()
+            raise ExtractError("the extraction process stopped reading") from None
+
+    async def finish(self) -> None:
+        """The stream is complete: wait for the child's report. Raises ExtractError."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(ConnectionError):
+            self.proc.stdin.close()
+        await self._outcome()
+
+    def drop(self, paths: Iterable[str]) -> None:
+        """Forget staged entries the source said not to trust (they go with the staging)."""
+        for rel in paths:
+            self.entries.pop(rel, None)
+
+    async def close(self) -> None:
+        """Stop the child if it still runs, and remove the staging directory."""
+        await self._stop()
+        await asyncio.to_thread(shutil.rmtree, self.staging, True)
+
+
+class ProduceWorker(_Worker):
+    """A child archiving a tree: await ``totals``, iterate ``chunks``, then ``finish``
+    for the entries archived (``entries``, files with digests) and ``skipped``."""
+
+    @classmethod
+    async def start(cls, root: str, rules: dict[str, list[str]], progress: Callable[[int, int], None]) -> ProduceWorker:
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await cls._spawn("produce", root, str(write_fd), pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        reports = asyncio.StreamReader(limit=PIPE_SIZE)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), os.fdopen(read_fd, "rb", 0))
+        worker = cls(proc, reports, progress)
+        worker._send_rules(rules)
+        return worker
+
+    async def announced(self) -> tuple[int, int]:
+        """(files, bytes) the stream will hold, once listed. Raises ExtractError if the
+        child failed first."""
+        waiting: list[asyncio.Future[Any]] = [self.totals, self._reader]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not self.totals.done():
+            await self._outcome()
+            raise ExtractError("the tar process ended before it listed the tree")
+        return self.totals.result()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The tar stream as it comes."""
+        assert self.proc.stdout is not None
+        while True:
+            try:  # whole chunks: the pipe delivers 64 KiB at a time, each a frame otherwise
+                yield await self.proc.stdout.readexactly(PIPE_SIZE)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    yield exc.partial
+                return
+
+    async def finish(self) -> None:
+        """The stream was read to its end: wait for the child's report. Raises ExtractError."""
+        await self._outcome()
+
+    async def close(self) -> None:
+        """Stop the child if it still runs."""
+        await self._stop()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "extract":
+        return extract_child(argv[2], argv[3])
+    if len(argv) == 4 and argv[1] == "produce":
+        return produce_child(argv[2], int(argv[3]))
+    sys.stderr.write(__doc__ or "")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
