@@ -240,9 +240,17 @@ class _Worker:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-            await self.proc.wait()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        # wait() returns only once every pipe has reached its end, and a pipe whose reader
+        # is paused (its buffer full: nobody reads any more) never does: read them out.
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    await pipe.read()
+        await self.proc.wait()
 
 
 class ExtractWorker(_Worker):
@@ -313,6 +321,8 @@ class ProduceWorker(_Worker):
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), os.fdopen(read_fd, "rb", 0))
         worker = cls(proc, reports, progress)
         worker._send_rules(rules)
+        assert proc.stdin is not None
+        proc.stdin.close()  # the rules are all it reads
         return worker
 
     async def announced(self) -> tuple[int, int]:

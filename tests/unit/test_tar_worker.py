@@ -149,7 +149,7 @@ def test_close_mid_stream_stops_the_child_and_removes_the_staging(tmp_path: Path
     async def go() -> None:
         worker = await ExtractWorker.start(str(root / ".syncd-tmp-1-x"), str(root), NO_RULES, lambda f, b: None)
         await worker.feed(data[: len(data) // 2])
-        await worker.close()
+        await asyncio.wait_for(worker.close(), 20)
         assert worker.proc.returncode is not None
         assert list(root.iterdir()) == []
 
@@ -231,7 +231,8 @@ def test_closing_a_producer_mid_stream_stops_it(tmp_path: Path) -> None:
         await worker.announced()
         async for _ in worker.chunks():
             break  # the daemon stops reading (a pause, a lost link)
-        await worker.close()
+        await asyncio.sleep(1.0)  # the pipe and the reader's buffer fill up meanwhile
+        await asyncio.wait_for(worker.close(), 20)
         assert worker.proc.returncode is not None
 
     asyncio.run(go())
