@@ -14,14 +14,13 @@ import threading
 from typing import Any, Dict, List, Optional, Set
 
 from syncd import __version__
-from syncd.fsops import Root, UnsafePath, read_file, split_path
+from syncd.fsops import Root, UnsafePath, grow_pipe, read_file, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
-PIPE_SIZE = 1 << 20
 CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests")
 
 
@@ -259,17 +258,6 @@ class Agent:
         return str(self.watcher.backend)
 
 
-def _grow_pipe(fd: int) -> None:
-    """Let a pipe hold a whole tar chunk: with the default 64 KiB, a stream costs a read
-    and a hand-over between threads for every SSH packet."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-    except (ImportError, OSError):
-        pass  # not a pipe, not Linux, or above the system's limit: the default works
-
-
 def main() -> int:
     """Serve the protocol on stdin/stdout until the daemon says Bye or goes away."""
     logging.basicConfig(
@@ -277,7 +265,7 @@ def main() -> int:
     )
     in_fd, out_fd = os.dup(0), os.dup(1)
     for fd in (in_fd, out_fd):
-        _grow_pipe(fd)
+        grow_pipe(fd)
     # Anything printed by accident must not corrupt the protocol stream.
     os.dup2(2, 1)
     sys.stdout = sys.stderr

@@ -39,23 +39,15 @@ from typing import Any
 import msgpack
 
 import syncd
+from syncd.fsops import PIPE_SIZE, grow_pipe
 from syncd.protocol import messages as m
 from syncd.rules import Rules, load_root_rules
 from syncd.scan import Scanner
 from syncd.tarstream import ExtractError, TarExtractor, TarProducer, scan_skips
 
 _LENGTH = struct.Struct(">I")
-PIPE_SIZE = 1 << 20
 _REPORT_EVERY = 500  # files between progress reports
 _MAX_REPORT = 64 << 20  # no single report is near this; a larger one is garbage
-
-
-def grow_pipe(fd: int) -> None:
-    """Let a pipe hold a whole chunk of the stream (the default is 64 KiB)."""
-    import fcntl
-
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
 
 
 # ---- the children ------------------------------------------------------------------------
