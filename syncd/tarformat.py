@@ -163,9 +163,9 @@ class Member:
 
 
 def _number(field: bytes) -> int:
-    if field[-1:] == b"\0":  # what ustar writers put there: octal digits and a NUL
+    if field[-1:] in (b"\0", b" "):  # what ustar writers put there: octal digits, NUL or space
         try:
-            return int(field[:-1], 8)
+            return int(field.rstrip(b"\0 "), 8)
         except ValueError:
             pass
     if field[:1] in (b"\x80", b"\xff"):  # GNU base-256

@@ -407,11 +407,14 @@ class TarExtractor:
         try:
             dir_fd, name = self._parent_fd(rel)
             if is_dir:
-                self._clear(dir_fd, name, True)
                 try:
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
-                except FileExistsError:
-                    pass
+                except FileExistsError:  # made for an earlier member, or a non-directory to replace
+                    self._clear(dir_fd, name, True)
+                    try:
+                        os.mkdir(name, 0o700, dir_fd=dir_fd)
+                    except FileExistsError:
+                        pass
                 self._dirs[rel] = (member.mode, member.mtime_ns)
                 self.entries[rel] = m.Entry(rel, m.DIR, member.mode, 0, 0, 0)
                 self._count(0)
