@@ -32,18 +32,21 @@ class Mismatch(Exception):
     """The disk does not match the operation's Expect."""
 
 
-PIPE_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20  # while a tar stream runs
+PIPE_DEFAULT = 1 << 16  # Linux's default, and the size outside streams
 
 
-def grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+def size_pipe(fd: int, size: int = PIPE_SIZE) -> None:
     """Let a pipe carrying a stream hold ``size`` bytes: with the default 64 KiB, a stream
-    costs a read, and a hand-over between threads or processes, for every 64 KiB."""
+    costs a read, and a hand-over between threads or processes, for every 64 KiB. Large
+    pipes count against a per-user limit (pipe-user-pages-soft) past which that user's new
+    pipes shrink, so long-lived pipes are made large only while a stream runs."""
     try:
         import fcntl
 
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     except (ImportError, OSError):
-        pass  # not a pipe, not Linux, or above the system's limit: the default works
+        pass  # not a pipe, not Linux, above the limit, or (shrinking) still too full: it works anyway
 
 
 def split_path(rel: str) -> List[str]:

@@ -14,7 +14,7 @@ import threading
 from typing import Any, Dict, List, Optional, Set
 
 from syncd import __version__
-from syncd.fsops import Root, UnsafePath, grow_pipe, read_file, split_path
+from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
@@ -129,7 +129,9 @@ class Agent:
         if isinstance(msg, m.TarSend):
             if self.sending is not None and not self.sending.done():
                 raise ProtocolError("a second tar stream while one is being sent")
-            self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send)
+            size_pipe(self.out_fd)  # back to the default once sent (see size_pipe)
+            self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send,
+                                         on_done=lambda: size_pipe(self.out_fd, PIPE_DEFAULT))
             return
         if isinstance(msg, m.TarAck):
             if self.sending is not None and self.sending.req == msg.req:
@@ -143,6 +145,8 @@ class Agent:
             except (OSError, UnsafePath) as exc:
                 self.send(m.Failure(msg.req, "failed", "cannot receive into %s: %s"
                                     % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))
+                return
+            size_pipe(self.in_fd)
             return
         job = self.receiving.get(msg.req)
         if job is None:
@@ -154,6 +158,8 @@ class Agent:
             job.known(msg.entries)
             return
         del self.receiving[msg.req]
+        if not self.receiving:
+            size_pipe(self.in_fd, PIPE_DEFAULT)
         try:
             entries, skipped, deleted = job.finish(msg.skipped)
         except (OSError, UnsafePath, ExtractError) as exc:
@@ -264,8 +270,6 @@ def main() -> int:
         stream=sys.stderr, level=logging.WARNING, format="syncd-agent: %(levelname)s %(message)s"
     )
     in_fd, out_fd = os.dup(0), os.dup(1)
-    for fd in (in_fd, out_fd):
-        grow_pipe(fd)
     # Anything printed by accident must not corrupt the protocol stream.
     os.dup2(2, 1)
     sys.stdout = sys.stderr

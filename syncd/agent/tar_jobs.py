@@ -211,9 +211,11 @@ class Send:
     thread keeps reading the daemon's credits (TarAck): at most ``window`` bytes of data
     are sent ahead of them, which bounds what the link and the daemon buffer."""
 
-    def __init__(self, root: Root, scanner: Scanner, msg: m.TarSend, send: Callable[[Any], None]) -> None:
+    def __init__(self, root: Root, scanner: Scanner, msg: m.TarSend, send: Callable[[Any], None],
+                 on_done: Optional[Callable[[], None]] = None) -> None:
         self.root = root
         self.scanner = scanner
+        self.on_done = on_done
         self.req = msg.req
         self.window = msg.window
         self.send = send
@@ -256,6 +258,8 @@ class Send:
                 pass
         finally:
             self.root.release()
+            if self.on_done is not None:
+                self.on_done()
 
     def _send_data(self, chunk: bytes) -> bool:
         if not self._wait_credit():

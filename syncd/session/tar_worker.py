@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 
 import syncd
-from syncd.fsops import PIPE_SIZE, grow_pipe
+from syncd.fsops import PIPE_SIZE, size_pipe
 from syncd.protocol import messages as m
 from syncd.rules import Rules, load_root_rules
 from syncd.scan import Scanner
@@ -115,7 +115,7 @@ class _Input:
 
 def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> int:
     """Extract the tar stream on ``in_fd`` into ``staging``; report on ``out_fd``."""
-    grow_pipe(in_fd)
+    size_pipe(in_fd)
     reports = _Reports(out_fd)
     try:
         rules = _read_rules(in_fd, root)
@@ -133,7 +133,7 @@ def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> i
 
 def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) -> int:
     """Archive ``root`` under its rules on ``out_fd``; report on ``report_fd``."""
-    grow_pipe(out_fd)
+    size_pipe(out_fd)
     reports = _Reports(report_fd)
     try:
         rules = _read_rules(in_fd, root)
@@ -261,7 +261,7 @@ class ExtractWorker(_Worker):
         assert proc.stdin is not None
         pipe = proc.stdin.get_extra_info("pipe")
         if pipe is not None:
-            grow_pipe(pipe.fileno())
+            size_pipe(pipe.fileno())
         worker = cls(staging, proc, progress)
         worker._send_rules(rules)
         return worker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,53 @@ def test_closing_a_producer_mid_stream_stops_it(tmp_path: Path) -> None:
         assert worker.proc.returncode is not None
 
     asyncio.run(go())
+
+
+def test_the_agents_input_pipe_is_large_only_while_a_stream_arrives(tmp_path: Path) -> None:
+    """Large pipes count against a per-user limit: the agent sizes them up for a stream only."""
+    import fcntl
+    import threading
+
+    from syncd.agent.main import Agent
+    from syncd.protocol.codec import Connection
+
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+    src, root = tmp_path / "src", tmp_path / "root"
+    make_tree(src, files=30)
+    root.mkdir()
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    agent = Agent(to_agent_r, from_agent_w)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    daemon = Connection("test")
+    replies: list[object] = []
+
+    def send(message: object) -> None:
+        os.write(to_agent_w, daemon.send(message))
+
+    def wait_for(kind: type) -> object:
+        while not any(isinstance(r, kind) for r in replies):
+            replies.extend(daemon.receive_data(os.read(from_agent_r, 1 << 20)))
+        return next(r for r in replies if isinstance(r, kind))
+
+    try:
+        os.write(to_agent_w, daemon.initiate())
+        send(m.Open(1, str(root), {}, False, False))
+        wait_for(m.Opened)
+        assert fcntl.fcntl(to_agent_r, get_size) == 1 << 16
+        send(m.TarReceive(2, "", False))
+        send(m.TarData(2, archive(src)))
+        deadline = time.monotonic() + 10
+        while fcntl.fcntl(to_agent_r, get_size) != 1 << 20:
+            assert time.monotonic() < deadline, "the pipe was not made larger for the stream"
+        send(m.TarEnd(2, ()))
+        result = wait_for(m.TarResult)
+        assert isinstance(result, m.TarResult) and result.done
+        assert fcntl.fcntl(to_agent_r, get_size) == 1 << 16
+        assert (root / "run.sh").exists()
+    finally:
+        os.write(to_agent_w, daemon.send(m.Bye()))
+        thread.join(10)
+        for fd in (to_agent_r, to_agent_w, from_agent_r, from_agent_w):
+            os.close(fd)
