@@ -310,7 +310,14 @@ class ProduceWorker(_Worker):
         finally:
             os.close(write_fd)
         reports = asyncio.StreamReader(limit=PIPE_SIZE)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), os.fdopen(read_fd, "rb", 0))
+        pipe = os.fdopen(read_fd, "rb", 0)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), pipe)
+        except BaseException:
+            pipe.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
         worker = cls(proc, reports, progress)
         worker._send_rules(rules)
         assert proc.stdin is not None
