@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -63,6 +64,15 @@ def _enc(text: str | None) -> bytes | None:
 
 
 # st_ino is unsigned 64-bit; SQLite integers are signed 64-bit. Store the same 64 bits.
+_INSERT = ("INSERT OR REPLACE INTO base (path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino,"
+           " local_only) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _row(agreed: Agreed) -> tuple[object, ...]:
+    return (os.fsencode(agreed.path), agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns, agreed.digest,
+            _enc(agreed.target), _ino_in(agreed.local_ino), _ino_in(agreed.remote_ino), int(agreed.local_only))
+
+
 def _ino_in(ino: int) -> int:
     return ino - (1 << 64) if ino >= 1 << 63 else ino
 
@@ -123,17 +133,13 @@ class Store:
         try:
             if clear:
                 cur.execute("DELETE FROM base")
-            for path, agreed in changes:
-                if agreed is None:
-                    cur.execute("DELETE FROM base WHERE path = ?", (os.fsencode(path),))
+            # Runs of deletes and of inserts each go as one executemany (a resync writes tens
+            # of thousands of rows); the runs keep their order, so the outcome is the same.
+            for forget, run in itertools.groupby(changes, key=lambda change: change[1] is None):
+                if forget:
+                    cur.executemany("DELETE FROM base WHERE path = ?", ((os.fsencode(path),) for path, _ in run))
                 else:
-                    cur.execute(
-                        "INSERT OR REPLACE INTO base (path, kind, mode, size, mtime_ns, digest, target,"
-                        " local_ino, remote_ino, local_only) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (os.fsencode(agreed.path), agreed.kind, agreed.mode, agreed.size, agreed.mtime_ns,
-                         agreed.digest, _enc(agreed.target), _ino_in(agreed.local_ino),
-                         _ino_in(agreed.remote_ino), int(agreed.local_only)),
-                    )
+                    cur.executemany(_INSERT, (_row(agreed) for _, agreed in run if agreed is not None))
             for key, value in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             cur.execute("COMMIT")
