@@ -709,6 +709,43 @@ def test_a_resync_cut_by_a_pause_leaves_the_destination_as_it_was(
         remove_session(daemon, name)
 
 
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[None]:
+    """A tmpfs of ``size`` mounted over ``path`` (skips where mounting is not allowed)."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_full_disk_fails_the_resync_clearly_and_changes_nothing(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path, direction: str) -> None:
+    name = f"{direction}-full"
+    local, remote = add_session(daemon, sshd, tmp_path, name)
+    source, destination = (local, remote) if direction == "push" else (remote, local)
+    try:
+        with small_disk(destination, "3m"):
+            write(destination / "mine/keep.txt", "already here\n")
+            for i in range(4):
+                (source / f"big{i}.bin").write_bytes(os.urandom(2 << 20))  # 8 MiB: more than fits
+            write(source / "small.txt", "small\n")
+            before = snapshot(destination)
+            done = daemon.cli("resync", name, f"--{direction}", "--json")
+            assert done.returncode == EXIT_ERROR, describe(done)
+            assert "No space left on device" in done.stderr, describe(done)
+            assert len(done.stderr.strip().splitlines()) == 1, describe(done)  # one clear line
+            wait_until(lambda: temp_names(destination) == [], 20, message="the staging directory to go")
+            assert snapshot(destination) == before
+            assert status(daemon, name)["state"] == "paused"
+    finally:
+        remove_session(daemon, name)
+
+
 # ---------------------------------------------------------------------------------------
 # 5. special and unreadable entries
 # ---------------------------------------------------------------------------------------
