@@ -101,6 +101,8 @@ def _remove_stale(path: str, is_dir: bool) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
 def print_record(name: str, kind: int, mode: int, size: int, mtime_ns: int, ino: int,
                  target: Optional[str]) -> str:
     """One child's part of its directory's fingerprint: only what the engine compares to
@@ -332,7 +334,7 @@ class Scanner:
                         out.append(entry)
                     continue
                 listing.append((rel, st))
-                if fmt == stat.S_IFREG:
+                if fmt == stat.S_IFREG:  # print_record, inlined for the common case
                     records.append("%s\0%d\0%d\0%d\0%d\0%d\0\0" % (
                         name, FILE, imode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino))
                 elif is_dir:

@@ -63,7 +63,6 @@ def _enc(text: str | None) -> bytes | None:
     return None if text is None else os.fsencode(text)
 
 
-# st_ino is unsigned 64-bit; SQLite integers are signed 64-bit. Store the same 64 bits.
 _INSERT = ("INSERT OR REPLACE INTO base (path, kind, mode, size, mtime_ns, digest, target, local_ino, remote_ino,"
            " local_only) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -73,6 +72,7 @@ def _row(agreed: Agreed) -> tuple[object, ...]:
             _enc(agreed.target), _ino_in(agreed.local_ino), _ino_in(agreed.remote_ino), int(agreed.local_only))
 
 
+# st_ino is unsigned 64-bit; SQLite integers are signed 64-bit. Store the same 64 bits.
 def _ino_in(ino: int) -> int:
     return ino - (1 << 64) if ino >= 1 << 63 else ino
 

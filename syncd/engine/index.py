@@ -85,6 +85,7 @@ class BaseIndex:
         prefix = path + "/"
         return [p for p in self._kept if p.startswith(prefix)]
 
+
 def dir_prints(base: BaseIndex, side: Side) -> dict[str, bytes]:
     """The fingerprint of every directory's recorded listing on ``side``, keyed by the
     directory ("" = the root), as ``Scanner.scan_tree`` expects them: a directory whose

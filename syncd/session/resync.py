@@ -9,31 +9,20 @@ stream has arrived, and the base index becomes exactly what both sides now hold.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
 from syncd.session.tar_worker import ExtractWorker
-from syncd.tarstream import (
-    LEAVE_REASONS,
-    TarProducer,
-    mirror,
-    path_key,
-    staging_name,
-)
+from syncd.tarstream import LEAVE_REASONS, mirror, path_key, staging_name
 
 if TYPE_CHECKING:
-    from syncd.session.agent_client import TarUpload
     from syncd.session.local_side import LocalSide
     from syncd.session.session import Session
 
-CHUNK_QUEUE = 8
 
 
 class ResyncRefused(Exception):
@@ -150,60 +139,12 @@ async def _make_kept_dirs(session: Session, kept: list[m.Entry], sources: list[m
     return rows
 
 
-async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) -> None:
-    """After a failure or cancellation: let a blocked worker thread finish."""
-    while not work.done():
-        unblock()
-        await asyncio.sleep(0.01)
-    with contextlib.suppress(BaseException):
-        work.result()
-
-
-async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
-                      run: Callable[..., Awaitable[Any]],
-                      progress: ResyncProgress | None = None) -> tuple[list[m.Entry], list[m.Skip], int, str]:
-    """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
-    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
-    stop = False
-
-    def produce() -> None:
-        try:
-            for chunk in producer.chunks():
-                if stop:
-                    return
-                asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
-        finally:
-            producer.close()
-            asyncio.run_coroutine_threadsafe(chunks.put(None), loop)
-
-    work = asyncio.ensure_future(run(produce))
-    try:
-        while (chunk := await chunks.get()) is not None:
-            await upload.send(chunk)
-        await work  # raises if the producer failed
-        if progress is not None:
-            progress.phase = "placing"
-        return await upload.finish(producer.skipped + skipped)
-    except BaseException:
-        stop = True
-        upload.close()
-
-        def unblock() -> None:
-            while not chunks.empty():
-                chunks.get_nowait()
-
-        await _drain_thread(work, unblock)
-        raise
-
-
 async def push(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the remote from the local tree (listed, read and hashed by a child process:
     see tar_worker)."""
     agent = session.agent
-    assert agent is not None
-    progress = session.resync_progress = session.resync_progress or ResyncProgress("push")
+    progress = session.resync_progress  # made with the session (it counts from the connection)
+    assert agent is not None and progress is not None
     worker = await session.push_worker()
     try:
         progress.total_files, progress.total_bytes = await worker.announced()
@@ -232,9 +173,8 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
 
 async def pull(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
-    local, agent = session.local, session.agent
-    assert local is not None and agent is not None
-    progress = session.resync_progress = session.resync_progress or ResyncProgress("pull")
+    local, agent, progress = session.local, session.agent, session.resync_progress
+    assert local is not None and agent is not None and progress is not None
     staging_rel = staging_name("resync")
     rules = session.rules
     # Extracted by a child process: see tar_worker for why.

@@ -235,19 +235,18 @@ class Session:
         if not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
-            self._push_worker = asyncio.ensure_future(
-                ProduceWorker.start(self.cfg.local, self.rules.to_wire(), self._push_progress))
+            self._start_push_worker()
 
-    def _push_progress(self, files: int, size: int) -> None:
-        if self.resync_progress is not None:
-            self.resync_progress.add(files, size)
+    def _start_push_worker(self) -> asyncio.Future[ProduceWorker]:
+        progress = self.resync_progress
+        assert progress is not None
+        self._push_worker = asyncio.ensure_future(ProduceWorker.start(self.cfg.local, self.rules.to_wire(),
+                                                                      progress.add))
+        return self._push_worker
 
     async def push_worker(self) -> ProduceWorker:
         """The process archiving the local tree for a resync --push (started early)."""
-        if self._push_worker is None:
-            self._push_worker = asyncio.ensure_future(
-                ProduceWorker.start(self.cfg.local, self.rules.to_wire(), self._push_progress))
-        return await self._push_worker
+        return await (self._push_worker or self._start_push_worker())
 
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
@@ -464,7 +463,7 @@ class Session:
         if full:
             forget = []
             for path in self.base:
-                if path in observed or (matched and path[: max(path.rfind("/"), 0)] in matched):
+                if path in observed or (matched and parent_of(path) in matched):
                     continue
                 agreed = self.base.get(path)
                 assert agreed is not None
@@ -600,19 +599,17 @@ class Session:
         agent = self.agent
         assert agent is not None
         matched: set[str] | None = None
-        prescanned = None
+        tree_scan = None
         if full and self._remote_prescan is not None:
             prescan, self._remote_prescan = self._remote_prescan, None
-            prescanned = await prescan
+            tree_scan = await prescan
             # What changed since it began came as events: look at those paths again.
             self.remote_dirty |= dirty
-        if prescanned is not None:
-            entries, matched = prescanned
-            absent: list[str] = []
-            self._matched["remote"] = matched
         elif full and not self._intents and agent.supports("scan-tree"):
-            entries, matched = await agent.scan_tree(self._prints["remote"])
-            absent = []
+            tree_scan = await agent.scan_tree(self._prints["remote"])
+        if tree_scan is not None:
+            entries, matched = tree_scan
+            absent: list[str] = []
             self._matched["remote"] = matched
         elif full:
             entries, absent = await agent.scan(None)

@@ -5,19 +5,24 @@ left alone)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from syncd.fsops import UnsafePath, split_path
+from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import Scanner
-from syncd.session.agent_client import AgentClient, AgentError
+from syncd.session.agent_client import AgentClient, AgentError, TarUpload
 from syncd.session.config import SessionConfig
-from syncd.session.resync import ResyncProgress, send_stream
+from syncd.session.resync import ResyncProgress
 from syncd.tarstream import TarProducer, scan_skips, walk_following
 from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
+
+CHUNK_QUEUE = 8
 
 
 class UploadError(Exception):
@@ -69,3 +74,48 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
     return {"files": progress.files, "bytes": progress.bytes, "seconds": round(time.monotonic() - started, 3),
             "where": where, "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail}
                                         for s in all_skipped]}
+
+
+async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) -> None:
+    """After a failure or cancellation: let a blocked worker thread finish."""
+    while not work.done():
+        unblock()
+        await asyncio.sleep(0.01)
+    with contextlib.suppress(BaseException):
+        work.result()
+
+
+async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
+                      run: Callable[..., Awaitable[Any]]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+    """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
+    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
+    stop = False
+
+    def produce() -> None:
+        try:
+            for chunk in producer.chunks():
+                if stop:
+                    return
+                asyncio.run_coroutine_threadsafe(chunks.put(chunk), loop).result()
+        finally:
+            producer.close()
+            asyncio.run_coroutine_threadsafe(chunks.put(None), loop)
+
+    work = asyncio.ensure_future(run(produce))
+    try:
+        while (chunk := await chunks.get()) is not None:
+            await upload.send(chunk)
+        await work  # raises if the producer failed
+        return await upload.finish(producer.skipped + skipped)
+    except BaseException:
+        stop = True
+        upload.close()
+
+        def unblock() -> None:
+            while not chunks.empty():
+                chunks.get_nowait()
+
+        await _drain_thread(work, unblock)
+        raise
