@@ -141,7 +141,8 @@ class Agent:
             if msg.req in self.receiving:
                 raise ProtocolError("tar stream %d started twice" % msg.req)
             try:
-                self.receiving[msg.req] = tar_jobs.Receive(self.root, self.scanner, msg)
+                expect = self.watcher.expect if self.watcher is not None else None
+                self.receiving[msg.req] = tar_jobs.Receive(self.root, self.scanner, msg, expect)
             except (OSError, UnsafePath) as exc:
                 self.send(m.Failure(msg.req, "failed", "cannot receive into %s: %s"
                                     % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))

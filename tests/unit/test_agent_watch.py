@@ -501,3 +501,65 @@ def test_watchfiles_non_utf8_name_falls_back_to_inotify(tmp_path: object) -> Non
         assert col.wait_paths({"after.txt"}), col.batches
     finally:
         w.stop()
+
+
+# --------------------------------------------------------------------------- expect
+
+
+def _staged_tree(env: Env) -> List[Tuple[str, int, int, int, int]]:
+    """A tree made beside the root (same filesystem), as (path, kind, ino, size, mtime_ns)
+    of what it will be once moved in as "placed"."""
+    staged = os.path.join(os.path.dirname(env.root), "staged")
+    os.makedirs(os.path.join(staged, "sub"))
+    for rel in ("a.txt", "sub/b.txt"):
+        with open(os.path.join(staged, rel), "wb") as f:
+            f.write(b"staged " + rel.encode())
+    os.symlink("a.txt", os.path.join(staged, "link"))
+    out = [("placed", 1, os.lstat(staged).st_ino, 0, 0)]
+    for rel in ("a.txt", "sub", "sub/b.txt", "link"):
+        st = os.lstat(os.path.join(staged, rel))
+        kind = 1 if os.path.isdir(os.path.join(staged, rel)) else 2 if os.path.islink(os.path.join(staged, rel)) else 0
+        out.append(("placed/" + rel, kind, st.st_ino, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: Env) -> None:
+    if env.backend != "inotify":
+        pytest.skip("the agent's own backend; the others report everything, which is only slower")
+    w = env.start()
+    placed = _staged_tree(env)
+    w.expect(placed)
+    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+    env.write("other.txt")  # a change of someone else's, reported
+    assert env.col.wait_paths({"other.txt"}), env.col.batches
+    time.sleep(0.2)
+    assert not {p for p in env.col.paths() if p.startswith("placed")}, env.col.batches
+    # Any change to an expected path is reported: content, a new entry, a replacement.
+    env.col.clear()
+    env.write("placed/a.txt", b"changed by someone")
+    env.write("placed/sub/new.txt")
+    os.unlink(env.p("placed/link"))
+    os.symlink("elsewhere", env.p("placed/link"))
+    assert env.col.wait_paths({"placed/a.txt", "placed/sub/new.txt", "placed/link"}), env.col.batches
+
+
+def test_an_expected_entry_changed_before_the_watcher_saw_it_is_reported(env: Env) -> None:
+    if env.backend != "inotify":
+        pytest.skip("the agent's own backend")
+    w = env.start()
+    placed = _staged_tree(env)
+    w.expect(placed)
+    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+    env.write("placed/sub/b.txt", b"rewritten at once, another size")
+    assert env.col.wait_paths({"placed/sub/b.txt"}), env.col.batches
+
+
+def test_expectations_lapse(env: Env) -> None:
+    if env.backend != "inotify":
+        pytest.skip("the agent's own backend")
+    w = env.start()
+    placed = _staged_tree(env)
+    w.expect(placed, seconds=0.0)
+    time.sleep(0.01)
+    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+    assert env.col.wait_paths({"placed", "placed/a.txt", "placed/sub/b.txt"}), env.col.batches
