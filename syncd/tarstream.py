@@ -611,19 +611,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
                 _set_dir_meta(root, rel, mode, mtime)
             except (OSError, UnsafePath):
                 pass
-    root.release()
-    for rel in sorted(placed, key=path_key):
-        entry = staged[rel]
-        if entry.kind == m.DIR:
-            try:
-                now = root.entry(rel)
-            except (OSError, UnsafePath):
-                now = None
-            if now is None or now.kind != m.DIR:
-                continue
-            entry = now
-        result.entries.append(entry)
-    root.release()
+    _report_placed(root, staged, sorted(placed, key=path_key), result)
     return result
 
 
@@ -680,10 +668,18 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
                 blocked.add(rel)
             result.skipped.append(m.Skip(rel, UNSAFE if isinstance(exc, UnsafePath) else VANISHED,
                                          "cannot place %s: %s" % (rel, getattr(exc, "strerror", None) or exc)))
+    _report_placed(root, staged, placed, result)
+    return result
+
+
+def _report_placed(root: Root, staged: Dict[str, m.Entry], placed: List[str], result: MirrorResult) -> None:
+    """What the root now holds at each placed path: the staged entry (a file or link keeps
+    its inode when moved or linked in), or for a directory the root's own, as it may have
+    been there already."""
     root.release()
     for rel in placed:
         entry = staged[rel]
-        if entry.kind == m.DIR:  # an existing directory is the root's own; a moved one kept its inode
+        if entry.kind == m.DIR:
             try:
                 now = root.entry(rel)
             except (OSError, UnsafePath):
@@ -693,7 +689,6 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
             entry = now
         result.entries.append(entry)
     root.release()
-    return result
 
 
 def _under(rel: str, prefixes: Set[str]) -> bool:

@@ -523,13 +523,18 @@ def _staged_tree(env: Env) -> List[Tuple[str, int, int, int, int]]:
     return out
 
 
-def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: Env) -> None:
+def _place_expected(env: Env, seconds: float = watch.EXPECT_SECONDS) -> None:
+    """Announce the staged tree to a running inotify watcher, then move it in as "placed"."""
     if env.backend != "inotify":
         pytest.skip("the agent's own backend; the others report everything, which is only slower")
     w = env.start()
-    placed = _staged_tree(env)
-    w.expect(placed)
+    w.expect(_staged_tree(env), seconds)
+    time.sleep(0.01)
     os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+
+
+def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: Env) -> None:
+    _place_expected(env)
     env.write("other.txt")  # a change of someone else's, reported
     assert env.col.wait_paths({"other.txt"}), env.col.batches
     time.sleep(0.2)
@@ -544,22 +549,11 @@ def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: E
 
 
 def test_an_expected_entry_changed_before_the_watcher_saw_it_is_reported(env: Env) -> None:
-    if env.backend != "inotify":
-        pytest.skip("the agent's own backend")
-    w = env.start()
-    placed = _staged_tree(env)
-    w.expect(placed)
-    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+    _place_expected(env)
     env.write("placed/sub/b.txt", b"rewritten at once, another size")
     assert env.col.wait_paths({"placed/sub/b.txt"}), env.col.batches
 
 
 def test_expectations_lapse(env: Env) -> None:
-    if env.backend != "inotify":
-        pytest.skip("the agent's own backend")
-    w = env.start()
-    placed = _staged_tree(env)
-    w.expect(placed, seconds=0.0)
-    time.sleep(0.01)
-    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
+    _place_expected(env, seconds=0.0)
     assert env.col.wait_paths({"placed", "placed/a.txt", "placed/sub/b.txt"}), env.col.batches

@@ -92,18 +92,22 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 def mirror_into(dest: Path, ex: TarExtractor, keep: Callable[[str, int], bool] = lambda p, k: False,
-                leave: tuple[str, ...] = ()) -> object:
+                leave: tuple[str, ...] = (), merge: bool = False) -> object:
+    """Put what ``ex`` staged in place: mirror, or with ``merge`` merge_in."""
     root = Root(str(dest))
     try:
-        existing = Scanner(str(dest)).scan_all(hash_files=False)
         staging_rel = os.path.basename(ex.staging)
+        if merge:
+            return merge_in(root, staging_rel, ex.entries)
+        existing = Scanner(str(dest)).scan_all(hash_files=False)
         return mirror(root, staging_rel, ex.entries, existing, keep, leave)
     finally:
         root.close()
         ex.close()
 
 
-def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Path) -> None:
+@pytest.mark.parametrize("merge", [False, True], ids=["mirror", "merge"])
+def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Path, merge: bool) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     make_tree(src)
     dest.mkdir()
@@ -111,7 +115,7 @@ def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Pat
     assert producer.skipped == []
     ex = extract(data, dest)
     assert ex.skipped == []
-    result = mirror_into(dest, ex)
+    result = mirror_into(dest, ex, merge=merge)
     assert snapshot(dest) == snapshot(src)
     assert (dest / "hard1").stat().st_ino == (dest / "hard2").stat().st_ino
     assert (dest / "src" / "main.py").stat().st_mtime_ns == 1_600_000_000_123_456_789
@@ -119,6 +123,10 @@ def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Pat
     # Every file the producer sent carries a digest for the base index.
     assert all(e.digest for e in producer.sent if e.kind == m.FILE)
     assert {e.path for e in result.entries} == {e.path for e in producer.sent}  # type: ignore[attr-defined]
+    assert result.skipped == [] and result.deleted == 0  # type: ignore[attr-defined]
+    # Each entry reported is what the root now holds there (the base records its inode).
+    for entry in result.entries:  # type: ignore[attr-defined]
+        assert (dest / entry.path).lstat().st_ino == entry.ino, entry.path
 
 
 def test_empty_tree_round_trip_and_mirror_removes_everything_synced(tmp_path: Path) -> None:
@@ -476,31 +484,6 @@ def test_a_pushed_root_keeps_the_senders_digests_for_files_that_landed_unchanged
     root.close()
 
 
-def merge_into(dest: Path, ex: TarExtractor) -> object:
-    root = Root(str(dest))
-    try:
-        return merge_in(root, os.path.basename(ex.staging), ex.entries)
-    finally:
-        root.close()
-        ex.close()
-
-
-def test_merge_into_an_empty_root_places_the_whole_tree(tmp_path: Path) -> None:
-    src, dest = tmp_path / "src", tmp_path / "dest"
-    make_tree(src)
-    dest.mkdir()
-    data, producer = archive(src)
-    result = merge_into(dest, extract(data, dest))
-    assert snapshot(dest) == snapshot(src)
-    assert (dest / "hard1").stat().st_ino == (dest / "hard2").stat().st_ino
-    assert result.skipped == [] and result.deleted == 0  # type: ignore[attr-defined]
-    assert {e.path for e in result.entries} == {e.path for e in producer.sent}  # type: ignore[attr-defined]
-    # Each entry reported is what the root now holds there (the base records its inode).
-    for entry in result.entries:  # type: ignore[attr-defined]
-        assert (dest / entry.path).lstat().st_ino == entry.ino, entry.path
-    assert not [p for p in os.listdir(dest) if is_temp_name(p)], "the staging directory is gone"
-
-
 MERGES = [
     # (case, what the destination gained while the stream ran, paths it must keep as they are,
     #  skipped paths (EXISTS), paths of the source that must land)
@@ -534,7 +517,7 @@ def test_merge_never_replaces_or_deletes_what_the_destination_holds(
     ex = extract(data, dest)
     gained(dest)  # after the stream arrived, before it is placed
     before = snapshot(dest)
-    result = merge_into(dest, ex)
+    result = mirror_into(dest, ex, merge=True)
     after = snapshot(dest)
     for rel, value in before.items():
         assert after[rel] == value, f"{rel} was changed"
