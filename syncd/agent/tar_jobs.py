@@ -66,7 +66,7 @@ class Receive:
     """One stream arriving from the daemon (TarReceive, TarData..., TarEnd)."""
 
     def __init__(self, root: Root, scanner: Scanner, msg: m.TarReceive,
-                 expect: Optional[Callable[[List[Tuple[str, int, int, int, int]]], None]] = None) -> None:
+                 expect: Optional[Callable[[List[Tuple[str, int, int, int, int, int]]], None]] = None) -> None:
         self.scanner = scanner
         self.expect = expect  # the root's watcher: paths we are about to place (Watcher.expect)
         self.req = msg.req
@@ -178,7 +178,7 @@ class Receive:
             ex.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
             if self.whole_root and self.expect is not None:
                 # Our own placements are no news to the daemon, which gets them in the result.
-                self.expect([(e.path, e.kind, e.ino, e.size, e.mtime_ns) for e in ex.entries.values()])
+                self.expect([(e.path, e.kind, e.ino, e.mode, e.size, e.mtime_ns) for e in ex.entries.values()])
             if self.merge:
                 merged = merge_in(self.base_root, self.staging_rel, ex.entries)
                 self._remember(merged.entries)

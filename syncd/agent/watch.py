@@ -357,8 +357,8 @@ class Watcher:
         self._wake_lock = threading.Lock()
         self._wake_fd = -1
         self._engine: Optional[object] = None  # the running backend, for introspection
-        # Paths the caller put in place itself: path -> (kind, inode, size, mtime_ns).
-        self._expected: Dict[str, Tuple[int, int, int, int]] = {}
+        # Paths the caller put in place itself: path -> (kind, inode, mode, size, mtime_ns).
+        self._expected: Dict[str, Tuple[int, int, int, int, int]] = {}
         self._expected_until = 0.0
         self._expected_lock = threading.Lock()
 
@@ -390,15 +390,15 @@ class Watcher:
             if thread.is_alive():
                 log.warning("watch: watcher thread of %s did not stop within %.1f s", self.root, JOIN_TIMEOUT)
 
-    def expect(self, placed: List[Tuple[str, int, int, int, int]], seconds: float = EXPECT_SECONDS) -> None:
+    def expect(self, placed: List[Tuple[str, int, int, int, int, int]], seconds: float = EXPECT_SECONDS) -> None:
         """The caller is about to put these entries in place itself, as (path, kind,
-        inode, size, mtime_ns), and knows them already: for ``seconds``, an event on one
-        of them is not reported while the path still looks exactly like that: the same
-        kind and inode and, unless it is a directory, the same mtime (and for a file the
-        same size: the test a digest cache trusts). A path that changed in any way, or
-        that is gone, is reported as usual."""
+        inode, mode, size, mtime_ns), and knows them already: for ``seconds``, an event on
+        one of them is not reported while the path still looks exactly like that: the
+        same kind and inode, the same mode unless it is a symlink, and unless it is a
+        directory the same mtime (and for a file the same size: the test a digest cache
+        trusts). A path that changed in any way, or that is gone, is reported as usual."""
         with self._expected_lock:
-            self._expected = {rel: (kind, ino, size, mtime_ns) for rel, kind, ino, size, mtime_ns in placed}
+            self._expected = {rel: (kind, ino, mode, size, mtime_ns) for rel, kind, ino, mode, size, mtime_ns in placed}
             self._expected_until = time.monotonic() + seconds
         self._batcher.expected = self._is_expected if self._expected else None
 
@@ -411,7 +411,7 @@ class Watcher:
                 return False
         if want is None:
             return False
-        kind, ino, size, mtime_ns = want
+        kind, ino, mode, size, mtime_ns = want
         try:
             st = os.lstat(self._abs(rel))
         except OSError:
@@ -419,6 +419,8 @@ class Watcher:
         fmt = stat.S_IFMT(st.st_mode)
         if st.st_ino != ino or fmt != _KIND_FORMATS.get(kind):
             return False
+        if fmt != stat.S_IFLNK and stat.S_IMODE(st.st_mode) != mode:
+            return False  # a chmod changes neither inode, size nor mtime
         # A directory's mtime moves as entries are placed in it; inode numbers are reused at
         # once, so a file or a symlink must also keep its mtime (and a file its size).
         return fmt == stat.S_IFDIR or (st.st_mtime_ns == mtime_ns and (fmt != stat.S_IFREG or st.st_size == size))

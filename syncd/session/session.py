@@ -219,9 +219,11 @@ class Session:
         scanning the local tree: the first cycle then mostly waits for the remote side."""
         store = self.store
         assert store is not None
+        t0 = time.perf_counter()
         loading = asyncio.ensure_future(asyncio.to_thread(store.load))
         try:
             self.base = await asyncio.shield(loading)
+            log.debug("%s: base of %d entries loaded in %.3fs", self.cfg.name, len(self.base), time.perf_counter() - t0)
         except asyncio.CancelledError:
             # The store is closed after a cancellation: let its reader finish first.
             await asyncio.gather(loading, return_exceptions=True)
@@ -278,7 +280,11 @@ class Session:
         await self._prints_ready.wait()
         if self._intents or self._first_pull:
             return None  # adopting intents needs a scan of every path; a stream scans anyway
-        return await agent.scan_tree(self._prints["remote"])
+        t0 = time.perf_counter()
+        entries, matched = await agent.scan_tree(self._prints["remote"])
+        log.debug("%s: remote prescan: %d entries, %d directories unchanged in %.3fs", self.cfg.name, len(entries),
+                  len(matched), time.perf_counter() - t0)
+        return entries, matched
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
         local = self.local
@@ -286,7 +292,11 @@ class Session:
         self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
         # Watch before scanning, so nothing changed during the scan is missed.
         await self._local_armed.wait()
-        return await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
+        t0 = time.perf_counter()
+        entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
+        log.debug("%s: local prescan: %d entries, %d directories unchanged in %.3fs", self.cfg.name, len(entries),
+                  len(matched), time.perf_counter() - t0)
+        return entries, matched
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -487,11 +497,14 @@ class Session:
         def ignored(rel: str, is_dir: bool) -> bool:
             return is_temp_name(rel) or self.rules.is_ignored(rel, is_dir)
 
+        t0 = time.perf_counter()
         starting = asyncio.ensure_future(asyncio.to_thread(
             start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
         ))
         try:
             watcher = await asyncio.shield(starting)
+            log.debug("%s: local watcher (%s) armed in %.3fs", self.cfg.name, watcher.backend,
+                      time.perf_counter() - t0)
         except asyncio.CancelledError:
             # Cancelled while it started (the connection failed): it must not outlive us.
             with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -506,20 +507,21 @@ def test_watchfiles_non_utf8_name_falls_back_to_inotify(tmp_path: object) -> Non
 # --------------------------------------------------------------------------- expect
 
 
-def _staged_tree(env: Env) -> List[Tuple[str, int, int, int, int]]:
-    """A tree made beside the root (same filesystem), as (path, kind, ino, size, mtime_ns)
-    of what it will be once moved in as "placed"."""
+def _staged_tree(env: Env) -> List[Tuple[str, int, int, int, int, int]]:
+    """A tree made beside the root (same filesystem), as (path, kind, ino, mode, size,
+    mtime_ns) of what it will be once moved in as "placed"."""
     staged = os.path.join(os.path.dirname(env.root), "staged")
     os.makedirs(os.path.join(staged, "sub"))
     for rel in ("a.txt", "sub/b.txt"):
         with open(os.path.join(staged, rel), "wb") as f:
             f.write(b"staged " + rel.encode())
     os.symlink("a.txt", os.path.join(staged, "link"))
-    out = [("placed", 1, os.lstat(staged).st_ino, 0, 0)]
-    for rel in ("a.txt", "sub", "sub/b.txt", "link"):
+    out = []
+    for rel in ("", "a.txt", "sub", "sub/b.txt", "link"):
         st = os.lstat(os.path.join(staged, rel))
-        kind = 1 if os.path.isdir(os.path.join(staged, rel)) else 2 if os.path.islink(os.path.join(staged, rel)) else 0
-        out.append(("placed/" + rel, kind, st.st_ino, st.st_size, st.st_mtime_ns))
+        kind = 1 if stat.S_ISDIR(st.st_mode) else 2 if stat.S_ISLNK(st.st_mode) else 0
+        out.append((os.path.join("placed", rel).rstrip("/"), kind, st.st_ino, stat.S_IMODE(st.st_mode),
+                    st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -539,13 +541,16 @@ def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: E
     assert env.col.wait_paths({"other.txt"}), env.col.batches
     time.sleep(0.2)
     assert not {p for p in env.col.paths() if p.startswith("placed")}, env.col.batches
-    # Any change to an expected path is reported: content, a new entry, a replacement.
+    # Any change to an expected path is reported: content, mode, a new entry, a replacement.
     env.col.clear()
     env.write("placed/a.txt", b"changed by someone")
+    os.chmod(env.p("placed/sub/b.txt"), 0o755)
+    os.chmod(env.p("placed/sub"), 0o700)
     env.write("placed/sub/new.txt")
     os.unlink(env.p("placed/link"))
     os.symlink("elsewhere", env.p("placed/link"))
-    assert env.col.wait_paths({"placed/a.txt", "placed/sub/new.txt", "placed/link"}), env.col.batches
+    assert env.col.wait_paths({"placed/a.txt", "placed/sub/b.txt", "placed/sub", "placed/sub/new.txt",
+                               "placed/link"}), env.col.batches
 
 
 def test_an_expected_entry_changed_before_the_watcher_saw_it_is_reported(env: Env) -> None:
