@@ -360,6 +360,7 @@ class Watcher:
         # Paths the caller put in place itself: path -> (kind, inode, mode, size, mtime_ns).
         self._expected: Dict[str, Tuple[int, int, int, int, int]] = {}
         self._expected_until = 0.0
+        self._revoked: Set[str] = set()  # expected paths (and all below) since seen changed
         self._expected_lock = threading.Lock()
 
     # ---- public API
@@ -396,21 +397,45 @@ class Watcher:
         one of them is not reported while the path still looks exactly like that: the
         same kind and inode, the same mode unless it is a symlink, and unless it is a
         directory the same mtime (and for a file the same size: the test a digest cache
-        trusts). A path that changed in any way, or that is gone, is reported as usual."""
+        trusts). A path that changed in any way, or that is gone, is reported as usual,
+        and from then on so is everything at or below it, even if it comes back as it
+        was."""
         with self._expected_lock:
             self._expected = {rel: (kind, ino, mode, size, mtime_ns) for rel, kind, ino, mode, size, mtime_ns in placed}
+            self._revoked = set()
             self._expected_until = time.monotonic() + seconds
         self._batcher.expected = self._is_expected if self._expected else None
 
     def _is_expected(self, rel: str) -> bool:
         with self._expected_lock:
-            want = self._expected.get(rel)
             if time.monotonic() > self._expected_until:
                 self._expected = {}
+                self._revoked = set()
                 self._batcher.expected = None
                 return False
-        if want is None:
+            want = self._expected.get(rel)
+            if want is None or self._is_revoked(rel):
+                return False
+        if self._looks_as_placed(rel, want):
+            return True
+        # Reported once as changed (or gone), a path is no longer quiet, nor is anything
+        # below it: moved away and back unchanged, it must be reported again, as the
+        # daemon heard it go.
+        with self._expected_lock:
+            self._revoked.add(rel)
+        return False
+
+    def _is_revoked(self, rel: str) -> bool:  # caller holds the lock
+        revoked = self._revoked
+        if not revoked:
             return False
+        while rel:
+            if rel in revoked:
+                return True
+            rel = _parent(rel)
+        return False
+
+    def _looks_as_placed(self, rel: str, want: Tuple[int, int, int, int, int]) -> bool:
         kind, ino, mode, size, mtime_ns = want
         try:
             st = os.lstat(self._abs(rel))

@@ -562,3 +562,19 @@ def test_an_expected_entry_changed_before_the_watcher_saw_it_is_reported(env: En
 def test_expectations_lapse(env: Env) -> None:
     _place_expected(env, seconds=0.0)
     assert env.col.wait_paths({"placed", "placed/a.txt", "placed/sub/b.txt"}), env.col.batches
+
+
+def test_a_placed_directory_moved_away_and_back_is_reported_both_times(env: Env) -> None:
+    """Moved back unchanged, it looks as placed again: but its going was reported, so its
+    return (with everything in it) must be too."""
+    _place_expected(env)
+    env.write("other.txt")
+    assert env.col.wait_paths({"other.txt"}), env.col.batches
+    time.sleep(0.1)
+    env.col.clear()
+    os.rename(env.p("placed/sub"), env.p("away"))
+    assert env.col.wait_paths({"placed/sub", "away", "away/b.txt"}), env.col.batches
+    time.sleep(0.1)
+    env.col.clear()
+    os.rename(env.p("away"), env.p("placed/sub"))
+    assert env.col.wait_paths({"placed/sub", "placed/sub/b.txt", "away"}), env.col.batches
