@@ -17,7 +17,7 @@ from syncd import __version__
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
-from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_empty
+from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
@@ -141,8 +141,7 @@ class Agent:
             if msg.req in self.receiving:
                 raise ProtocolError("tar stream %d started twice" % msg.req)
             try:
-                expect = self.watcher.expect if self.watcher is not None else None
-                self.receiving[msg.req] = tar_jobs.Receive(self.root, self.scanner, msg, expect)
+                self.receiving[msg.req] = tar_jobs.Receive(self.root, self.scanner, msg)
             except (OSError, UnsafePath) as exc:
                 self.send(m.Failure(msg.req, "failed", "cannot receive into %s: %s"
                                     % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))
@@ -236,7 +235,7 @@ class Agent:
         backend = ""
         if msg.watch:
             backend = self.start_watching(root)
-        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, root_is_empty(root, self.rules.is_ignored)))
+        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend))
 
     def ignore_file_seen(self, rel_dir: str, name: str, text: str) -> None:
         if name == ".gitignore":

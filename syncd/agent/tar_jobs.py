@@ -24,7 +24,6 @@ from syncd.tarstream import (
     ExtractError,
     TarExtractor,
     TarProducer,
-    merge_in,
     mirror,
     scan_skips,
     staging_name,
@@ -65,13 +64,10 @@ def _umask() -> int:
 class Receive:
     """One stream arriving from the daemon (TarReceive, TarData..., TarEnd)."""
 
-    def __init__(self, root: Root, scanner: Scanner, msg: m.TarReceive,
-                 expect: Optional[Callable[[List[Tuple[str, int, int, int, int, int]]], None]] = None) -> None:
+    def __init__(self, root: Root, scanner: Scanner, msg: m.TarReceive) -> None:
         self.scanner = scanner
-        self.expect = expect  # the root's watcher: paths we are about to place (Watcher.expect)
         self.req = msg.req
         self.whole_root = msg.path == "" and not msg.runtime
-        self.merge = msg.merge and self.whole_root
         if msg.runtime:
             base = runtime_dir()
             self.base_root: Root = Root(base)
@@ -176,13 +172,6 @@ class Receive:
                 raise ExtractError(self.error)
             ex = self.extractor
             ex.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
-            if self.whole_root and self.expect is not None:
-                # Our own placements are no news to the daemon, which gets them in the result.
-                self.expect([(e.path, e.kind, e.ino, e.mode, e.size, e.mtime_ns) for e in ex.entries.values()])
-            if self.merge:
-                merged = merge_in(self.base_root, self.staging_rel, ex.entries)
-                self._remember(merged.entries)
-                return merged.entries, ex.skipped + merged.skipped, 0
             if self.whole_root:
                 existing = self.scanner.scan_all(hash_files=False)
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]

@@ -34,8 +34,6 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from syncd.protocol.messages import DIR, FILE, SYMLINK
-
 __all__ = [
     "BACKENDS",
     "MAX_BATCH_PATHS",
@@ -56,7 +54,6 @@ MAX_LATENCY = 0.2  # seconds: flush at least this often under continuous churn
 MAX_BATCH_PATHS = 10000  # flush as soon as a batch holds this many paths
 READY_TIMEOUT = 60.0  # seconds start() waits for the watches to be in place
 JOIN_TIMEOUT = 1.0  # seconds stop() waits for the thread
-EXPECT_SECONDS = 60.0  # how long paths the caller placed itself stay quiet (see Watcher.expect)
 
 SYSCTL_WATCHES = "fs.inotify.max_user_watches"
 SYSCTL_INSTANCES = "fs.inotify.max_user_instances"
@@ -135,7 +132,6 @@ class _Batcher:
         self._overflow = False
         self._first = 0.0
         self._last = 0.0
-        self.expected: Optional[Callable[[str], bool]] = None  # see Watcher.expect
 
     def _touch(self) -> None:  # caller holds the lock
         now = time.monotonic()
@@ -144,9 +140,6 @@ class _Batcher:
         self._last = now
 
     def add(self, rel: str) -> None:
-        expected = self.expected
-        if expected is not None and expected(rel):
-            return
         with self._lock:
             self._touch()
             self._paths.add(rel)
@@ -305,9 +298,6 @@ def _fallback_after_watchfiles() -> str:
     return "inotify" if _load_inotify() is not None else "poll"
 
 
-_KIND_FORMATS = {FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}
-
-
 def _join(parent: str, name: str) -> str:
     return name if not parent else parent + "/" + name
 
@@ -357,11 +347,6 @@ class Watcher:
         self._wake_lock = threading.Lock()
         self._wake_fd = -1
         self._engine: Optional[object] = None  # the running backend, for introspection
-        # Paths the caller put in place itself: path -> (kind, inode, mode, size, mtime_ns).
-        self._expected: Dict[str, Tuple[int, int, int, int, int]] = {}
-        self._expected_until = 0.0
-        self._revoked: Set[str] = set()  # expected paths (and all below) since seen changed
-        self._expected_lock = threading.Lock()
 
     # ---- public API
 
@@ -390,65 +375,6 @@ class Watcher:
             thread.join(JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("watch: watcher thread of %s did not stop within %.1f s", self.root, JOIN_TIMEOUT)
-
-    def expect(self, placed: List[Tuple[str, int, int, int, int, int]], seconds: float = EXPECT_SECONDS) -> None:
-        """The caller is about to put these entries in place itself, as (path, kind,
-        inode, mode, size, mtime_ns), and knows them already: for ``seconds``, an event on
-        one of them is not reported while the path still looks exactly like that: the
-        same kind and inode, the same mode unless it is a symlink, and unless it is a
-        directory the same mtime (and for a file the same size: the test a digest cache
-        trusts). A path that changed in any way, or that is gone, is reported as usual,
-        and from then on so is everything at or below it, even if it comes back as it
-        was."""
-        with self._expected_lock:
-            self._expected = {rel: (kind, ino, mode, size, mtime_ns) for rel, kind, ino, mode, size, mtime_ns in placed}
-            self._revoked = set()
-            self._expected_until = time.monotonic() + seconds
-        self._batcher.expected = self._is_expected if self._expected else None
-
-    def _is_expected(self, rel: str) -> bool:
-        with self._expected_lock:
-            if time.monotonic() > self._expected_until:
-                self._expected = {}
-                self._revoked = set()
-                self._batcher.expected = None
-                return False
-            want = self._expected.get(rel)
-            if want is None or self._is_revoked(rel):
-                return False
-        if self._looks_as_placed(rel, want):
-            return True
-        # Reported once as changed (or gone), a path is no longer quiet, nor is anything
-        # below it: moved away and back unchanged, it must be reported again, as the
-        # daemon heard it go.
-        with self._expected_lock:
-            self._revoked.add(rel)
-        return False
-
-    def _is_revoked(self, rel: str) -> bool:  # caller holds the lock
-        revoked = self._revoked
-        if not revoked:
-            return False
-        while rel:
-            if rel in revoked:
-                return True
-            rel = _parent(rel)
-        return False
-
-    def _looks_as_placed(self, rel: str, want: Tuple[int, int, int, int, int]) -> bool:
-        kind, ino, mode, size, mtime_ns = want
-        try:
-            st = os.lstat(self._abs(rel))
-        except OSError:
-            return False
-        fmt = stat.S_IFMT(st.st_mode)
-        if st.st_ino != ino or fmt != _KIND_FORMATS.get(kind):
-            return False
-        if fmt != stat.S_IFLNK and stat.S_IMODE(st.st_mode) != mode:
-            return False  # a chmod changes neither inode, size nor mtime
-        # A directory's mtime moves as entries are placed in it; inode numbers are reused at
-        # once, so a file or a symlink must also keep its mtime (and a file its size).
-        return fmt == stat.S_IFDIR or (st.st_mtime_ns == mtime_ns and (fmt != stat.S_IFREG or st.st_size == size))
 
     @property
     def running(self) -> bool:

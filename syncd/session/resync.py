@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
 from syncd.session.tar_worker import ExtractWorker
-from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name
+from syncd.tarstream import LEAVE_REASONS, mirror, path_key, staging_name
 
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
@@ -139,10 +139,9 @@ async def _make_kept_dirs(session: Session, kept: list[m.Entry], sources: list[m
     return rows
 
 
-async def push(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:
+async def push(session: Session, force: bool = False) -> ResyncSummary:
     """Rebuild the remote from the local tree (listed, read and hashed by a child process:
-    see tar_worker). With ``merge`` (a first sync into an empty remote) the stream only
-    adds where the remote has nothing: see tarstream.merge_in."""
+    see tar_worker)."""
     agent = session.agent
     progress = session.resync_progress  # made with the session (it counts from the connection)
     assert agent is not None and progress is not None
@@ -152,7 +151,7 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
         if not progress.total_files and not force:
             raise _refuse_empty("push", "local")
         progress.phase = "streaming"
-        upload = agent.tar_to_agent("", False, merge)
+        upload = agent.tar_to_agent("", False)
         try:
             async for chunk in worker.chunks():
                 await upload.send(chunk)
@@ -172,10 +171,8 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
                          worker.skipped + remote_skips)
 
 
-async def pull(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:
-    """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries.
-    With ``merge`` (a first sync into an empty local root) the stream only adds where the
-    local root has nothing: see tarstream.merge_in."""
+async def pull(session: Session, force: bool = False) -> ResyncSummary:
+    """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
     local, agent, progress = session.local, session.agent, session.resync_progress
     assert local is not None and agent is not None and progress is not None
     staging_rel = staging_name("resync")
@@ -211,15 +208,12 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
             raise _refuse_empty("pull", "remote")
         progress.phase = "placing"
         extractor.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
-        if merge:
-            result = await session._fs(merge_in, local.root, staging_rel, extractor.entries)
-        else:
-            existing = await session._fs(local.scanner.scan_all, False)
-            leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
-            result = await session._fs(
-                mirror, local.root, staging_rel, extractor.entries, existing,
-                lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
-            )
+        existing = await session._fs(local.scanner.scan_all, False)
+        leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
+        result = await session._fs(
+            mirror, local.root, staging_rel, extractor.entries, existing,
+            lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
+        )
     finally:
         stream.close()
         await extractor.close()

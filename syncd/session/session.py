@@ -27,7 +27,7 @@ from syncd.engine.recovery import adopt
 from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import is_temp_name, parent_of, root_is_empty
+from syncd.scan import is_temp_name, parent_of
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
@@ -145,11 +145,7 @@ class Session:
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
         # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
-        # The archiver of a resync --push, or of a first sync into an empty remote.
-        self._push_worker: asyncio.Future[ProduceWorker] | None = None
-        self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
-        self.remote_empty = False  # the agent found nothing synced in the remote root
-        self._first_pull = False  # a first sync into an empty local root: see _first_sync
+        self._push_worker: asyncio.Future[ProduceWorker] | None = None  # a resync --push's archiver
         self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -210,7 +206,6 @@ class Session:
             self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
-        self.remote_empty = opened.empty
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 
@@ -219,57 +214,35 @@ class Session:
         scanning the local tree: the first cycle then mostly waits for the remote side."""
         store = self.store
         assert store is not None
-        t0 = time.perf_counter()
         loading = asyncio.ensure_future(asyncio.to_thread(store.load))
         try:
             self.base = await asyncio.shield(loading)
-            log.debug("%s: base of %d entries loaded in %.3fs", self.cfg.name, len(self.base), time.perf_counter() - t0)
         except asyncio.CancelledError:
             # The store is closed after a cancellation: let its reader finish first.
             await asyncio.gather(loading, return_exceptions=True)
             raise
         self._intents = load_intents(store)
         self.local = LocalSide(self.cfg.local, self.rules, self.base)
-        # A first sync (no base yet) may go as one stream: see _first_sync.
-        first = self.resync is None and not self._intents and not self.base and not self.base.kept_rows()
-        if first and self.cfg.mode != "push" and root_is_empty(self.cfg.local, self.rules.is_ignored):
-            self._first_pull = True  # unless the remote is empty too; its scan would be wasted
         if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
             # Before the watcher: the remote scan waits for them, and starting watchfiles
             # holds the GIL for a while on a big tree.
             self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         self._prints_ready.set()
-        if self.resync is None and not self._first_pull:
+        if self.resync is None:
             self._tasks.append(asyncio.create_task(self._watch_local()))
-        # else armed after the resync or the first sync's pull: watching a tree being
-        # rebuilt only costs (each event would be looked at again anyway, a full scan
-        # follows, and a watcher thread slows the extraction).
-        if first and not self._first_pull and self.cfg.mode != "pull":
-            # If the remote turns out empty the tree goes as one stream, so the archiver
-            # starts now and the scan waits.
-            self._first_progress = ResyncProgress("push")
-            self._start_push_worker(self._first_progress)
-        elif first and self._first_pull:
-            self._first_progress = ResyncProgress("pull")
-        elif not self._intents and self.resync is None:  # a resync changes the tree first
+        # else armed after the resync: watching a tree being rebuilt only costs (each event
+        # would be looked at again anyway, and a watcher thread slows the extraction).
+        if not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
             self._start_push_worker()
 
-    def _start_push_worker(self, progress: ResyncProgress | None = None) -> asyncio.Future[ProduceWorker]:
-        progress = progress or self.resync_progress
+    def _start_push_worker(self) -> asyncio.Future[ProduceWorker]:
+        progress = self.resync_progress
         assert progress is not None
         self._push_worker = asyncio.ensure_future(ProduceWorker.start(self.cfg.local, self.rules.to_wire(),
                                                                       progress.add))
         return self._push_worker
-
-    async def _drop_push_worker(self) -> None:
-        if self._push_worker is not None:
-            worker, self._push_worker = self._push_worker, None
-            if not worker.done():
-                worker.cancel()
-            with contextlib.suppress(BaseException):
-                await (await worker).close()
 
     async def push_worker(self) -> ProduceWorker:
         """The process archiving the local tree for a resync --push (started early)."""
@@ -278,13 +251,9 @@ class Session:
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
         await self._prints_ready.wait()
-        if self._intents or self._first_pull:
-            return None  # adopting intents needs a scan of every path; a stream scans anyway
-        t0 = time.perf_counter()
-        entries, matched = await agent.scan_tree(self._prints["remote"])
-        log.debug("%s: remote prescan: %d entries, %d directories unchanged in %.3fs", self.cfg.name, len(entries),
-                  len(matched), time.perf_counter() - t0)
-        return entries, matched
+        if self._intents:
+            return None  # adopting them needs a scan of every path
+        return await agent.scan_tree(self._prints["remote"])
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
         local = self.local
@@ -292,11 +261,7 @@ class Session:
         self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
         # Watch before scanning, so nothing changed during the scan is missed.
         await self._local_armed.wait()
-        t0 = time.perf_counter()
-        entries, matched = await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
-        log.debug("%s: local prescan: %d entries, %d directories unchanged in %.3fs", self.cfg.name, len(entries),
-                  len(matched), time.perf_counter() - t0)
-        return entries, matched
+        return await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
 
     async def close(self) -> None:
         """Release everything; each step runs even if an earlier one failed, so the index
@@ -309,7 +274,12 @@ class Session:
                 if prescan is not None:
                     prescan.cancel()
                     await asyncio.gather(prescan, return_exceptions=True)
-            await self._drop_push_worker()
+            if self._push_worker is not None:
+                worker, self._push_worker = self._push_worker, None
+                if not worker.done():
+                    worker.cancel()
+                with contextlib.suppress(BaseException):
+                    await (await worker).close()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -346,11 +316,6 @@ class Session:
             if self.resync is not None:
                 await self._resync(self.resync)
                 self._tasks.append(asyncio.create_task(self._watch_local()))
-            elif self._first_progress is not None:
-                pulling = self._first_pull
-                await self._first_sync(self._first_progress)
-                if pulling:
-                    self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             await self.follow()
         except (AgentError, ConnectionError) as exc:
@@ -361,58 +326,9 @@ class Session:
     async def _resync(self, direction: str) -> None:
         """Rebuild one side before syncing live; a stop request interrupts it (the
         destination then stays as it was)."""
-        self.resync_summary = await self._stream(direction, f"resync --{direction}")
-        if self.on_resync is not None:
-            self.on_resync(self.resync_summary)
-
-    async def _first_sync(self, progress: ResyncProgress) -> None:
-        """A first sync (no base yet) from a tree into an empty side (the remote, or the
-        local root) sends that tree as one tar stream, which only adds: whatever appears
-        on the destination meanwhile stays, for the cycles that follow to reconcile like
-        any other change. Otherwise (both hold something or both are empty, or the stream
-        fails) the cycles do it all."""
-        self._first_progress = None
-        direction = progress.direction
-        if direction == "push":
-            go = False
-            worker = self._push_worker
-            if self.remote_empty and worker is not None:
-                with contextlib.suppress(Exception):  # a failed archiver: the cycles will say why
-                    files, _ = await (await worker).announced()
-                    go = files > 0
-        else:
-            go = not self.remote_empty
-        if go:
-            self.resync_progress = progress
-            try:
-                summary = await self._stream(direction, "first sync", merge=True)
-                arrow = "->" if direction == "push" else "<-"
-                if direction == "push":
-                    self.stats.sent_files += summary.files
-                    self.stats.sent_bytes += summary.bytes
-                else:
-                    self.stats.received_files += summary.files
-                    self.stats.received_bytes += summary.bytes
-                self.report(f"{arrow} first sync: {summary.files} entries, {summary.bytes} bytes, as one stream "
-                            f"in {summary.seconds:.2f}s")
-                return
-            except SessionError as exc:
-                if self._stop.is_set():
-                    return  # stopped mid-stream: the destination is as it was, the next start streams again
-                log.warning("%s: %s; syncing entry by entry instead", self.cfg.name, exc)
-            finally:
-                self.resync_progress = None
-        await self._drop_push_worker()
-        self._first_pull = False
-        # The local scan runs first, as with any start: it reads the .gitignore files the
-        # remote scan's results are filtered by.
-        self._prescan = asyncio.ensure_future(self._scan_local_tree())
-
-    async def _stream(self, direction: str, what: str, merge: bool = False) -> ResyncSummary:
-        """Run one tar stream (resync_push or resync_pull); a stop request interrupts it."""
         self.state = f"resync-{direction}"
         run = resync_push if direction == "push" else resync_pull
-        work = asyncio.ensure_future(run(self, self.resync_force or merge, merge))
+        work = asyncio.ensure_future(run(self, self.resync_force))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -420,28 +336,26 @@ class Session:
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
-            raise SessionError(f"the {what} was interrupted; nothing was replaced")
+            raise SessionError(f"the resync --{direction} was interrupted; nothing was replaced")
         try:
-            summary = work.result()
+            self.resync_summary = work.result()
         except ResyncRefused as exc:
             raise SessionError(str(exc)) from None
         except (AgentError, ExtractError, OSError, ValueError) as exc:
-            raise SessionError(f"{what} failed: {getattr(exc, 'strerror', None) or exc}") from None
-        log.info("%s: %s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name, what,
-                 summary.files, summary.bytes, summary.deleted, len(summary.skipped), summary.seconds)
+            raise SessionError(f"resync --{direction} failed: {getattr(exc, 'strerror', None) or exc}") from None
+        log.info("%s: resync --%s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name,
+                 direction, self.resync_summary.files, self.resync_summary.bytes, self.resync_summary.deleted,
+                 len(self.resync_summary.skipped), self.resync_summary.seconds)
         # Changes seen meanwhile are mostly our own writes; a full scan of both sides
-        # settles them and anything edited during the stream.
+        # settles them and anything edited during the resync.
         if self.agent is not None:
             while not self.agent.changes.empty():
                 self.agent.changes.get_nowait()
-        if self._remote_prescan is not None:  # made before the stream: stale
-            prescan, self._remote_prescan = self._remote_prescan, None
-            prescan.cancel()
-            await asyncio.gather(prescan, return_exceptions=True)
         self.local_dirty.clear()
         self.remote_dirty.clear()
         self.local_full = self.remote_full = True
-        return summary
+        if self.on_resync is not None:
+            self.on_resync(self.resync_summary)
 
     def reset_base(self, rows: list[Agreed]) -> None:
         """The base becomes exactly ``rows`` (after a resync); pending intents and failure
@@ -497,14 +411,11 @@ class Session:
         def ignored(rel: str, is_dir: bool) -> bool:
             return is_temp_name(rel) or self.rules.is_ignored(rel, is_dir)
 
-        t0 = time.perf_counter()
         starting = asyncio.ensure_future(asyncio.to_thread(
             start_watcher, self.cfg.local, on_batch, ignored, "watchfiles", 10
         ))
         try:
             watcher = await asyncio.shield(starting)
-            log.debug("%s: local watcher (%s) armed in %.3fs", self.cfg.name, watcher.backend,
-                      time.perf_counter() - t0)
         except asyncio.CancelledError:
             # Cancelled while it started (the connection failed): it must not outlive us.
             with contextlib.suppress(Exception):
@@ -775,16 +686,10 @@ class Session:
                 self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
             if remote_full:
                 self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
-        rules_seen = self.rules.generation
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
         )
-        if self.rules.generation != rules_seen:
-            # The local scan read .gitignore files while the remote's answer was being
-            # observed: what they ignore is not the remote's to send either.
-            for path in [p for p, e in remote.items() if e is not None and self._ignored(p, e.kind)]:
-                del remote[path]
         t1 = time.perf_counter()
         self._walk_next.clear()  # both sides were walked where asked
         if self._intents and local_full and remote_full:

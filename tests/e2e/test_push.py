@@ -100,8 +100,6 @@ def test_initial_push_then_live_changes(sshd: SshServer, dirs: tuple[Path, Path,
     sessions.append(session)
     snap = wait_trees_equal(local, remote, session, timeout=45, mtimes=True, what="initial push")
     assert snap == before  # the push did not touch the local side
-    # The remote was empty: the tree went as one stream, not entry by entry.
-    assert [line.split(":")[0] for line in session.change_lines()] == ["-> first sync"], session.stdout()
     # Spot checks of the awkward cases on the remote itself.
     assert os.path.islink(remote / "link-to-file")
     assert os.readlink(remote / "link-to-file") == "pkg00/mod01/file000.txt"
@@ -297,94 +295,6 @@ def test_remote_changes_flow_back(sshd: SshServer, dirs: tuple[Path, Path, Path]
     session.stop()
 
 
-def test_first_sync_stream_keeps_ignored_remote_entries_then_only_live_changes_travel(
-        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
-    local, remote, state = dirs
-    for i in range(500):
-        write_file(local / f"d{i % 9}" / f"f{i}.txt", f"content {i}\n" * (i % 4))
-    write_file(local / "build" / "out.o", b"local build output")
-    # Only ignored entries on the remote: it counts as empty, and they stay.
-    write_file(remote / "build" / "cache.bin", b"remote build cache")
-    session = start_session(sshd, local, remote, state, "--ignore", "build/")
-    sessions.append(session)
-    wait_until(lambda: "-> first sync: " in session.stdout(), 30, session=session, message="the first sync stream")
-    assert (remote / "build" / "cache.bin").read_bytes() == b"remote build cache"
-    assert not (remote / "build" / "out.o").exists()
-    assert not (local / "build" / "cache.bin").exists()
-    assert (remote / "d4" / "f13.txt").read_text() == "content 13\n"
-    time.sleep(1.0)  # the cycle after the stream finds nothing to send or fetch
-    assert [line.split(":")[0] for line in session.change_lines()] == ["-> first sync"], session.stdout()
-    write_file(local / "d0" / "live.txt", "live\n")
-    write_file(remote / "from-remote.txt", "remote\n")
-    wait_until(lambda: (remote / "d0" / "live.txt").exists() and (local / "from-remote.txt").exists(), 15,
-               session=session, message="live changes after the first sync")
-    session.stop()
-    assert len(session.change_lines()) == 3, session.stdout()
-
-
-def test_first_sync_into_an_empty_local_root_pulls_the_remote_tree_as_one_stream(
-        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
-    local, remote, state = dirs
-    for i in range(400):
-        write_file(remote / f"r{i % 7}" / f"f{i}.txt", f"remote {i}\n" * (1 + i % 3))
-    os.symlink("r0/f0.txt", remote / "link")
-    write_file(remote / "bin" / "tool", "#!/bin/sh\n", mode=0o755)
-    write_file(bpath(remote, NON_UTF8), b"latin-1 name\n")
-    write_file(remote / "cache" / "big.bin", b"remote only")  # ignored: stays remote
-    write_file(local / "cache" / "mine.bin", b"local only")  # ignored: the local root counts as empty
-    session = start_session(sshd, local, remote, state, "--ignore", "cache/")
-    sessions.append(session)
-    wait_until(lambda: "<- first sync: " in session.stdout(), 30, session=session, message="the first sync stream")
-    assert not (local / "cache" / "big.bin").exists() and not (remote / "cache" / "mine.bin").exists()
-    (local / "cache" / "mine.bin").unlink()
-    (remote / "cache" / "big.bin").unlink()
-    wait_trees_equal(local, remote, session, timeout=15, mtimes=True, what="the pulled tree")
-    assert os.readlink(local / "link") == "r0/f0.txt"
-    assert os.stat(local / "bin" / "tool").st_mode & 0o111 == 0o111
-    time.sleep(1.0)  # the cycle after the stream finds nothing to send or fetch
-    assert [line.split(":")[0] for line in session.change_lines()] == ["<- first sync"], session.stdout()
-    write_file(local / "r0" / "live.txt", "live\n")
-    wait_trees_equal(local, remote, session, timeout=15, what="a live change after the pull")
-    session.stop()
-
-
-def test_a_first_sync_stopped_mid_stream_leaves_the_remote_empty_and_streams_again_next_start(
-        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
-    local, remote, state = dirs
-    for i in range(1000):
-        write_file(local / f"d{i % 10}" / f"f{i}.txt", f"file {i}\n")
-    write_file(local / "big.bin", os.urandom(160 * 1024 * 1024))
-    first = start_session(sshd, local, remote, state, name="first")
-    sessions.append(first)
-    # The agent stages the stream inside the remote root before anything is put in place.
-    wait_until(lambda: any(name.startswith(".syncd-tmp-") for name in os.listdir(remote)), 30, interval=0.002,
-               session=first, message="the stream to start arriving")
-    first.stop()  # exits 0: stopping mid-stream is not an error
-    assert "first sync:" not in first.stdout(), "the stream completed before the stop: make the tree bigger"
-    wait_until(lambda: os.listdir(remote) == [], 15, message="the remote root to be empty again")
-    second = start_session(sshd, local, remote, state, name="second")
-    sessions.append(second)
-    wait_trees_equal(local, remote, second, timeout=60, what="the first sync after a stopped one")
-    second.stop()
-    assert [line.split(":")[0] for line in second.change_lines()] == ["-> first sync"], second.stdout()
-
-
-def test_first_sync_into_a_remote_that_holds_files_goes_entry_by_entry(
-        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
-    local, remote, state = dirs
-    for i in range(20):
-        write_file(local / f"f{i}.txt", f"local {i}\n")
-    write_file(remote / "theirs.txt", "remote\n")
-    session = start_session(sshd, local, remote, state)
-    sessions.append(session)
-    wait_trees_equal(local, remote, session, timeout=20, what="first sync into a remote that holds a file")
-    session.stop()
-    lines = session.change_lines()
-    assert not [line for line in lines if "first sync" in line], session.stdout()
-    assert len([line for line in lines if line.startswith("->")]) == 20, session.stdout()
-    assert (local / "theirs.txt").read_text() == "remote\n"
-
-
 def test_restart_sends_nothing(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
@@ -396,9 +306,8 @@ def test_restart_sends_nothing(sshd: SshServer, dirs: tuple[Path, Path, Path],
     sessions.append(first)
     wait_trees_equal(local, remote, first, timeout=30, mtimes=True, what="initial sync to an empty remote")
     first.stop()
-    # An empty remote receives the tree as one stream.
-    assert [line.split(":")[0] for line in first.change_lines()] == ["-> first sync"], first.stdout()
-    assert "-> first sync: 209 entries" in first.stdout(), first.stdout()
+    sent_first = [line for line in first.change_lines() if line.startswith("->")]
+    assert len(sent_first) >= 200, first.stdout()
     assert not [line for line in first.change_lines() if line.startswith("<-")], first.stdout()
     remote_before = tree_snapshot(remote, mtimes=True)
 
@@ -509,11 +418,9 @@ def test_local_watcher_survives_non_utf8_names(sshd: SshServer, dirs: tuple[Path
 def test_new_directories_with_files_sync_without_errors(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                                         sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
+    write_file(local / "data" / "big.bin", os.urandom(1024 * 1024))  # above the inline limit
     session = start_session(sshd, local, remote, state)
     sessions.append(session)
-    wait_until(lambda: "agent on python" in session.stderr(), 20, session=session, message="agent started")
-    # Written live (a first sync would send it in its stream).
-    write_file(local / "data" / "big.bin", os.urandom(1024 * 1024))  # above the inline limit
     wait_trees_equal(local, remote, session, timeout=20, what="push of a new directory with a large file")
     write_file(remote / "newdir" / "sub" / "f.txt", "pulled\n")
     write_file(remote / "newdir" / "g.txt", "pulled\n")

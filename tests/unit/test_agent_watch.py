@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import struct
 import threading
 import time
@@ -502,79 +501,3 @@ def test_watchfiles_non_utf8_name_falls_back_to_inotify(tmp_path: object) -> Non
         assert col.wait_paths({"after.txt"}), col.batches
     finally:
         w.stop()
-
-
-# --------------------------------------------------------------------------- expect
-
-
-def _staged_tree(env: Env) -> List[Tuple[str, int, int, int, int, int]]:
-    """A tree made beside the root (same filesystem), as (path, kind, ino, mode, size,
-    mtime_ns) of what it will be once moved in as "placed"."""
-    staged = os.path.join(os.path.dirname(env.root), "staged")
-    os.makedirs(os.path.join(staged, "sub"))
-    for rel in ("a.txt", "sub/b.txt"):
-        with open(os.path.join(staged, rel), "wb") as f:
-            f.write(b"staged " + rel.encode())
-    os.symlink("a.txt", os.path.join(staged, "link"))
-    out = []
-    for rel in ("", "a.txt", "sub", "sub/b.txt", "link"):
-        st = os.lstat(os.path.join(staged, rel))
-        kind = 1 if stat.S_ISDIR(st.st_mode) else 2 if stat.S_ISLNK(st.st_mode) else 0
-        out.append((os.path.join("placed", rel).rstrip("/"), kind, st.st_ino, stat.S_IMODE(st.st_mode),
-                    st.st_size, st.st_mtime_ns))
-    return out
-
-
-def _place_expected(env: Env, seconds: float = watch.EXPECT_SECONDS) -> None:
-    """Announce the staged tree to a running inotify watcher, then move it in as "placed"."""
-    if env.backend != "inotify":
-        pytest.skip("the agent's own backend; the others report everything, which is only slower")
-    w = env.start()
-    w.expect(_staged_tree(env), seconds)
-    time.sleep(0.01)
-    os.rename(os.path.join(os.path.dirname(env.root), "staged"), env.p("placed"))
-
-
-def test_entries_placed_by_the_caller_are_not_reported_unless_they_change(env: Env) -> None:
-    _place_expected(env)
-    env.write("other.txt")  # a change of someone else's, reported
-    assert env.col.wait_paths({"other.txt"}), env.col.batches
-    time.sleep(0.2)
-    assert not {p for p in env.col.paths() if p.startswith("placed")}, env.col.batches
-    # Any change to an expected path is reported: content, mode, a new entry, a replacement.
-    env.col.clear()
-    env.write("placed/a.txt", b"changed by someone")
-    os.chmod(env.p("placed/sub/b.txt"), 0o755)
-    os.chmod(env.p("placed/sub"), 0o700)
-    env.write("placed/sub/new.txt")
-    os.unlink(env.p("placed/link"))
-    os.symlink("elsewhere", env.p("placed/link"))
-    assert env.col.wait_paths({"placed/a.txt", "placed/sub/b.txt", "placed/sub", "placed/sub/new.txt",
-                               "placed/link"}), env.col.batches
-
-
-def test_an_expected_entry_changed_before_the_watcher_saw_it_is_reported(env: Env) -> None:
-    _place_expected(env)
-    env.write("placed/sub/b.txt", b"rewritten at once, another size")
-    assert env.col.wait_paths({"placed/sub/b.txt"}), env.col.batches
-
-
-def test_expectations_lapse(env: Env) -> None:
-    _place_expected(env, seconds=0.0)
-    assert env.col.wait_paths({"placed", "placed/a.txt", "placed/sub/b.txt"}), env.col.batches
-
-
-def test_a_placed_directory_moved_away_and_back_is_reported_both_times(env: Env) -> None:
-    """Moved back unchanged, it looks as placed again: but its going was reported, so its
-    return (with everything in it) must be too."""
-    _place_expected(env)
-    env.write("other.txt")
-    assert env.col.wait_paths({"other.txt"}), env.col.batches
-    time.sleep(0.1)
-    env.col.clear()
-    os.rename(env.p("placed/sub"), env.p("away"))
-    assert env.col.wait_paths({"placed/sub", "away", "away/b.txt"}), env.col.batches
-    time.sleep(0.1)
-    env.col.clear()
-    os.rename(env.p("away"), env.p("placed/sub"))
-    assert env.col.wait_paths({"placed/sub", "placed/sub/b.txt", "away"}), env.col.batches
