@@ -410,11 +410,8 @@ class TarExtractor:
                 try:
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
                 except FileExistsError:  # made for an earlier member, or a non-directory to replace
-                    self._clear(dir_fd, name, True)
-                    try:
+                    if self._clear(dir_fd, name, True):
                         os.mkdir(name, 0o700, dir_fd=dir_fd)
-                    except FileExistsError:
-                        pass
                 self._dirs[rel] = (member.mode, member.mtime_ns)
                 self.entries[rel] = m.Entry(rel, m.DIR, member.mode, 0, 0, 0)
                 self._count(0)
@@ -434,17 +431,19 @@ class TarExtractor:
         except UnsafePath as exc:
             self._skip(rel, UNSAFE, str(exc))
 
-    def _clear(self, dir_fd: int, name: str, for_dir: bool) -> None:
-        """A later member replaces an earlier one of the same name (tar semantics)."""
+    def _clear(self, dir_fd: int, name: str, for_dir: bool) -> bool:
+        """A later member replaces an earlier one of the same name (tar semantics); True if
+        something was removed (a directory stays, for a directory member to merge into)."""
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return
+            return False
         if stat.S_ISDIR(st.st_mode):
             if not for_dir:
                 raise UnsafePath("%s is a directory earlier in the archive" % name)
-            return
+            return False
         os.unlink(name, dir_fd=dir_fd)
+        return True
 
     def _hard_link(self, rel: str, linkname: str, dir_fd: int, name: str) -> None:
         source = _clean_name(linkname)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from syncd.fsops import UnsafePath, split_path
@@ -65,7 +64,7 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
         progress = ResyncProgress("upload")
         producer = TarProducer(local_dir, entries, follow_symlinks=follow_symlinks, progress=progress.add)
         stream = client.tar_to_agent(target, runtime)
-        _, remote_skips, _, where = await send_stream(producer, stream, skipped, asyncio.to_thread)
+        _, remote_skips, _, where = await send_stream(producer, stream, skipped)
     except AgentError as exc:
         raise UploadError(f"{cfg.remote.describe()}: {exc}") from None
     finally:
@@ -76,19 +75,10 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
                                         for s in all_skipped]}
 
 
-async def _drain_thread(work: asyncio.Future[Any], unblock: Callable[[], None]) -> None:
-    """After a failure or cancellation: let a blocked worker thread finish."""
-    while not work.done():
-        unblock()
-        await asyncio.sleep(0.01)
-    with contextlib.suppress(BaseException):
-        work.result()
-
-
-async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.Skip],
-                      run: Callable[..., Awaitable[Any]]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
-    """Stream ``producer``'s archive to the agent (read and hashed by a worker thread given
-    by ``run``, sent as it comes), then finish the stream; returns the agent's result."""
+async def send_stream(producer: TarProducer, upload: TarUpload,
+                      skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+    """Stream ``producer``'s archive to the agent (read and hashed by a worker thread, sent
+    as it comes), then finish the stream; returns the agent's result."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes | None] = asyncio.Queue(CHUNK_QUEUE)
     stop = False
@@ -103,7 +93,7 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
             producer.close()
             asyncio.run_coroutine_threadsafe(chunks.put(None), loop)
 
-    work = asyncio.ensure_future(run(produce))
+    work = asyncio.ensure_future(asyncio.to_thread(produce))
     try:
         while (chunk := await chunks.get()) is not None:
             await upload.send(chunk)
@@ -112,10 +102,10 @@ async def send_stream(producer: TarProducer, upload: TarUpload, skipped: list[m.
     except BaseException:
         stop = True
         upload.close()
-
-        def unblock() -> None:
+        while not work.done():  # the thread may be blocked on a full queue: empty it
             while not chunks.empty():
                 chunks.get_nowait()
-
-        await _drain_thread(work, unblock)
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(BaseException):
+            work.result()
         raise
