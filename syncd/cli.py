@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import math
@@ -106,6 +107,9 @@ def run_foreground(cfg: SessionConfig, quiet: bool = False) -> int:
         if not quiet:
             click.echo(line)
 
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # One line per change, seen as it happens also through a pipe or in a log file.
+        sys.stdout.reconfigure(line_buffering=True)
     session = Session(cfg, report)
     try:
         asyncio.run(_run_session(session))

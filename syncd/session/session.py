@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -461,19 +461,26 @@ class Session:
         for path in absent:
             observed[path] = None
         if full:
-            forget = []
-            for path in self.base:
-                if path in observed or (matched and parent_of(path) in matched):
-                    continue
-                agreed = self.base.get(path)
-                assert agreed is not None
-                if self._ignored(path, agreed.kind):
-                    forget.append(path)  # newly ignored: neither sent nor deleted
-                else:
-                    observed[path] = None
-            if forget:
-                self._commit([(p, None) for p in forget])
+            self._absent_unless_found(observed, self.base, matched)
         return observed
+
+    def _absent_unless_found(self, observed: Observed, paths: Iterable[str], matched: set[str] | None = None) -> None:
+        """After a full scan: the tracked ``paths`` it did not find are absent, except those
+        in a directory found unchanged (``matched``: not listed) and those now ignored
+        (forgotten here: neither sent nor deleted)."""
+        forget = []
+        for path in paths:
+            if path in observed or (matched and parent_of(path) in matched):
+                continue
+            agreed = self.base.get(path)
+            if agreed is None:
+                continue
+            if self._ignored(path, agreed.kind):
+                forget.append(path)
+            else:
+                observed[path] = None
+        if forget:
+            self._commit([(p, None) for p in forget])
 
     def _sweep_kept(self, observed: Observed, matched: set[str]) -> None:
         """After a full local scan: local-only paths it did not find are gone (decided by
@@ -699,6 +706,12 @@ class Session:
             if adopted:
                 log.info("%s: adopted %d operations confirmed after a cut", self.cfg.name, len(adopted))
             self._commit(adopted)
+            # Both scans listed every path, but absences were only noted for rows the base
+            # had then: a path adopted now and missing on a side went since the operation
+            # landed (e.g. deleted at its source), which is a change to propagate.
+            now_tracked = [path for path, row in adopted if row is not None]
+            self._absent_unless_found(local, now_tracked)
+            self._absent_unless_found(remote, now_tracked)
             self._intents = []
             assert self.store is not None
             clear_intents(self.store)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from syncd.engine.model import Agreed, Intent
+from syncd.protocol.messages import FILE
+from syncd.scan import digest_bytes
+from syncd.store import Store, record_intents
 from tests.e2e.helpers import SyncProcess
 from tests.e2e.twoway_util import (
     Churner,
@@ -120,3 +125,35 @@ def test_restart_after_clean_sync_sends_nothing(pair: Pair) -> None:
     assert_idle(s3)
     assert change_lines(s3) == [], s3.stdout()
     s3.stop()
+
+
+@pytest.mark.parametrize("side", ["remote", "local"])
+def test_copy_landed_before_a_cut_then_deleted_at_its_source(pair: Pair, side: str) -> None:
+    """A copy that reached ``side`` just before a kill -9 (recorded as an intent, not yet in
+    the base), whose source was deleted before the restart: the restart adopts the copy
+    and then propagates the deletion, rather than keep a row saying both sides hold it."""
+    make_tree(pair.local, {"keep.txt": "kept\n"})
+    s1 = pair.start()
+    wait_quiescent(pair.local, pair.remote, s1, what="initial push")
+    s1.stop()
+
+    # What a session killed between applying the copy and committing it leaves behind.
+    source, dest = (pair.local, pair.remote) if side == "remote" else (pair.remote, pair.local)
+    data = b"copied, then deleted at the source\n"
+    (source / "gone.txt").write_bytes(data)
+    shutil.copy2(source / "gone.txt", dest / "gone.txt")
+    st = (source / "gone.txt").stat()
+    source_ino = {"local": 0, "remote": 0, "local" if side == "remote" else "remote": st.st_ino}
+    after = Agreed("gone.txt", FILE, st.st_mode & 0o7777, st.st_size, st.st_mtime_ns, digest_bytes(data), None,
+                   source_ino["local"], source_ino["remote"])
+    [index] = (pair.state / "sessions").glob("*.sqlite")
+    store = Store(str(index))
+    record_intents(store, [Intent(side, "gone.txt", after)])
+    store.close()
+    (source / "gone.txt").unlink()
+
+    s2 = pair.start()
+    snap = wait_quiescent(pair.local, pair.remote, s2, what="restart")
+    assert "gone.txt" not in snap and not (dest / "gone.txt").exists()
+    assert (pair.local / "keep.txt").read_text() == "kept\n"
+    s2.stop()
