@@ -512,6 +512,7 @@ class Rules:
         self._gitignores: Dict[str, PatternSet] = {}
         self._gitignore_texts: Dict[str, str] = {}
         self._nested = False  # any .gitignore below the root?
+        self.generation = 0  # counts changes of the .gitignore / info/exclude rules
         # Evaluation chains (last match first) per parent directory, built lazily.
         self._chains: Dict[str, Tuple[_Chain, _Chain]] = {}
         # Chains shared by all directories with the same applicable .gitignore files.
@@ -584,6 +585,7 @@ class Rules:
         self._invalidate()
 
     def _invalidate(self) -> None:
+        self.generation += 1
         self._nested = any(self._gitignores.keys() - {""})
         self._chains.clear()
         self._chains_by_sets.clear()

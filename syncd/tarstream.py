@@ -43,6 +43,7 @@ SPECIAL = "special"  # FIFO, socket or device file: not synced
 UNSAFE = "unsafe"  # a member name or link that escapes the destination
 KEPT = "kept"  # a destination directory holding ignored or preserved entries stays
 DANGLING = "dangling"  # a symlink to nothing (when following symlinks)
+EXISTS = "exists"  # the destination holds something there already (merge_in): left to the live sync
 
 # Skips after which the destination keeps whatever it has at that path.
 LEAVE_REASONS = (UNREADABLE,)
@@ -613,6 +614,75 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
     for rel in sorted(placed, key=path_key):
         entry = staged[rel]
         if entry.kind == m.DIR:
+            try:
+                now = root.entry(rel)
+            except (OSError, UnsafePath):
+                now = None
+            if now is None or now.kind != m.DIR:
+                continue
+            entry = now
+        result.entries.append(entry)
+    root.release()
+    return result
+
+
+def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> MirrorResult:
+    """Put the tree staged at ``staging_rel`` into ``root`` without replacing or deleting
+    anything: an entry goes only where the root has nothing (a new directory moves in
+    whole, a file or symlink is hard-linked in, which fails rather than replace), and
+    lands in a directory the root already has. Where the root holds something, that
+    stays and the path is skipped (EXISTS) for the live sync to reconcile: this is the
+    first sync into a side that was empty, and which may not have stayed empty."""
+    result = MirrorResult()
+    placed: List[str] = []
+    moved: Set[str] = set()  # directories moved in whole, and everything under them
+    blocked: Set[str] = set()  # staged directories that could not be placed
+
+    for rel in sorted(staged, key=path_key):
+        entry = staged[rel]
+        slash = rel.rfind("/")
+        parent = rel[:slash] if slash > 0 else ""
+        if parent in moved:
+            moved.add(rel)
+            placed.append(rel)
+            continue
+        if parent in blocked:
+            blocked.add(rel)  # reported once, at the directory
+            continue
+        try:
+            dir_fd, name = root.parent(rel)
+            src_fd, src_name = root.parent(staging_rel + "/" + rel)
+            if entry.kind != m.DIR:
+                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+                placed.append(rel)
+                continue
+            try:
+                st: Optional[os.stat_result] = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                os.rename(src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd)
+                root.release()  # cached descriptors may name directories by their old paths
+                moved.add(rel)
+                placed.append(rel)
+            elif stat.S_ISDIR(st.st_mode):
+                placed.append(rel)
+            else:
+                blocked.add(rel)
+                result.skipped.append(m.Skip(rel, EXISTS, "%s exists on the destination: kept" % rel))
+        except FileExistsError:
+            if entry.kind == m.DIR:
+                blocked.add(rel)
+            result.skipped.append(m.Skip(rel, EXISTS, "%s exists on the destination: kept" % rel))
+        except (OSError, UnsafePath) as exc:
+            if entry.kind == m.DIR:
+                blocked.add(rel)
+            result.skipped.append(m.Skip(rel, UNSAFE if isinstance(exc, UnsafePath) else VANISHED,
+                                         "cannot place %s: %s" % (rel, getattr(exc, "strerror", None) or exc)))
+    root.release()
+    for rel in placed:
+        entry = staged[rel]
+        if entry.kind == m.DIR:  # an existing directory is the root's own; a moved one kept its inode
             try:
                 now = root.entry(rel)
             except (OSError, UnsafePath):

@@ -235,7 +235,22 @@ class Agent:
         backend = ""
         if msg.watch:
             backend = self.start_watching(root)
-        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend))
+        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, self.root_is_empty()))
+
+    def root_is_empty(self) -> bool:
+        """Nothing synced at the top of the root (a first sync into it may be one stream)."""
+        assert self.root is not None and self.rules is not None
+        try:
+            with os.scandir(self.root.path) as listing:
+                for item in listing:
+                    if is_temp_name(item.name) or not (item.is_file(follow_symlinks=False)
+                                                       or item.is_dir(follow_symlinks=False) or item.is_symlink()):
+                        continue
+                    if not self.rules.is_ignored(item.name, item.is_dir(follow_symlinks=False)):
+                        return False
+        except OSError:
+            return False
+        return True
 
     def ignore_file_seen(self, rel_dir: str, name: str, text: str) -> None:
         if name == ".gitignore":

@@ -24,6 +24,7 @@ from syncd.tarstream import (
     ExtractError,
     TarExtractor,
     TarProducer,
+    merge_in,
     mirror,
     scan_skips,
     staging_name,
@@ -68,6 +69,7 @@ class Receive:
         self.scanner = scanner
         self.req = msg.req
         self.whole_root = msg.path == "" and not msg.runtime
+        self.merge = msg.merge and self.whole_root
         if msg.runtime:
             base = runtime_dir()
             self.base_root: Root = Root(base)
@@ -172,6 +174,10 @@ class Receive:
                 raise ExtractError(self.error)
             ex = self.extractor
             ex.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
+            if self.merge:
+                merged = merge_in(self.base_root, self.staging_rel, ex.entries)
+                self._remember(merged.entries)
+                return merged.entries, ex.skipped + merged.skipped, 0
             if self.whole_root:
                 existing = self.scanner.scan_all(hash_files=False)
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]

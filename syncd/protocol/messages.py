@@ -175,6 +175,7 @@ class Opened:
     root: str  # resolved absolute path
     python: str
     watcher: str  # watcher backend in use, "" when not watching
+    empty: bool = False  # the root holds nothing synced (only ignored entries, if any)
 
 
 @dataclass(frozen=True)
@@ -290,12 +291,14 @@ class Skip:
 @dataclass(frozen=True)
 class TarReceive:
     """Daemon to agent: a tar stream follows (TarData..., then TarEnd). With ``path`` ''
-    it is mirrored into the root, ignored entries kept; otherwise directory ``path`` is
-    replaced whole. ``runtime``: ``path`` is under the agent's runtime directory."""
+    it is mirrored into the root, ignored entries kept, or with ``merge`` only added where
+    the root has nothing (see tarstream.merge_in); otherwise directory ``path`` is replaced
+    whole. ``runtime``: ``path`` is under the agent's runtime directory."""
 
     req: int
     path: str
     runtime: bool
+    merge: bool = False
 
 
 @dataclass(frozen=True)

@@ -235,9 +235,9 @@ class AgentClient:
         """The remote root as a tar stream; see TarDownload."""
         return TarDownload(self, window)
 
-    def tar_to_agent(self, path: str, runtime: bool) -> TarUpload:
-        """Start sending a tar stream to the agent; see TarUpload."""
-        return TarUpload(self, path, runtime)
+    def tar_to_agent(self, path: str, runtime: bool, merge: bool = False) -> TarUpload:
+        """Start sending a tar stream to the agent; see TarUpload and TarReceive."""
+        return TarUpload(self, path, runtime, merge)
 
     def new_blob_id(self) -> int:
         return next(self._ids)
@@ -277,8 +277,8 @@ class TarUpload(_Stream):
     """A tar stream to the agent: ``send`` chunks (each waits for the link to drain),
     then ``finish`` with what the stream lacks, and get the agent's result."""
 
-    def __init__(self, client: AgentClient, path: str, runtime: bool) -> None:
-        super().__init__(client, lambda req: m.TarReceive(req, path, runtime))
+    def __init__(self, client: AgentClient, path: str, runtime: bool, merge: bool = False) -> None:
+        super().__init__(client, lambda req: m.TarReceive(req, path, runtime, merge))
 
     def _check(self) -> None:
         # The agent refuses early (e.g. an unwritable target): stop sending at once.

@@ -139,9 +139,10 @@ async def _make_kept_dirs(session: Session, kept: list[m.Entry], sources: list[m
     return rows
 
 
-async def push(session: Session, force: bool = False) -> ResyncSummary:
+async def push(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:
     """Rebuild the remote from the local tree (listed, read and hashed by a child process:
-    see tar_worker)."""
+    see tar_worker). With ``merge`` (a first sync into an empty remote) the stream only
+    adds where the remote has nothing: see tarstream.merge_in."""
     agent = session.agent
     progress = session.resync_progress  # made with the session (it counts from the connection)
     assert agent is not None and progress is not None
@@ -151,7 +152,7 @@ async def push(session: Session, force: bool = False) -> ResyncSummary:
         if not progress.total_files and not force:
             raise _refuse_empty("push", "local")
         progress.phase = "streaming"
-        upload = agent.tar_to_agent("", False)
+        upload = agent.tar_to_agent("", False, merge)
         try:
             async for chunk in worker.chunks():
                 await upload.send(chunk)

@@ -145,7 +145,10 @@ class Session:
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
         # The remote tree, scanned as soon as the agent runs and the base is fingerprinted.
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
-        self._push_worker: asyncio.Future[ProduceWorker] | None = None  # a resync --push's archiver
+        # The archiver of a resync --push, or of a first sync into an empty remote.
+        self._push_worker: asyncio.Future[ProduceWorker] | None = None
+        self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
+        self.remote_empty = False  # the agent found nothing synced in the remote root
         self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -206,6 +209,7 @@ class Session:
             self.agent = None
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
+        self.remote_empty = opened.empty
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 
@@ -232,17 +236,32 @@ class Session:
             self._tasks.append(asyncio.create_task(self._watch_local()))
         # else armed after the resync: watching a tree being rebuilt only costs (each event
         # would be looked at again anyway, and a watcher thread slows the extraction).
-        if not self._intents and self.resync is None:  # a resync changes the tree first
+        first = (self.resync is None and not self._intents and not self.base and not self.base.kept_rows()
+                 and self.cfg.mode != "pull")
+        if first:
+            # A first sync: if the remote turns out empty the tree goes as one stream
+            # (see _first_sync), so the archiver starts now and the scan waits.
+            self._first_progress = ResyncProgress("push")
+            self._start_push_worker(self._first_progress)
+        elif not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
             self._start_push_worker()
 
-    def _start_push_worker(self) -> asyncio.Future[ProduceWorker]:
-        progress = self.resync_progress
+    def _start_push_worker(self, progress: ResyncProgress | None = None) -> asyncio.Future[ProduceWorker]:
+        progress = progress or self.resync_progress
         assert progress is not None
         self._push_worker = asyncio.ensure_future(ProduceWorker.start(self.cfg.local, self.rules.to_wire(),
                                                                       progress.add))
         return self._push_worker
+
+    async def _drop_push_worker(self) -> None:
+        if self._push_worker is not None:
+            worker, self._push_worker = self._push_worker, None
+            if not worker.done():
+                worker.cancel()
+            with contextlib.suppress(BaseException):
+                await (await worker).close()
 
     async def push_worker(self) -> ProduceWorker:
         """The process archiving the local tree for a resync --push (started early)."""
@@ -274,12 +293,7 @@ class Session:
                 if prescan is not None:
                     prescan.cancel()
                     await asyncio.gather(prescan, return_exceptions=True)
-            if self._push_worker is not None:
-                worker, self._push_worker = self._push_worker, None
-                if not worker.done():
-                    worker.cancel()
-                with contextlib.suppress(BaseException):
-                    await (await worker).close()
+            await self._drop_push_worker()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -316,6 +330,8 @@ class Session:
             if self.resync is not None:
                 await self._resync(self.resync)
                 self._tasks.append(asyncio.create_task(self._watch_local()))
+            elif self._first_progress is not None:
+                await self._first_sync(self._first_progress)
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             await self.follow()
         except (AgentError, ConnectionError) as exc:
@@ -326,9 +342,49 @@ class Session:
     async def _resync(self, direction: str) -> None:
         """Rebuild one side before syncing live; a stop request interrupts it (the
         destination then stays as it was)."""
+        self.resync_summary = await self._stream(direction, f"resync --{direction}")
+        if self.on_resync is not None:
+            self.on_resync(self.resync_summary)
+
+    async def _first_sync(self, progress: ResyncProgress) -> None:
+        """A first sync (no base yet) into an empty remote sends the local tree as one tar
+        stream, which only adds: whatever appears on the remote meanwhile stays, for the
+        cycles that follow to reconcile like any other change. Otherwise (the remote holds
+        something, the local tree is empty, or the stream fails) the cycles do it all."""
+        self._first_progress = None
+        worker = self._push_worker
+        go = False
+        if self.remote_empty and worker is not None:
+            with contextlib.suppress(Exception):  # a failed archiver: the cycles will say why
+                files, _ = await (await worker).announced()
+                go = files > 0
+        if go:
+            self.resync_progress = progress
+            try:
+                summary = await self._stream("push", "first sync", merge=True)
+                self.stats.sent_files += summary.files
+                self.stats.sent_bytes += summary.bytes
+                self.report(f"-> first sync: {summary.files} entries, {summary.bytes} bytes, as one stream "
+                            f"in {summary.seconds:.2f}s")
+                return
+            except SessionError as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("%s: %s; syncing entry by entry instead", self.cfg.name, exc)
+            finally:
+                self.resync_progress = None
+        await self._drop_push_worker()
+        # The local scan runs first, as with any start: it reads the .gitignore files the
+        # remote scan's results are filtered by.
+        self._prescan = asyncio.ensure_future(self._scan_local_tree())
+
+    async def _stream(self, direction: str, what: str, merge: bool = False) -> ResyncSummary:
+        """Run one tar stream (resync_push or resync_pull); a stop request interrupts it."""
         self.state = f"resync-{direction}"
-        run = resync_push if direction == "push" else resync_pull
-        work = asyncio.ensure_future(run(self, self.resync_force))
+        if direction == "push":
+            work = asyncio.ensure_future(resync_push(self, self.resync_force, merge))
+        else:
+            work = asyncio.ensure_future(resync_pull(self, self.resync_force))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -336,26 +392,28 @@ class Session:
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
-            raise SessionError(f"the resync --{direction} was interrupted; nothing was replaced")
+            raise SessionError(f"the {what} was interrupted; nothing was replaced")
         try:
-            self.resync_summary = work.result()
+            summary = work.result()
         except ResyncRefused as exc:
             raise SessionError(str(exc)) from None
         except (AgentError, ExtractError, OSError, ValueError) as exc:
-            raise SessionError(f"resync --{direction} failed: {getattr(exc, 'strerror', None) or exc}") from None
-        log.info("%s: resync --%s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name,
-                 direction, self.resync_summary.files, self.resync_summary.bytes, self.resync_summary.deleted,
-                 len(self.resync_summary.skipped), self.resync_summary.seconds)
+            raise SessionError(f"{what} failed: {getattr(exc, 'strerror', None) or exc}") from None
+        log.info("%s: %s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name, what,
+                 summary.files, summary.bytes, summary.deleted, len(summary.skipped), summary.seconds)
         # Changes seen meanwhile are mostly our own writes; a full scan of both sides
-        # settles them and anything edited during the resync.
+        # settles them and anything edited during the stream.
         if self.agent is not None:
             while not self.agent.changes.empty():
                 self.agent.changes.get_nowait()
+        if self._remote_prescan is not None:  # made before the stream: stale
+            prescan, self._remote_prescan = self._remote_prescan, None
+            prescan.cancel()
+            await asyncio.gather(prescan, return_exceptions=True)
         self.local_dirty.clear()
         self.remote_dirty.clear()
         self.local_full = self.remote_full = True
-        if self.on_resync is not None:
-            self.on_resync(self.resync_summary)
+        return summary
 
     def reset_base(self, rows: list[Agreed]) -> None:
         """The base becomes exactly ``rows`` (after a resync); pending intents and failure
@@ -693,10 +751,16 @@ class Session:
                 self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
             if remote_full:
                 self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
+        rules_seen = self.rules.generation
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
             self._observe_remote(remote_full, remote_dirty),
         )
+        if self.rules.generation != rules_seen:
+            # The local scan read .gitignore files while the remote's answer was being
+            # observed: what they ignore is not the remote's to send either.
+            for path in [p for p, e in remote.items() if e is not None and self._ignored(p, e.kind)]:
+                del remote[path]
         t1 = time.perf_counter()
         self._walk_next.clear()  # both sides were walked where asked
         if self._intents and local_full and remote_full:

@@ -100,6 +100,8 @@ def test_initial_push_then_live_changes(sshd: SshServer, dirs: tuple[Path, Path,
     sessions.append(session)
     snap = wait_trees_equal(local, remote, session, timeout=45, mtimes=True, what="initial push")
     assert snap == before  # the push did not touch the local side
+    # The remote was empty: the tree went as one stream, not entry by entry.
+    assert [line.split(":")[0] for line in session.change_lines()] == ["-> first sync"], session.stdout()
     # Spot checks of the awkward cases on the remote itself.
     assert os.path.islink(remote / "link-to-file")
     assert os.readlink(remote / "link-to-file") == "pkg00/mod01/file000.txt"
@@ -295,6 +297,47 @@ def test_remote_changes_flow_back(sshd: SshServer, dirs: tuple[Path, Path, Path]
     session.stop()
 
 
+def test_first_sync_stream_keeps_ignored_remote_entries_then_only_live_changes_travel(
+        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
+    local, remote, state = dirs
+    for i in range(500):
+        write_file(local / f"d{i % 9}" / f"f{i}.txt", f"content {i}\n" * (i % 4))
+    write_file(local / "build" / "out.o", b"local build output")
+    # Only ignored entries on the remote: it counts as empty, and they stay.
+    write_file(remote / "build" / "cache.bin", b"remote build cache")
+    session = start_session(sshd, local, remote, state, "--ignore", "build/")
+    sessions.append(session)
+    wait_until(lambda: "-> first sync: " in session.stdout(), 30, session=session, message="the first sync stream")
+    assert (remote / "build" / "cache.bin").read_bytes() == b"remote build cache"
+    assert not (remote / "build" / "out.o").exists()
+    assert not (local / "build" / "cache.bin").exists()
+    assert (remote / "d4" / "f13.txt").read_text() == "content 13\n"
+    time.sleep(1.0)  # the cycle after the stream finds nothing to send or fetch
+    assert [line.split(":")[0] for line in session.change_lines()] == ["-> first sync"], session.stdout()
+    write_file(local / "d0" / "live.txt", "live\n")
+    write_file(remote / "from-remote.txt", "remote\n")
+    wait_until(lambda: (remote / "d0" / "live.txt").exists() and (local / "from-remote.txt").exists(), 15,
+               session=session, message="live changes after the first sync")
+    session.stop()
+    assert len(session.change_lines()) == 3, session.stdout()
+
+
+def test_first_sync_into_a_remote_that_holds_files_goes_entry_by_entry(
+        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
+    local, remote, state = dirs
+    for i in range(20):
+        write_file(local / f"f{i}.txt", f"local {i}\n")
+    write_file(remote / "theirs.txt", "remote\n")
+    session = start_session(sshd, local, remote, state)
+    sessions.append(session)
+    wait_trees_equal(local, remote, session, timeout=20, what="first sync into a remote that holds a file")
+    session.stop()
+    lines = session.change_lines()
+    assert not [line for line in lines if "first sync" in line], session.stdout()
+    assert len([line for line in lines if line.startswith("->")]) == 20, session.stdout()
+    assert (local / "theirs.txt").read_text() == "remote\n"
+
+
 def test_restart_sends_nothing(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
@@ -306,8 +349,9 @@ def test_restart_sends_nothing(sshd: SshServer, dirs: tuple[Path, Path, Path],
     sessions.append(first)
     wait_trees_equal(local, remote, first, timeout=30, mtimes=True, what="initial sync to an empty remote")
     first.stop()
-    sent_first = [line for line in first.change_lines() if line.startswith("->")]
-    assert len(sent_first) >= 200, first.stdout()
+    # An empty remote receives the tree as one stream.
+    assert [line.split(":")[0] for line in first.change_lines()] == ["-> first sync"], first.stdout()
+    assert "-> first sync: 209 entries" in first.stdout(), first.stdout()
     assert not [line for line in first.change_lines() if line.startswith("<-")], first.stdout()
     remote_before = tree_snapshot(remote, mtimes=True)
 
@@ -418,9 +462,11 @@ def test_local_watcher_survives_non_utf8_names(sshd: SshServer, dirs: tuple[Path
 def test_new_directories_with_files_sync_without_errors(sshd: SshServer, dirs: tuple[Path, Path, Path],
                                                         sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
-    write_file(local / "data" / "big.bin", os.urandom(1024 * 1024))  # above the inline limit
     session = start_session(sshd, local, remote, state)
     sessions.append(session)
+    wait_until(lambda: "agent on python" in session.stderr(), 20, session=session, message="agent started")
+    # Written live (a first sync would send it in its stream).
+    write_file(local / "data" / "big.bin", os.urandom(1024 * 1024))  # above the inline limit
     wait_trees_equal(local, remote, session, timeout=20, what="push of a new directory with a large file")
     write_file(remote / "newdir" / "sub" / "f.txt", "pulled\n")
     write_file(remote / "newdir" / "g.txt", "pulled\n")

@@ -18,6 +18,7 @@ from syncd.scan import Scanner, is_temp_name
 from syncd.tarformat import parse_mtime, pax_mtime
 from syncd.tarstream import (
     CHANGED,
+    EXISTS,
     SPECIAL,
     UNREADABLE,
     UNSAFE,
@@ -26,6 +27,7 @@ from syncd.tarstream import (
     ExtractError,
     TarExtractor,
     TarProducer,
+    merge_in,
     mirror,
     staging_name,
     walk_following,
@@ -472,3 +474,76 @@ def test_a_pushed_root_keeps_the_senders_digests_for_files_that_landed_unchanged
         cached = scanner.cache.get("d/" + name, st.st_size, st.st_mtime_ns, st.st_ino)
         assert cached == (sent["d/" + name].digest if name != "c" else None)
     root.close()
+
+
+def merge_into(dest: Path, ex: TarExtractor) -> object:
+    root = Root(str(dest))
+    try:
+        return merge_in(root, os.path.basename(ex.staging), ex.entries)
+    finally:
+        root.close()
+        ex.close()
+
+
+def test_merge_into_an_empty_root_places_the_whole_tree(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src)
+    dest.mkdir()
+    data, producer = archive(src)
+    result = merge_into(dest, extract(data, dest))
+    assert snapshot(dest) == snapshot(src)
+    assert (dest / "hard1").stat().st_ino == (dest / "hard2").stat().st_ino
+    assert result.skipped == [] and result.deleted == 0  # type: ignore[attr-defined]
+    assert {e.path for e in result.entries} == {e.path for e in producer.sent}  # type: ignore[attr-defined]
+    # Each entry reported is what the root now holds there (the base records its inode).
+    for entry in result.entries:  # type: ignore[attr-defined]
+        assert (dest / entry.path).lstat().st_ino == entry.ino, entry.path
+    assert not [p for p in os.listdir(dest) if is_temp_name(p)], "the staging directory is gone"
+
+
+MERGES = [
+    # (case, what the destination gained while the stream ran, paths it must keep as they are,
+    #  skipped paths (EXISTS), paths of the source that must land)
+    ("file-where-a-file-appeared", lambda p: (p / "top.txt").write_text("theirs"), {"top.txt": "theirs"},
+     {"top.txt"}, {"d/in.txt", "d/sub/deep.txt", "link"}),
+    ("dir-where-a-dir-appeared", lambda p: (p / "d" / "sub").mkdir(parents=True), {},
+     set(), {"top.txt", "d/in.txt", "d/sub/deep.txt", "link"}),
+    ("file-inside-a-dir-that-appeared", lambda p: ((p / "d").mkdir(), (p / "d" / "in.txt").write_text("theirs")),
+     {"d/in.txt": "theirs"}, {"d/in.txt"}, {"top.txt", "d/sub/deep.txt", "link"}),
+    ("dir-where-a-file-appeared", lambda p: (p / "d").write_text("theirs"), {"d": "theirs"},
+     {"d"}, {"top.txt", "link"}),
+    ("link-where-a-link-appeared", lambda p: (p / "link").symlink_to("elsewhere"), {},
+     {"link"}, {"top.txt", "d/in.txt", "d/sub/deep.txt"}),
+    ("ignored-only-entries-stay", lambda p: (p / "node_modules").mkdir(), {},
+     set(), {"top.txt", "d/in.txt", "d/sub/deep.txt", "link"}),
+]
+
+
+@pytest.mark.parametrize(("gained", "kept", "skipped", "landed"), [c[1:] for c in MERGES], ids=[c[0] for c in MERGES])
+def test_merge_never_replaces_or_deletes_what_the_destination_holds(
+        tmp_path: Path, gained: Callable[[Path], object], kept: dict[str, str], skipped: set[str],
+        landed: set[str]) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "d" / "sub").mkdir(parents=True)
+    (src / "top.txt").write_text("ours")
+    (src / "d" / "in.txt").write_text("ours")
+    (src / "d" / "sub" / "deep.txt").write_text("ours")
+    (src / "link").symlink_to("top.txt")
+    dest.mkdir()
+    data, _ = archive(src)
+    ex = extract(data, dest)
+    gained(dest)  # after the stream arrived, before it is placed
+    before = snapshot(dest)
+    result = merge_into(dest, ex)
+    after = snapshot(dest)
+    for rel, value in before.items():
+        assert after[rel] == value, f"{rel} was changed"
+    for rel, text in kept.items():
+        assert (dest / rel).read_text() == text
+    assert {s.path for s in result.skipped} == skipped  # type: ignore[attr-defined]
+    assert all(s.reason == EXISTS for s in result.skipped)  # type: ignore[attr-defined]
+    for rel in landed:
+        assert after[rel] == snapshot(src)[rel], rel
+    reported = {e.path for e in result.entries}  # type: ignore[attr-defined]
+    assert landed <= reported and not (reported & skipped)
+    assert not [p for p in os.listdir(dest) if is_temp_name(p)]
