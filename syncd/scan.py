@@ -59,6 +59,23 @@ def is_stale_temp(name: str) -> bool:
     return False
 
 
+def root_is_empty(root: str, is_ignored: IsIgnored) -> bool:
+    """Nothing synced at the top of ``root``: only ignored entries, special files and our
+    temp files, if anything (a first sync into it can then be one stream)."""
+    try:
+        with os.scandir(root) as listing:
+            for item in listing:
+                is_dir = item.is_dir(follow_symlinks=False)
+                if is_temp_name(item.name) or not (is_dir or item.is_file(follow_symlinks=False)
+                                                   or item.is_symlink()):
+                    continue
+                if not is_ignored(item.name, is_dir):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 def entry_from_stat(rel: str, st: os.stat_result, target: Optional[str] = None) -> Optional[Entry]:
     """Build an Entry, or None for kinds syncd does not carry (FIFO, socket, device)."""
     fmt = stat.S_IFMT(st.st_mode)

@@ -17,7 +17,7 @@ from syncd import __version__
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
-from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name
+from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_empty
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
@@ -235,22 +235,7 @@ class Agent:
         backend = ""
         if msg.watch:
             backend = self.start_watching(root)
-        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, self.root_is_empty()))
-
-    def root_is_empty(self) -> bool:
-        """Nothing synced at the top of the root (a first sync into it may be one stream)."""
-        assert self.root is not None and self.rules is not None
-        try:
-            with os.scandir(self.root.path) as listing:
-                for item in listing:
-                    if is_temp_name(item.name) or not (item.is_file(follow_symlinks=False)
-                                                       or item.is_dir(follow_symlinks=False) or item.is_symlink()):
-                        continue
-                    if not self.rules.is_ignored(item.name, item.is_dir(follow_symlinks=False)):
-                        return False
-        except OSError:
-            return False
-        return True
+        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, root_is_empty(root, self.rules.is_ignored)))
 
     def ignore_file_seen(self, rel_dir: str, name: str, text: str) -> None:
         if name == ".gitignore":

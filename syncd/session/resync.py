@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
 from syncd.session.tar_worker import ExtractWorker
-from syncd.tarstream import LEAVE_REASONS, mirror, path_key, staging_name
+from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name
 
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
@@ -172,8 +172,10 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
                          worker.skipped + remote_skips)
 
 
-async def pull(session: Session, force: bool = False) -> ResyncSummary:
-    """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries."""
+async def pull(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:
+    """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries.
+    With ``merge`` (a first sync into an empty local root) the stream only adds where the
+    local root has nothing: see tarstream.merge_in."""
     local, agent, progress = session.local, session.agent, session.resync_progress
     assert local is not None and agent is not None and progress is not None
     staging_rel = staging_name("resync")
@@ -209,12 +211,15 @@ async def pull(session: Session, force: bool = False) -> ResyncSummary:
             raise _refuse_empty("pull", "remote")
         progress.phase = "placing"
         extractor.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
-        existing = await session._fs(local.scanner.scan_all, False)
-        leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
-        result = await session._fs(
-            mirror, local.root, staging_rel, extractor.entries, existing,
-            lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
-        )
+        if merge:
+            result = await session._fs(merge_in, local.root, staging_rel, extractor.entries)
+        else:
+            existing = await session._fs(local.scanner.scan_all, False)
+            leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
+            result = await session._fs(
+                mirror, local.root, staging_rel, extractor.entries, existing,
+                lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
+            )
     finally:
         stream.close()
         await extractor.close()

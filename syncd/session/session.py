@@ -27,7 +27,7 @@ from syncd.engine.recovery import adopt
 from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import is_temp_name, parent_of
+from syncd.scan import is_temp_name, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
@@ -149,6 +149,7 @@ class Session:
         self._push_worker: asyncio.Future[ProduceWorker] | None = None
         self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
         self.remote_empty = False  # the agent found nothing synced in the remote root
+        self._first_pull = False  # a first sync into an empty local root: see _first_sync
         self._prints_ready = asyncio.Event()
         self.started_cycles = 0
         self.finished_cycles = 0
@@ -227,6 +228,10 @@ class Session:
             raise
         self._intents = load_intents(store)
         self.local = LocalSide(self.cfg.local, self.rules, self.base)
+        # A first sync (no base yet) may go as one stream: see _first_sync.
+        first = self.resync is None and not self._intents and not self.base and not self.base.kept_rows()
+        if first and self.cfg.mode != "push" and root_is_empty(self.cfg.local, self.rules.is_ignored):
+            self._first_pull = True  # unless the remote is empty too; its scan would be wasted
         if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
             # Before the watcher: the remote scan waits for them, and starting watchfiles
             # holds the GIL for a while on a big tree.
@@ -236,13 +241,13 @@ class Session:
             self._tasks.append(asyncio.create_task(self._watch_local()))
         # else armed after the resync: watching a tree being rebuilt only costs (each event
         # would be looked at again anyway, and a watcher thread slows the extraction).
-        first = (self.resync is None and not self._intents and not self.base and not self.base.kept_rows()
-                 and self.cfg.mode != "pull")
-        if first:
-            # A first sync: if the remote turns out empty the tree goes as one stream
-            # (see _first_sync), so the archiver starts now and the scan waits.
+        if first and not self._first_pull and self.cfg.mode != "pull":
+            # If the remote turns out empty the tree goes as one stream, so the archiver
+            # starts now and the scan waits.
             self._first_progress = ResyncProgress("push")
             self._start_push_worker(self._first_progress)
+        elif first and self._first_pull:
+            self._first_progress = ResyncProgress("pull")
         elif not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree())
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
@@ -270,8 +275,8 @@ class Session:
     async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
         await self._prints_ready.wait()
-        if self._intents:
-            return None  # adopting them needs a scan of every path
+        if self._intents or self._first_pull:
+            return None  # adopting intents needs a scan of every path; a stream scans anyway
         return await agent.scan_tree(self._prints["remote"])
 
     async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
@@ -347,24 +352,34 @@ class Session:
             self.on_resync(self.resync_summary)
 
     async def _first_sync(self, progress: ResyncProgress) -> None:
-        """A first sync (no base yet) into an empty remote sends the local tree as one tar
-        stream, which only adds: whatever appears on the remote meanwhile stays, for the
-        cycles that follow to reconcile like any other change. Otherwise (the remote holds
-        something, the local tree is empty, or the stream fails) the cycles do it all."""
+        """A first sync (no base yet) from a tree into an empty side (the remote, or the
+        local root) sends that tree as one tar stream, which only adds: whatever appears
+        on the destination meanwhile stays, for the cycles that follow to reconcile like
+        any other change. Otherwise (both hold something or both are empty, or the stream
+        fails) the cycles do it all."""
         self._first_progress = None
-        worker = self._push_worker
-        go = False
-        if self.remote_empty and worker is not None:
-            with contextlib.suppress(Exception):  # a failed archiver: the cycles will say why
-                files, _ = await (await worker).announced()
-                go = files > 0
+        direction = progress.direction
+        if direction == "push":
+            go = False
+            worker = self._push_worker
+            if self.remote_empty and worker is not None:
+                with contextlib.suppress(Exception):  # a failed archiver: the cycles will say why
+                    files, _ = await (await worker).announced()
+                    go = files > 0
+        else:
+            go = not self.remote_empty
         if go:
             self.resync_progress = progress
             try:
-                summary = await self._stream("push", "first sync", merge=True)
-                self.stats.sent_files += summary.files
-                self.stats.sent_bytes += summary.bytes
-                self.report(f"-> first sync: {summary.files} entries, {summary.bytes} bytes, as one stream "
+                summary = await self._stream(direction, "first sync", merge=True)
+                arrow = "->" if direction == "push" else "<-"
+                if direction == "push":
+                    self.stats.sent_files += summary.files
+                    self.stats.sent_bytes += summary.bytes
+                else:
+                    self.stats.received_files += summary.files
+                    self.stats.received_bytes += summary.bytes
+                self.report(f"{arrow} first sync: {summary.files} entries, {summary.bytes} bytes, as one stream "
                             f"in {summary.seconds:.2f}s")
                 return
             except SessionError as exc:
@@ -374,6 +389,7 @@ class Session:
             finally:
                 self.resync_progress = None
         await self._drop_push_worker()
+        self._first_pull = False
         # The local scan runs first, as with any start: it reads the .gitignore files the
         # remote scan's results are filtered by.
         self._prescan = asyncio.ensure_future(self._scan_local_tree())
@@ -381,10 +397,8 @@ class Session:
     async def _stream(self, direction: str, what: str, merge: bool = False) -> ResyncSummary:
         """Run one tar stream (resync_push or resync_pull); a stop request interrupts it."""
         self.state = f"resync-{direction}"
-        if direction == "push":
-            work = asyncio.ensure_future(resync_push(self, self.resync_force, merge))
-        else:
-            work = asyncio.ensure_future(resync_pull(self, self.resync_force))
+        run = resync_push if direction == "push" else resync_pull
+        work = asyncio.ensure_future(run(self, self.resync_force or merge, merge))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()

@@ -322,6 +322,32 @@ def test_first_sync_stream_keeps_ignored_remote_entries_then_only_live_changes_t
     assert len(session.change_lines()) == 3, session.stdout()
 
 
+def test_first_sync_into_an_empty_local_root_pulls_the_remote_tree_as_one_stream(
+        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
+    local, remote, state = dirs
+    for i in range(400):
+        write_file(remote / f"r{i % 7}" / f"f{i}.txt", f"remote {i}\n" * (1 + i % 3))
+    os.symlink("r0/f0.txt", remote / "link")
+    write_file(remote / "bin" / "tool", "#!/bin/sh\n", mode=0o755)
+    write_file(bpath(remote, NON_UTF8), b"latin-1 name\n")
+    write_file(remote / "cache" / "big.bin", b"remote only")  # ignored: stays remote
+    write_file(local / "cache" / "mine.bin", b"local only")  # ignored: the local root counts as empty
+    session = start_session(sshd, local, remote, state, "--ignore", "cache/")
+    sessions.append(session)
+    wait_until(lambda: "<- first sync: " in session.stdout(), 30, session=session, message="the first sync stream")
+    assert not (local / "cache" / "big.bin").exists() and not (remote / "cache" / "mine.bin").exists()
+    (local / "cache" / "mine.bin").unlink()
+    (remote / "cache" / "big.bin").unlink()
+    wait_trees_equal(local, remote, session, timeout=15, mtimes=True, what="the pulled tree")
+    assert os.readlink(local / "link") == "r0/f0.txt"
+    assert os.stat(local / "bin" / "tool").st_mode & 0o111 == 0o111
+    time.sleep(1.0)  # the cycle after the stream finds nothing to send or fetch
+    assert [line.split(":")[0] for line in session.change_lines()] == ["<- first sync"], session.stdout()
+    write_file(local / "r0" / "live.txt", "live\n")
+    wait_trees_equal(local, remote, session, timeout=15, what="a live change after the pull")
+    session.stop()
+
+
 def test_first_sync_into_a_remote_that_holds_files_goes_entry_by_entry(
         sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
