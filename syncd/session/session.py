@@ -384,7 +384,7 @@ class Session:
                 return
             except SessionError as exc:
                 if self._stop.is_set():
-                    raise
+                    return  # stopped mid-stream: the destination is as it was, the next start streams again
                 log.warning("%s: %s; syncing entry by entry instead", self.cfg.name, exc)
             finally:
                 self.resync_progress = None

@@ -348,6 +348,27 @@ def test_first_sync_into_an_empty_local_root_pulls_the_remote_tree_as_one_stream
     session.stop()
 
 
+def test_a_first_sync_stopped_mid_stream_leaves_the_remote_empty_and_streams_again_next_start(
+        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
+    local, remote, state = dirs
+    for i in range(1000):
+        write_file(local / f"d{i % 10}" / f"f{i}.txt", f"file {i}\n")
+    write_file(local / "big.bin", os.urandom(160 * 1024 * 1024))
+    first = start_session(sshd, local, remote, state, name="first")
+    sessions.append(first)
+    # The agent stages the stream inside the remote root before anything is put in place.
+    wait_until(lambda: any(name.startswith(".syncd-tmp-") for name in os.listdir(remote)), 30, interval=0.002,
+               session=first, message="the stream to start arriving")
+    first.stop()  # exits 0: stopping mid-stream is not an error
+    assert "first sync:" not in first.stdout(), "the stream completed before the stop: make the tree bigger"
+    wait_until(lambda: os.listdir(remote) == [], 15, message="the remote root to be empty again")
+    second = start_session(sshd, local, remote, state, name="second")
+    sessions.append(second)
+    wait_trees_equal(local, remote, second, timeout=60, what="the first sync after a stopped one")
+    second.stop()
+    assert [line.split(":")[0] for line in second.change_lines()] == ["-> first sync"], second.stdout()
+
+
 def test_first_sync_into_a_remote_that_holds_files_goes_entry_by_entry(
         sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
