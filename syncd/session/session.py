@@ -237,10 +237,11 @@ class Session:
             # holds the GIL for a while on a big tree.
             self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
         self._prints_ready.set()
-        if self.resync is None:
+        if self.resync is None and not self._first_pull:
             self._tasks.append(asyncio.create_task(self._watch_local()))
-        # else armed after the resync: watching a tree being rebuilt only costs (each event
-        # would be looked at again anyway, and a watcher thread slows the extraction).
+        # else armed after the resync or the first sync's pull: watching a tree being
+        # rebuilt only costs (each event would be looked at again anyway, a full scan
+        # follows, and a watcher thread slows the extraction).
         if first and not self._first_pull and self.cfg.mode != "pull":
             # If the remote turns out empty the tree goes as one stream, so the archiver
             # starts now and the scan waits.
@@ -336,7 +337,10 @@ class Session:
                 await self._resync(self.resync)
                 self._tasks.append(asyncio.create_task(self._watch_local()))
             elif self._first_progress is not None:
+                pulling = self._first_pull
                 await self._first_sync(self._first_progress)
+                if pulling:
+                    self._tasks.append(asyncio.create_task(self._watch_local()))
             self._tasks.append(asyncio.create_task(self._pump_remote()))
             await self.follow()
         except (AgentError, ConnectionError) as exc:
