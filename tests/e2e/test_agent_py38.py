@@ -15,7 +15,8 @@ PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python3")
 
 
 @pytest.mark.skipif(not os.access(PY38, os.X_OK), reason=f"no Python 3.8 interpreter at {PY38}")
-def test_round_trip_with_python38_agent(sshd: SshServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("remote_empty", [False, True], ids=["entry-by-entry", "first-sync-stream"])
+def test_round_trip_with_python38_agent(sshd: SshServer, tmp_path: Path, remote_empty: bool) -> None:
     local, remote, state = tmp_path / "local", tmp_path / "remote", tmp_path / "state"
     local.mkdir()
     remote.mkdir()
@@ -24,12 +25,16 @@ def test_round_trip_with_python38_agent(sshd: SshServer, tmp_path: Path) -> None
     write_file(local / "big.bin", os.urandom(600 * 1024))  # streamed as a blob
     os.symlink("src/main.py", local / "link")
     write_file(bpath(local, b"n\xe9"), b"latin-1 name\n")
-    write_file(remote / "from-remote.txt", "pulled\n")
+    if not remote_empty:  # else the first sync streams the tree (tar extraction and merge_in on 3.8)
+        write_file(remote / "from-remote.txt", "pulled\n")
 
     session: SyncProcess = start_session(sshd, local, remote, state, "--remote-python", str(PY38))
     try:
         wait_trees_equal(local, remote, session, timeout=30, mtimes=True, what="initial sync with a 3.8 agent")
-        assert (local / "from-remote.txt").read_text() == "pulled\n"
+        if remote_empty:
+            assert "-> first sync: " in session.stdout(), session.stdout()
+        else:
+            assert (local / "from-remote.txt").read_text() == "pulled\n"
         # Live, both ways.
         write_file(local / "src" / "main.py", "print('edited')\n")
         write_file(remote / "agent-made" / "out.txt", "agent output\n")
