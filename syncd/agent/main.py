@@ -165,6 +165,11 @@ class Agent:
         except (OSError, UnsafePath, ExtractError) as exc:
             self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
             return
+        if job.whole_root and self.watcher is not None:
+            # The daemon rescans the whole root after this and drops the reports that came
+            # before the result: get the ones of our own placements out first, or they
+            # arrive after it and make the next cycle look at every path again.
+            self.watcher.settle()
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
 
     def apply_one(self, op: m.Op) -> m.OpResult:

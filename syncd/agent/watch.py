@@ -52,6 +52,8 @@ BACKENDS = ("watchfiles", "inotify", "poll")
 
 MAX_LATENCY = 0.2  # seconds: flush at least this often under continuous churn
 MAX_BATCH_PATHS = 10000  # flush as soon as a batch holds this many paths
+SETTLE_TIMEOUT = 10.0  # settle(): longest wait for the watcher thread
+SETTLE_READS = 256  # settle(): at most this many reads of the inotify queue
 READY_TIMEOUT = 60.0  # seconds start() waits for the watches to be in place
 JOIN_TIMEOUT = 1.0  # seconds stop() waits for the thread
 
@@ -347,6 +349,7 @@ class Watcher:
         self._wake_lock = threading.Lock()
         self._wake_fd = -1
         self._engine: Optional[object] = None  # the running backend, for introspection
+        self._settle: List[threading.Event] = []  # settle() calls waiting (under _wake_lock)
 
     # ---- public API
 
@@ -375,6 +378,19 @@ class Watcher:
             thread.join(JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("watch: watcher thread of %s did not stop within %.1f s", self.root, JOIN_TIMEOUT)
+
+    def settle(self, timeout: float = SETTLE_TIMEOUT) -> bool:
+        """Pass every event the kernel holds at this moment through ``on_batch`` (a
+        partial batch included) before returning. For a caller that is about to rescan
+        anyway and wants the reports of its own writes out of the way first. True if
+        done; False at the timeout or with a backend that cannot tell (poll, watchfiles)."""
+        if not isinstance(self._engine, _InotifyBackend) or not self.running:
+            return False
+        done = threading.Event()
+        with self._wake_lock:
+            self._settle.append(done)
+        self._wake()
+        return done.wait(timeout)
 
     @property
     def running(self) -> bool:
@@ -679,17 +695,33 @@ class _InotifyBackend:
                     # wake-up per event
                     time.sleep(_COALESCE)
                     self._read()
+            if w._settle:
+                self._settle_now()
             w._batcher.flush_due()
             if self._root_lost and time.monotonic() - self._last_root_try >= w._poll_interval:
                 self._try_restore_root()
         return None
 
-    def _read(self) -> None:
+    def _read(self) -> int:
         try:
             buf = os.read(self._fd, _READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return 0
         self.handle_events(buf)
+        return len(buf)
+
+    def _settle_now(self) -> None:
+        """Answer settle(): read what the kernel queued up to now, flush the batch."""
+        w = self._w
+        with w._wake_lock:
+            waiting, w._settle = w._settle, []
+        # Bounded: a writer still busy keeps queueing; what comes after the call may wait.
+        for _ in range(SETTLE_READS):
+            if self._read() == 0:
+                break
+        w._batcher.flush()
+        for done in waiting:
+            done.set()
 
     # ---- watches
 

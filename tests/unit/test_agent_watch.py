@@ -323,6 +323,35 @@ def test_on_batch_exception_does_not_kill_watcher(tmp_path: object) -> None:
         w.stop()
 
 
+def test_settle_delivers_what_happened_before_it(tmp_path: object) -> None:
+    """settle() returns only once everything done before the call went through on_batch,
+    a batch still inside its quiet period included (step_ms here is a minute)."""
+    _skip_unless_available("inotify")
+    root = os.path.realpath(str(tmp_path))
+    col = Collector()
+    w = start_watcher(root, col, prefer="inotify", step_ms=60_000)
+    try:
+        for round_ in range(3):
+            names = {f"r{round_}-{i}" for i in range(200)}
+            for name in names:
+                with open(os.path.join(root, name), "wb"):
+                    pass
+            os.mkdir(os.path.join(root, f"d{round_}"))
+            assert w.settle()
+            assert names | {f"d{round_}"} <= col.paths()
+    finally:
+        w.stop()
+    assert not w.settle()  # stopped: nothing to wait for
+
+
+def test_settle_is_unsupported_when_polling(tmp_path: object) -> None:
+    w = start_watcher(os.path.realpath(str(tmp_path)), Collector(), prefer="poll")
+    try:
+        assert not w.settle()
+    finally:
+        w.stop()
+
+
 # --------------------------------------------------------------------------- inotify internals
 
 
