@@ -611,7 +611,14 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
             except (OSError, UnsafePath):
                 pass
     root.release()
-    for rel in sorted(placed, key=path_key):
+    _report_placed(root, staged, sorted(placed, key=path_key), result)
+    return result
+
+
+def _report_placed(root: Root, staged: Dict[str, m.Entry], placed: Iterable[str], result: MirrorResult) -> None:
+    """The entries now in place: a file or symlink as staged (it moved with its inode),
+    a directory as found (an existing one is the root's own)."""
+    for rel in placed:
         entry = staged[rel]
         if entry.kind == m.DIR:
             try:
@@ -623,7 +630,6 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
             entry = now
         result.entries.append(entry)
     root.release()
-    return result
 
 
 def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> MirrorResult:
@@ -680,18 +686,7 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
             result.skipped.append(m.Skip(rel, UNSAFE if isinstance(exc, UnsafePath) else VANISHED,
                                          "cannot place %s: %s" % (rel, getattr(exc, "strerror", None) or exc)))
     root.release()
-    for rel in placed:
-        entry = staged[rel]
-        if entry.kind == m.DIR:  # an existing directory is the root's own; a moved one kept its inode
-            try:
-                now = root.entry(rel)
-            except (OSError, UnsafePath):
-                now = None
-            if now is None or now.kind != m.DIR:
-                continue
-            entry = now
-        result.entries.append(entry)
-    root.release()
+    _report_placed(root, staged, placed, result)
     return result
 
 
