@@ -288,9 +288,13 @@ class Scanner:
         if digest is None and hash_files:
             try:
                 digest, fst = file_digest(join(self.root, rel))
+            except FileNotFoundError:
+                return None  # gone since it was listed
             except OSError as exc:
+                # There, but its content is unknown: described without a digest, which
+                # the daemon takes as "leave it as the base says" (never as a deletion).
                 self.skipped.append((rel, "unreadable: %s" % exc.strerror))
-                return None
+                return entry
             if (fst.st_size, fst.st_mtime_ns, fst.st_ino) != (entry.size, entry.mtime_ns, entry.ino):
                 # Written while we read it: describe what we hashed; a later event follows.
                 # The digest may be of a mix of old and new content, so it must not be cached

@@ -15,6 +15,11 @@ Tests that need a server of their own outside these fixtures use
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
+import shlex
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,3 +54,32 @@ def sshd_factory(tmp_path: Path) -> Iterator[Callable[..., SshServer]]:
             return stack.enter_context(start_sshd(tmp_path, **opts))
 
         yield factory
+
+
+@pytest.fixture
+def unprivileged_sshd(tmp_path: Path) -> Iterator[tuple[SshServer, Path, pwd.struct_passwd]]:
+    """An sshd whose sessions run as ``nobody`` (a ForceCommand drops privileges before the
+    agent starts), and a directory ``nobody`` can use. The tests run as root, which reads
+    everything: on this remote, a root-owned mode-000 file is really unreadable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the remote agent as another user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    area = Path(tempfile.mkdtemp(prefix="syncd-unpriv-", dir="/tmp"))
+    try:
+        os.chmod(area, 0o755)
+        home = area / "home"
+        home.mkdir()
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        drop = (f"import os; os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid}); "
+                f"os.environ['HOME'] = {str(home)!r}; "
+                "os.execv('/bin/sh', ['sh', '-c', os.environ.get('SSH_ORIGINAL_COMMAND', 'true')])")
+        script = tmp_path / "drop-to-nobody.sh"
+        script.write_text(f"#!/bin/sh\nexec python3 -c {shlex.quote(drop)}\n")
+        script.chmod(0o755)
+        with start_sshd(tmp_path / "sshd-nobody", force_command=str(script)) as server:
+            yield server, area, nobody
+    finally:
+        shutil.rmtree(area, ignore_errors=True)

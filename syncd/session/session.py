@@ -540,6 +540,16 @@ class Session:
             self._absent_unless_found(observed, self.base, matched)
         return observed
 
+    @staticmethod
+    def _drop_unreadable(observed: Observed) -> Observed:
+        """The local scanner hashes every file it lists, so a file without a digest is one
+        it could not read: what it holds is unknown, and the base stands for it (it is
+        not a deletion) until it can be read. The remote's are dropped the same way once
+        the agent fails to hash them (see _observe_remote)."""
+        for path in [p for p, e in observed.items() if e is not None and e.kind == m.FILE and e.digest is None]:
+            del observed[path]
+        return observed
+
     def _absent_unless_found(self, observed: Observed, paths: Iterable[str], matched: set[str] | None = None) -> None:
         """After a full scan: the tracked ``paths`` it did not find are absent, except those
         in a directory found unchanged (``matched``: not listed) and those now ignored
@@ -636,7 +646,7 @@ class Session:
                 entries = await asyncio.to_thread(local.scanner.scan_all)
                 observed = self._observe(entries, [], True, filtered=True)
                 self._sweep_kept(observed, set())
-                return observed
+                return self._drop_unreadable(observed)
             if self._prescan is not None:
                 # Scanned while the agent started. What changed since it began came as
                 # events: look at those paths again next cycle.
@@ -648,7 +658,7 @@ class Session:
             self._matched["local"] = matched
             observed = self._observe(entries, [], True, filtered=True, matched=matched)
             self._sweep_kept(observed, matched)
-            return observed
+            return self._drop_unreadable(observed)
         shallow, deep = self._split_dirty(dirty)
 
         def scan() -> tuple[list[m.Entry], list[str]]:
@@ -660,7 +670,7 @@ class Session:
             return e1 + e2, a1 + a2 + self._vanished_under(walked, e2)
 
         entries, absent = await asyncio.to_thread(scan)
-        return self._observe(entries, absent, False)
+        return self._drop_unreadable(self._observe(entries, absent, False))
 
     def _replaced_dirs(self, entries: list[m.Entry], side: em.Side) -> list[str]:
         """Known directories whose inode changed: replaced (e.g. renamed away and made

@@ -15,7 +15,6 @@ import hashlib
 import os
 import pwd
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ import pytest
 
 from syncd.control.client import RemoteError
 from tests.e2e.daemon_util import CLI, DaemonProc, base_env, describe, ok_json, wait_until
-from tests.sshd import SshServer, start_sshd
+from tests.sshd import SshServer
 
 EXIT_ERROR = 1
 TEMP_PREFIX = ".syncd-tmp-"
@@ -787,35 +786,6 @@ def test_fifos_and_sockets_are_skipped_with_a_reason(daemon: DaemonProc, sshd: S
         assert stat.S_ISFIFO(os.lstat(local / "pipe").st_mode)
     finally:
         remove_session(daemon, name)
-
-
-@pytest.fixture
-def unprivileged_sshd(tmp_path: Path) -> Iterator[tuple[SshServer, Path, pwd.struct_passwd]]:
-    """An sshd whose sessions run as ``nobody`` (a ForceCommand drops privileges before the
-    agent starts), and a directory ``nobody`` can use. The tests run as root, which reads
-    everything: on this remote, a root-owned mode-000 file is really unreadable."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run the remote agent as another user")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no 'nobody' user")
-    area = Path(tempfile.mkdtemp(prefix="syncd-unpriv-", dir="/tmp"))
-    try:
-        os.chmod(area, 0o755)
-        home = area / "home"
-        home.mkdir()
-        os.chown(home, nobody.pw_uid, nobody.pw_gid)
-        drop = (f"import os; os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid}); "
-                f"os.environ['HOME'] = {str(home)!r}; "
-                "os.execv('/bin/sh', ['sh', '-c', os.environ.get('SSH_ORIGINAL_COMMAND', 'true')])")
-        script = tmp_path / "drop-to-nobody.sh"
-        script.write_text(f"#!/bin/sh\nexec python3 -c {shlex.quote(drop)}\n")
-        script.chmod(0o755)
-        with start_sshd(tmp_path / "sshd-nobody", force_command=str(script)) as server:
-            yield server, area, nobody
-    finally:
-        shutil.rmtree(area, ignore_errors=True)
 
 
 def test_unreadable_remote_entries_are_skipped_and_the_local_keeps_its_own(

@@ -1,0 +1,75 @@
+"""End-to-end: a synced file that its side can no longer read is not a deletion. The
+remote agent runs as ``nobody`` here, so a root-owned mode-000 file is really unreadable
+to it. The other side keeps its copy, through live cycles and a restart's full scan, and
+gets the new content once the file can be read again.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.e2e.helpers import start_session
+from tests.e2e.twoway_util import wait_quiescent
+from tests.sshd import SshServer
+
+WAIT = 30.0
+
+
+def wait_for(pred: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def test_a_file_turned_unreadable_is_kept_on_the_other_side(
+        unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd], tmp_path: Path) -> None:
+    server, area, nobody = unprivileged_sshd
+    local, remote = area / "local", area / "remote"
+    local.mkdir()
+    remote.mkdir()
+    os.chown(remote, nobody.pw_uid, nobody.pw_gid)
+    (local / "locked.txt").write_text("v1\n")
+    (local / "marker.txt").write_text("m0\n")
+    state = tmp_path / "state"
+    session = start_session(server, local, remote, state, name="s1")
+    try:
+        wait_quiescent(local, remote, session, what="initial push")
+
+        # New content the agent cannot read, then a readable change as a witness that
+        # the cycles after it ran.
+        locked = remote / "locked.txt"
+        locked.write_text("v2, written where the agent cannot read it\n")
+        os.chown(locked, 0, 0)
+        os.chmod(locked, 0)
+        (remote / "marker.txt").write_text("m1\n")
+        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change")
+        time.sleep(0.5)
+        assert text(local / "locked.txt") == "v1\n", session.describe()
+
+        # A restart scans both sides in full: still no deletion.
+        session.stop()
+        session = start_session(server, local, remote, state, name="s2")
+        (remote / "marker.txt").write_text("m2\n")
+        wait_for(lambda: text(local / "marker.txt") == "m2\n", "the marker's change after the restart")
+        time.sleep(0.5)
+        assert text(local / "locked.txt") == "v1\n", session.describe()
+        assert locked.exists()
+
+        # Readable again: the new content comes over.
+        os.chmod(locked, 0o644)
+        wait_quiescent(local, remote, session, what="the file readable again")
+        assert text(local / "locked.txt") == "v2, written where the agent cannot read it\n"
+    finally:
+        session.stop()
