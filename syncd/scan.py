@@ -326,6 +326,12 @@ class Scanner:
                 continue
             except OSError as exc:
                 self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
+                if matched is not None and expect is not None:
+                    # Its listing is unknown, not empty: it and the directories below it are
+                    # reported as unchanged, so that the base stands for everything under
+                    # it (none of that is taken for a deletion).
+                    below = current + "/" if current else ""
+                    matched.update(d for d in expect if d == current or d.startswith(below))
                 continue
             wanted = expect.get(current) if expect is not None else None
             # With a fingerprint to match, entries are made only if the listing differs.

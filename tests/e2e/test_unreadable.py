@@ -1,7 +1,7 @@
-"""End-to-end: a synced file that its side can no longer read is not a deletion. The
-remote agent runs as ``nobody`` here, so a root-owned mode-000 file is really unreadable
-to it. The other side keeps its copy, through live cycles and a restart's full scan, and
-gets the new content once the file can be read again.
+"""End-to-end: a synced file or directory that its side can no longer read is not a
+deletion. The remote agent runs as ``nobody`` here, so a root-owned mode-000 file or
+directory is really unreadable to it. The other side keeps its copy, through live cycles
+and a restart's full scan, and gets the new content once it can be read again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
     os.chown(remote, nobody.pw_uid, nobody.pw_gid)
     (local / "locked.txt").write_text("v1\n")
     (local / "marker.txt").write_text("m0\n")
+    (local / "box").mkdir()
+    (local / "box" / "inside.txt").write_text("in a directory the agent will not list\n")
+    (local / "box" / "sub").mkdir()
+    (local / "box" / "sub" / "deep.txt").write_text("below it\n")
     state = tmp_path / "state"
     session = start_session(server, local, remote, state, name="s1")
     try:
@@ -53,6 +57,9 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
         locked.write_text("v2, written where the agent cannot read it\n")
         os.chown(locked, 0, 0)
         os.chmod(locked, 0)
+        box = remote / "box"
+        os.chown(box, 0, 0)
+        os.chmod(box, 0)
         (remote / "marker.txt").write_text("m1\n")
         wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change")
         time.sleep(0.5)
@@ -65,11 +72,17 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
         wait_for(lambda: text(local / "marker.txt") == "m2\n", "the marker's change after the restart")
         time.sleep(0.5)
         assert text(local / "locked.txt") == "v1\n", session.describe()
+        assert text(local / "box" / "inside.txt") == "in a directory the agent will not list\n", session.describe()
+        assert text(local / "box" / "sub" / "deep.txt") == "below it\n", session.describe()
         assert locked.exists()
 
         # Readable again: the new content comes over.
         os.chmod(locked, 0o644)
+        os.chmod(box, 0o755)
         wait_quiescent(local, remote, session, what="the file readable again")
         assert text(local / "locked.txt") == "v2, written where the agent cannot read it\n"
     finally:
         session.stop()
+        for path in (remote / "locked.txt", remote / "box"):
+            if path.exists():
+                os.chmod(path, 0o755)

@@ -147,3 +147,26 @@ def test_record_fields_that_do_not_matter_are_left_out() -> None:
     assert dir_print(one) == dir_print(two)
     three = [print_record("a", m.FILE, 0o644, 1, 1, 2, None), print_record("b", m.FILE, 0o644, 1, 1, 1, None)]
     assert dir_print(one) != dir_print(three)
+
+
+def test_a_directory_that_cannot_be_listed_counts_as_unchanged(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its children are unknown, not gone: reported as matched, the base stands for them.
+    (The tests run as root, which lists everything: the refusal is simulated.)"""
+    base = record(root)
+    (root / "a" / "new.txt").write_bytes(b"changed meanwhile")
+    (root / "top.txt").write_bytes(b"changed too")
+    real_scandir = os.scandir
+    locked = os.path.join(str(root), "a")
+
+    def scandir(path: str) -> object:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scanner = make_scanner(root)
+    entries, matched = scanner.scan_tree(dir_prints(base, "local"))
+    listed = {e.path for e in entries}
+    assert {"a", "a/b"} <= matched  # a/b was not reached: unknown too
+    assert not any(p.startswith("a/") for p in listed) and "top.txt" in listed
+    assert [p for p, _ in scanner.skipped] == ["a"]
