@@ -179,12 +179,14 @@ class Scanner:
         self.cache = cache if cache is not None else DigestCache()
         self.on_gitignore = on_gitignore
         self.skipped: List[Tuple[str, str]] = []  # (path, reason) of the last scan
+        self.unlisted: List[str] = []  # directories the last scan could not list
 
     # -- public --------------------------------------------------------------------------
 
     def scan_all(self, hash_files: bool = True) -> List[Entry]:
         """Every synced entry under the root (the root itself excluded)."""
         self.skipped = []
+        self.unlisted = []
         out: List[Entry] = []
         self._walk("", out, hash_files)
         return out
@@ -198,6 +200,7 @@ class Scanner:
         still stat'ed, so a change made in any way (content, mode, mtime, inode, a name
         added or gone) makes its directory report its whole listing."""
         self.skipped = []
+        self.unlisted = []
         out: List[Entry] = []
         matched: Set[str] = set()
         self._walk("", out, hash_files, expect, matched)
@@ -212,6 +215,7 @@ class Scanner:
         never looks through links. Directories are walked when ``recursive``.
         """
         self.skipped = []
+        self.unlisted = []
         out: List[Entry] = []
         absent: List[str] = []
         dir_ok: Dict[str, bool] = {"": True}
@@ -326,6 +330,7 @@ class Scanner:
                 continue
             except OSError as exc:
                 self.skipped.append((current, "unreadable directory: %s" % exc.strerror))
+                self.unlisted.append(current)
                 if matched is not None and expect is not None:
                     # Its listing is unknown, not empty: it and the directories below it are
                     # reported as unchanged, so that the base stands for everything under

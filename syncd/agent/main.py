@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from syncd import __version__
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path
@@ -101,7 +101,7 @@ class Agent:
                 # Dirty paths are mostly changed files: hashing them now saves the daemon a
                 # Hash round trip (our own writes are in the digest cache already).
                 entries, absent = self.scanner.scan_paths(msg.paths, msg.recursive, hash_files=True)
-            self.send_entries(msg.req, entries, absent)
+            self.send_entries(msg.req, entries, absent, self.scanner.unlisted)
         elif isinstance(msg, m.ScanTree):
             self.scan_tree(msg)
         elif isinstance(msg, m.Hash):
@@ -209,11 +209,12 @@ class Agent:
         self.send(m.TreeMatched(msg.req, bytes(bits)))
         self.send_entries(msg.req, entries, [])
 
-    def send_entries(self, req: int, entries: List[m.Entry], absent: List[str]) -> None:
+    def send_entries(self, req: int, entries: List[m.Entry], absent: List[str],
+                     unlisted: Sequence[str] = ()) -> None:
         for start in range(0, max(len(entries), 1), SCAN_CHUNK):
             chunk = tuple(entries[start : start + SCAN_CHUNK])
             last = start + SCAN_CHUNK >= len(entries)
-            self.send(m.ScanChunk(req, chunk, tuple(absent) if last else (), last))
+            self.send(m.ScanChunk(req, chunk, tuple(absent) if last else (), last, tuple(unlisted) if last else ()))
 
     def open(self, msg: m.Open) -> None:
         from syncd.rules import Rules  # imported late: only needed once a root is bound

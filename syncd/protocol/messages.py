@@ -189,12 +189,14 @@ class Scan:
 
 @dataclass(frozen=True)
 class ScanChunk:
-    """Part of a scan answer; the last chunk has ``done`` set."""
+    """Part of a scan answer; the last chunk has ``done`` set. ``unlisted`` (last chunk):
+    directories met on a walk that could not be listed, whose contents are unknown."""
 
     req: int
     entries: Tuple[Entry, ...]
     absent: Tuple[str, ...]
     done: bool
+    unlisted: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

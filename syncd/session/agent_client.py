@@ -158,17 +158,21 @@ class AgentClient:
         assert isinstance(reply, m.Opened)
         return reply
 
-    async def _entries(self, make: Any) -> tuple[list[m.Entry], list[str]]:
+    async def _entries(self, make: Any) -> tuple[list[m.Entry], list[str], list[str]]:
         entries: list[m.Entry] = []
         absent: list[str] = []
+        unlisted: list[str] = []
         async for chunk in self._request(make):
             entries.extend(chunk.entries)
             absent.extend(chunk.absent)
+            unlisted.extend(chunk.unlisted)
             if chunk.done:
                 break
-        return entries, absent
+        return entries, absent, unlisted
 
-    async def scan(self, paths: list[str] | None, recursive: bool = True) -> tuple[list[m.Entry], list[str]]:
+    async def scan(self, paths: list[str] | None,
+                   recursive: bool = True) -> tuple[list[m.Entry], list[str], list[str]]:
+        """(entries, absent paths, directories the walk could not list)."""
         wire = None if paths is None else tuple(paths)
         return await self._entries(lambda req: m.Scan(req, wire, recursive))
 
@@ -200,7 +204,8 @@ class AgentClient:
         return entries, matched
 
     async def hash(self, paths: list[str]) -> tuple[list[m.Entry], list[str]]:
-        return await self._entries(lambda req: m.Hash(req, tuple(paths)))
+        entries, absent, _ = await self._entries(lambda req: m.Hash(req, tuple(paths)))
+        return entries, absent
 
     async def apply(self, ops: list[m.Op]) -> tuple[m.OpResult, ...]:
         return await self.submit_apply(ops)

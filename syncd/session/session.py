@@ -95,6 +95,11 @@ def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
+def _below_any(path: str, dirs: set[str]) -> bool:
+    """Whether ``path`` lies under one of ``dirs`` ("" being the root)."""
+    return "" in dirs or any(a in dirs for a in ancestors(path))
+
+
 class Session:
     def __init__(self, cfg: SessionConfig, report: Callable[[str], None] | None = None,
                  on_connected: Callable[[], None] | None = None, resync: str | None = None,
@@ -522,7 +527,7 @@ class Session:
         return self.rules.is_ignored(path, kind == m.DIR)
 
     def _observe(self, entries: list[m.Entry], absent: list[str], full: bool, filtered: bool = False,
-                 matched: set[str] | None = None) -> Observed:
+                 matched: set[str] | None = None, unlisted: Iterable[str] = ()) -> Observed:
         """Scan results as an observation. ``filtered``: already passed through our rules
         (the local scanner); the remote's answer is checked against local rules too.
         ``matched``: directories a tree scan found unchanged; their children are left out
@@ -538,6 +543,12 @@ class Session:
             observed[path] = None
         if full:
             self._absent_unless_found(observed, self.base, matched)
+        unknown = set(unlisted)
+        if unknown:
+            # Directories the walk could not list: what is under them is unknown, not gone,
+            # so the base stands for it (like under a directory a tree scan matched).
+            for path in [p for p, e in observed.items() if e is None and _below_any(p, unknown)]:
+                del observed[path]
         return observed
 
     @staticmethod
@@ -644,7 +655,7 @@ class Session:
                 raise Halted(f"the local root {self.cfg.local} vanished; nothing was propagated")
             if self._intents:  # adopting them needs every path seen
                 entries = await asyncio.to_thread(local.scanner.scan_all)
-                observed = self._observe(entries, [], True, filtered=True)
+                observed = self._observe(entries, [], True, filtered=True, unlisted=local.scanner.unlisted)
                 self._sweep_kept(observed, set())
                 return self._drop_unreadable(observed)
             if self._prescan is not None:
@@ -661,16 +672,18 @@ class Session:
             return self._drop_unreadable(observed)
         shallow, deep = self._split_dirty(dirty)
 
-        def scan() -> tuple[list[m.Entry], list[str]]:
+        def scan() -> tuple[list[m.Entry], list[str], list[str]]:
             e1, a1 = local.scanner.scan_paths(shallow, recursive=False)
+            unlisted = list(local.scanner.unlisted)
             replaced = self._replaced_dirs(e1, "local")
             e2, a2 = local.scanner.scan_paths(deep + replaced, recursive=True)
+            unlisted += local.scanner.unlisted
             e1 = [e for e in e1 if e.path not in replaced]
             walked = replaced + [p for p in deep if p in self._walk_next]
-            return e1 + e2, a1 + a2 + self._vanished_under(walked, e2)
+            return e1 + e2, a1 + a2 + self._vanished_under(walked, e2), unlisted
 
-        entries, absent = await asyncio.to_thread(scan)
-        return self._drop_unreadable(self._observe(entries, absent, False))
+        entries, absent, unlisted = await asyncio.to_thread(scan)
+        return self._drop_unreadable(self._observe(entries, absent, False, unlisted=unlisted))
 
     def _replaced_dirs(self, entries: list[m.Entry], side: em.Side) -> list[str]:
         """Known directories whose inode changed: replaced (e.g. renamed away and made
@@ -692,6 +705,7 @@ class Session:
         agent = self.agent
         assert agent is not None
         matched: set[str] | None = None
+        unlisted: list[str] = []
         tree_scan = None
         if full and self._remote_prescan is not None:
             prescan, self._remote_prescan = self._remote_prescan, None
@@ -705,19 +719,20 @@ class Session:
             absent: list[str] = []
             self._matched["remote"] = matched
         elif full:
-            entries, absent = await agent.scan(None)
+            entries, absent, unlisted = await agent.scan(None)
         else:
             shallow, deep = self._split_dirty(dirty)
-            entries, absent = await agent.scan(shallow, recursive=False) if shallow else ([], [])
+            entries, absent, unlisted = await agent.scan(shallow, recursive=False) if shallow else ([], [], [])
             replaced = self._replaced_dirs(entries, "remote")
             if replaced:
                 entries = [e for e in entries if e.path not in replaced]
             if deep or replaced:
-                more, gone = await agent.scan(deep + replaced, recursive=True)
+                more, gone, unlisted_below = await agent.scan(deep + replaced, recursive=True)
                 entries += more
+                unlisted += unlisted_below
                 walked = replaced + [p for p in deep if p in self._walk_next]
                 absent += gone + self._vanished_under(walked, more)
-        observed = self._observe(entries, absent, full, matched=matched)
+        observed = self._observe(entries, absent, full, matched=matched, unlisted=unlisted)
         missing = needs_digest(self.base, observed, "remote")
         if missing:
             hashed, vanished = await agent.hash(missing)
@@ -895,7 +910,7 @@ class Session:
                 entries, _ = await asyncio.to_thread(local.scanner.scan_paths, top, False, False)
             else:
                 assert self.agent is not None
-                entries, _ = await self.agent.scan(top, recursive=False)
+                entries, _, _ = await self.agent.scan(top, recursive=False)
             if not entries:
                 raise Halted(
                     f"the {origin} root is empty ({len(self.base)} tracked entries gone); "

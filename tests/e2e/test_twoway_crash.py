@@ -17,12 +17,12 @@ import pytest
 from syncd.engine.model import Agreed, Intent
 from syncd.protocol.messages import FILE
 from syncd.scan import digest_bytes
-from syncd.store import Store, record_intents
 from tests.e2e.helpers import SyncProcess
 from tests.e2e.twoway_util import (
     Churner,
     Ledger,
     Pair,
+    add_intent,
     assert_idle,
     change_lines,
     churn_both,
@@ -146,10 +146,7 @@ def test_copy_landed_before_a_cut_then_deleted_at_its_source(pair: Pair, side: s
     source_ino = {"local": 0, "remote": 0, "local" if side == "remote" else "remote": st.st_ino}
     after = Agreed("gone.txt", FILE, st.st_mode & 0o7777, st.st_size, st.st_mtime_ns, digest_bytes(data), None,
                    source_ino["local"], source_ino["remote"])
-    [index] = (pair.state / "sessions").glob("*.sqlite")
-    store = Store(str(index))
-    record_intents(store, [Intent(side, "gone.txt", after)])
-    store.close()
+    add_intent(pair.state, Intent(side, "gone.txt", after))
     (source / "gone.txt").unlink()
 
     s2 = pair.start()

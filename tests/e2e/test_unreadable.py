@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from syncd.engine.model import Agreed, Intent
+from syncd.protocol.messages import FILE
+from syncd.scan import digest_bytes
 from tests.e2e.helpers import start_session
-from tests.e2e.twoway_util import wait_quiescent
+from tests.e2e.twoway_util import add_intent, wait_quiescent
 from tests.sshd import SshServer
 
 WAIT = 30.0
@@ -86,3 +89,48 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
         for path in (remote / "locked.txt", remote / "box"):
             if path.exists():
                 os.chmod(path, 0o755)
+
+
+def test_a_directory_that_cannot_be_listed_survives_a_plain_full_scan(
+        unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd], tmp_path: Path) -> None:
+    """After a cut, pending intents make the restart scan every path without fingerprints
+    (and a dirty directory may be walked the same way): a directory met there that cannot
+    be listed has unknown contents, which must not be taken for deletions either."""
+    server, area, nobody = unprivileged_sshd
+    local, remote = area / "local", area / "remote"
+    local.mkdir()
+    remote.mkdir()
+    os.chown(remote, nobody.pw_uid, nobody.pw_gid)
+    (local / "marker.txt").write_text("m0\n")
+    (local / "box" / "sub").mkdir(parents=True)
+    (local / "box" / "inside.txt").write_text("inside\n")
+    (local / "box" / "sub" / "deep.txt").write_text("deep\n")
+    state = tmp_path / "state"
+    session = start_session(server, local, remote, state, name="s1")
+    try:
+        wait_quiescent(local, remote, session, what="initial push")
+        session.stop()
+
+        # An operation left unconfirmed by a cut (it did land: adopting it changes nothing).
+        marker = remote / "marker.txt"
+        st = marker.stat()
+        row = Agreed("marker.txt", FILE, st.st_mode & 0o7777, st.st_size, st.st_mtime_ns,
+                     digest_bytes(marker.read_bytes()), None, (local / "marker.txt").stat().st_ino, 0)
+        add_intent(state, Intent("remote", "marker.txt", row))
+        box = remote / "box"
+        os.chown(box, 0, 0)
+        os.chmod(box, 0)
+
+        session = start_session(server, local, remote, state, name="s2")
+        marker.write_text("m1\n")
+        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change after the restart")
+        time.sleep(0.5)
+        assert text(local / "box" / "inside.txt") == "inside\n", session.describe()
+        assert text(local / "box" / "sub" / "deep.txt") == "deep\n", session.describe()
+
+        os.chmod(box, 0o755)
+        wait_quiescent(local, remote, session, what="the directory readable again")
+    finally:
+        session.stop()
+        if (remote / "box").exists():
+            os.chmod(remote / "box", 0o755)

@@ -34,6 +34,8 @@ from typing import Any, Optional, Union
 
 import pytest
 
+from syncd.engine.model import Intent
+from syncd.store import Store, record_intents
 from tests.e2e.helpers import (
     FILE,
     Snapshot,
@@ -622,3 +624,14 @@ def converge_or_known_bug(local: Path, remote: Path, session: SyncProcess, *, ti
         if _under_replayed_moves(sessions or [session], exc.paths):
             pytest.xfail(f"{MOVE_RACE}: {exc.paths[:4]}")
         raise
+
+
+def add_intent(state: Path, intent: Intent) -> None:
+    """Record ``intent`` in the session index under ``state`` (a state dir holding one
+    session), as a run killed before confirming that operation leaves it."""
+    [index] = (state / "sessions").glob("*.sqlite")
+    store = Store(str(index))
+    try:
+        record_intents(store, [intent])
+    finally:
+        store.close()

@@ -40,7 +40,7 @@ SAMPLES: dict[type, Any] = {
                    True, False),
     m.Opened: m.Opened(1, "/home/agent/work/" + CAFE, "3.8.10", "inotify"),
     m.Scan: m.Scan(2, ("a", CAFE), True),
-    m.ScanChunk: m.ScanChunk(2, (FILE_ENTRY, DIR_ENTRY, LINK_ENTRY), ("gone", CAFE), False),
+    m.ScanChunk: m.ScanChunk(2, (FILE_ENTRY, DIR_ENTRY, LINK_ENTRY), ("gone", CAFE), True, ("locked/" + CAFE,)),
     m.Hash: m.Hash(3, (CAFE, "b")),
     m.BlobStart: m.BlobStart(7, "big/" + CAFE, 2**33),
     m.BlobData: m.BlobData(7, os.urandom(1000)),
