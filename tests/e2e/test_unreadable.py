@@ -36,13 +36,19 @@ def text(path: Path) -> str | None:
         return None
 
 
-def test_a_file_turned_unreadable_is_kept_on_the_other_side(
-        unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd], tmp_path: Path) -> None:
+def roots(unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd]) -> tuple[SshServer, Path, Path]:
+    """The server and two fresh roots, the remote one owned by the agent's user."""
     server, area, nobody = unprivileged_sshd
     local, remote = area / "local", area / "remote"
     local.mkdir()
     remote.mkdir()
     os.chown(remote, nobody.pw_uid, nobody.pw_gid)
+    return server, local, remote
+
+
+def test_a_file_turned_unreadable_is_kept_on_the_other_side(
+        unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd], tmp_path: Path) -> None:
+    server, local, remote = roots(unprivileged_sshd)
     (local / "locked.txt").write_text("v1\n")
     (local / "marker.txt").write_text("m0\n")
     (local / "box").mkdir()
@@ -96,11 +102,7 @@ def test_a_directory_that_cannot_be_listed_survives_a_plain_full_scan(
     """After a cut, pending intents make the restart scan every path without fingerprints
     (and a dirty directory may be walked the same way): a directory met there that cannot
     be listed has unknown contents, which must not be taken for deletions either."""
-    server, area, nobody = unprivileged_sshd
-    local, remote = area / "local", area / "remote"
-    local.mkdir()
-    remote.mkdir()
-    os.chown(remote, nobody.pw_uid, nobody.pw_gid)
+    server, local, remote = roots(unprivileged_sshd)
     (local / "marker.txt").write_text("m0\n")
     (local / "box" / "sub").mkdir(parents=True)
     (local / "box" / "inside.txt").write_text("inside\n")
