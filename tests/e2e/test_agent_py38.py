@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import SyncProcess, bpath, start_session, wait_trees_equal, write_file
+from tests.e2e.helpers import SyncProcess, bpath, start_session, wait_trees_equal, wait_until, write_file
 from tests.sshd import SshServer
 
 PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python3")
@@ -31,8 +31,9 @@ def test_round_trip_with_python38_agent(sshd: SshServer, tmp_path: Path, remote_
     session: SyncProcess = start_session(sshd, local, remote, state, "--remote-python", str(PY38))
     try:
         wait_trees_equal(local, remote, session, timeout=30, mtimes=True, what="initial sync with a 3.8 agent")
-        if remote_empty:
-            assert "-> first sync: " in session.stdout(), session.stdout()
+        if remote_empty:  # reported once the agent's answer arrives, after the tree is in place
+            wait_until(lambda: "-> first sync: " in session.stdout(), 30, session=session,
+                       message="the first sync's report")
         else:
             assert (local / "from-remote.txt").read_text() == "pulled\n"
         # Live, both ways.

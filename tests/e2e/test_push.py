@@ -395,6 +395,8 @@ def test_restart_sends_nothing(sshd: SshServer, dirs: tuple[Path, Path, Path],
     first = start_session(sshd, local, remote, state, name="first")
     sessions.append(first)
     wait_trees_equal(local, remote, first, timeout=30, mtimes=True, what="initial sync to an empty remote")
+    # The tree is in place before the agent's answer reaches the daemon, which then reports.
+    wait_until(lambda: "-> first sync: " in first.stdout(), 30, session=first, message="the first sync's report")
     first.stop()
     # An empty remote receives the tree as one stream.
     assert [line.split(":")[0] for line in first.change_lines()] == ["-> first sync"], first.stdout()
