@@ -20,12 +20,6 @@ from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_empty
 
 log = logging.getLogger("syncd.agent")
-# While a tar stream runs, two threads of the agent take turns on the interpreter lock
-# (protocol reads and extraction, or archiving and acknowledgements). Handing it over at
-# the default interval (5 ms) cost both CPU time: a 50,000-file / 1 GiB first sync took
-# about 7% longer. Outside streams the default keeps the replies prompt.
-STREAM_SWITCH_INTERVAL = 0.05
-DEFAULT_SWITCH_INTERVAL = sys.getswitchinterval()
 SCAN_CHUNK = 2000
 CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests")
 
@@ -136,8 +130,8 @@ class Agent:
             if self.sending is not None and not self.sending.done():
                 raise ProtocolError("a second tar stream while one is being sent")
             size_pipe(self.out_fd)  # back to the default once sent (see size_pipe)
-            sys.setswitchinterval(STREAM_SWITCH_INTERVAL)
-            self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send, on_done=self._sent)
+            self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send,
+                                         on_done=lambda: size_pipe(self.out_fd, PIPE_DEFAULT))
             return
         if isinstance(msg, m.TarAck):
             if self.sending is not None and self.sending.req == msg.req:
@@ -153,7 +147,6 @@ class Agent:
                                     % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))
                 return
             size_pipe(self.in_fd)
-            sys.setswitchinterval(STREAM_SWITCH_INTERVAL)
             return
         job = self.receiving.get(msg.req)
         if job is None:
@@ -167,8 +160,6 @@ class Agent:
         del self.receiving[msg.req]
         if not self.receiving:
             size_pipe(self.in_fd, PIPE_DEFAULT)
-            if self.sending is None or self.sending.done():
-                sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL)
         try:
             entries, skipped, deleted = job.finish(msg.skipped)
         except (OSError, UnsafePath, ExtractError) as exc:
@@ -180,12 +171,6 @@ class Agent:
             # arrive after it and make the next cycle look at every path again.
             self.watcher.settle()
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
-
-    def _sent(self) -> None:
-        """The tree went out (called from the sending thread)."""
-        size_pipe(self.out_fd, PIPE_DEFAULT)
-        if not self.receiving:
-            sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL)
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None
