@@ -38,6 +38,19 @@ def parent_of(rel: str) -> str:
     return "" if cut < 0 else rel[:cut]
 
 
+def is_under(rel: str, dirs: Set[str]) -> bool:
+    """Whether ``rel`` is one of ``dirs`` or lies below one of them ("" counts only as
+    itself, not as the root of everything)."""
+    if not dirs:
+        return False
+    while rel:
+        if rel in dirs:
+            return True
+        slash = rel.rfind("/")
+        rel = rel[:slash] if slash > 0 else ""
+    return False
+
+
 def is_temp_name(rel: str) -> bool:
     """Our temp files, and anything inside a staging directory of a resync."""
     return rel.startswith(TEMP_PREFIX) or ("/" + TEMP_PREFIX) in rel

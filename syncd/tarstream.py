@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional,
 from syncd import tarformat as tf
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
-from syncd.scan import DIGEST_SIZE, TEMP_PREFIX
+from syncd.scan import DIGEST_SIZE, TEMP_PREFIX, is_under
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -595,7 +595,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
 
     for entry in sorted(existing_list, key=lambda e: path_key(e.path), reverse=True):
         rel = entry.path
-        if rel in staged or _under(rel, leave_set):
+        if rel in staged or is_under(rel, leave_set):
             continue
         if keep(rel, entry.kind):
             result.kept.append(entry)
@@ -688,17 +688,6 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
     root.release()
     _report_placed(root, staged, placed, result)
     return result
-
-
-def _under(rel: str, prefixes: Set[str]) -> bool:
-    if not prefixes:
-        return False
-    while rel:
-        if rel in prefixes:
-            return True
-        slash = rel.rfind("/")
-        rel = rel[:slash] if slash > 0 else ""
-    return False
 
 
 def _move_in(root: Root, staging_rel: str, rel: str) -> None:

@@ -27,7 +27,7 @@ from syncd.engine.recovery import adopt
 from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import is_temp_name, parent_of, root_is_empty
+from syncd.scan import is_temp_name, is_under, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide
@@ -93,11 +93,6 @@ def _expect(entry: m.Entry | None) -> m.Expect:
 
 def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-def _below_any(path: str, dirs: set[str]) -> bool:
-    """Whether ``path`` lies under one of ``dirs`` ("" being the root)."""
-    return "" in dirs or any(a in dirs for a in ancestors(path))
 
 
 class Session:
@@ -547,7 +542,7 @@ class Session:
         if unknown:
             # Directories the walk could not list: what is under them is unknown, not gone,
             # so the base stands for it (like under a directory a tree scan matched).
-            for path in [p for p, e in observed.items() if e is None and _below_any(p, unknown)]:
+            for path in [p for p, e in observed.items() if e is None and ("" in unknown or is_under(p, unknown))]:
                 del observed[path]
         return observed
 
