@@ -229,19 +229,24 @@ def test_non_utf8_names(tmp_path: Path) -> None:
     assert [os.fsencode(p) for p in absent] == [b"d\xff/missing\xfe"]
 
 
-def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
+def test_unreadable_file_is_described_without_a_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """There but unreadable: listed without a digest (the daemon leaves it as the base
+    says), never left out (which would read as a deletion). The tests run as root, which
+    reads everything: the refusal is simulated."""
     r = tmp_path / "root"
     r.mkdir()
     (r / "secret").write_bytes(b"s")
-    os.chmod(r / "secret", 0)
-    try:
-        s = Scanner(str(r))
-        assert s.scan_all() == []
-        assert [p for p, _ in s.skipped] == ["secret"]
-    finally:
-        os.chmod(r / "secret", 0o600)
+
+    def refuse(path: str) -> object:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(scan, "file_digest", refuse)
+    s = Scanner(str(r))
+    [entry] = s.scan_all()
+    assert (entry.path, entry.kind, entry.size, entry.digest) == ("secret", m.FILE, 1, None)
+    assert [p for p, _ in s.skipped] == ["secret"]
+    entries, absent = s.scan_paths(["secret"], recursive=False)
+    assert [e.path for e in entries] == ["secret"] and absent == []
 
 
 def test_gitignore_files_are_reported(root: Path) -> None:
