@@ -388,7 +388,10 @@ class Session:
                 return
             except SessionError as exc:
                 if self._stop.is_set():
-                    return  # stopped mid-stream: the destination is as it was, the next start streams again
+                    # Stopped mid-stream. Before the placement began the destination is as it
+                    # was and the next start streams again; after it, the next start finds
+                    # both sides holding the tree and compares entry by entry.
+                    return
                 log.warning("%s: %s; syncing entry by entry instead", self.cfg.name, exc)
             finally:
                 self.resync_progress = None
