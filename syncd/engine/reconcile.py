@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Collection, Mapping
-from dataclasses import replace
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import (
@@ -258,7 +257,7 @@ class _Planner:
         if change == UNCHANGED:
             assert local is not None
             if local.ino != kept.local_ino:
-                self.plan.records[path] = replace(kept, local_ino=local.ino)
+                self.plan.records[path] = kept._replace(local_ino=local.ino)
         elif local is None:
             self.plan.records[path] = None
         else:
@@ -475,4 +474,4 @@ def rekey(base: BaseIndex, old: str, new: str) -> None:
         if agreed is None:
             continue
         base.discard(path)
-        base.set(replace(agreed, path=new + path[len(old):]))
+        base.set(agreed._replace(path=new + path[len(old):]))

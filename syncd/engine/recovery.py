@@ -8,7 +8,6 @@ look like an edit made there, and collide with the next edit on the near side.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import Agreed, Intent, content_equal, meta_equal, other
@@ -29,7 +28,7 @@ def adopt(base: BaseIndex, intents: Iterable[Intent], local: Mapping[str, Entry 
                         continue
                     moved = intent.dest + path[len(intent.path):]
                     updates.append((path, None))
-                    updates.append((moved, replace(row, path=moved)))
+                    updates.append((moved, row._replace(path=moved)))
             continue
         now = seen.get(intent.path)
         if intent.after is None:
@@ -41,6 +40,6 @@ def adopt(base: BaseIndex, intents: Iterable[Intent], local: Mapping[str, Entry 
         wanted = intent.after.as_entry(intent.side)  # type: ignore[arg-type]
         if content_equal(now, wanted) and meta_equal(now, wanted):
             side_ino = {intent.side: now.ino, other(intent.side): intent.after.ino(other(intent.side))}  # type: ignore[arg-type]
-            updates.append((intent.path, replace(intent.after, local_ino=side_ino["local"],
-                                                 remote_ino=side_ino["remote"])))
+            updates.append((intent.path, intent.after._replace(local_ino=side_ino["local"],
+                                                                remote_ino=side_ino["remote"])))
     return updates

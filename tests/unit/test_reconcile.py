@@ -560,7 +560,7 @@ def test_rekey_carries_markers_along() -> None:
     base = base_of(d("dir"), f("dir/a"), kept=(f("dir/.env", "s"), f("dir2/.env", "t")))
     rekey(base, "dir", "moved")
     assert base.kept("dir/.env") is None
-    assert base.kept("moved/.env") == replace(kept_local(f("dir/.env", "s")), path="moved/.env")
+    assert base.kept("moved/.env") == kept_local(f("dir/.env", "s"))._replace(path="moved/.env")
     assert base.kept("dir2/.env") is not None
     assert sorted(base) == ["moved", "moved/a"]
 
@@ -658,7 +658,7 @@ def test_rekey_moves_subtree_only() -> None:
                             "new/place/sub/c"]
     row = base.get("new/place/sub/c")
     assert old_row is not None and row is not None
-    assert row == replace(old_row, path="new/place/sub/c")
+    assert row == old_row._replace(path="new/place/sub/c")
     assert base.under("new/place") == ["new/place/b.txt", "new/place/sub", "new/place/sub/c"]
     assert base.under("dir") == []
 
