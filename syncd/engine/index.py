@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 
-from syncd.engine.model import Agreed, Side
+from syncd.engine.model import SIDES, Agreed, Side
+from syncd.protocol.messages import FILE
 from syncd.scan import dir_print, print_record
 
 
@@ -90,17 +91,35 @@ def dir_prints(base: BaseIndex, side: Side) -> dict[str, bytes]:
     """The fingerprint of every directory's recorded listing on ``side``, keyed by the
     directory ("" = the root), as ``Scanner.scan_tree`` expects them: a directory whose
     listing on that side still matches holds exactly what the base says."""
-    groups: dict[str, list[str]] = {}
-    local = side == "local"
-    # Local-only markers are on the local disk (a kept preserve-absent file), not remotely.
-    rows = list(base.mapping().values()) + (base.kept_rows() if local else [])
-    for row in rows:
-        path = row.path
-        cut = path.rfind("/")
-        parent, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else ("", path)
+    return sides_prints(base, (side,))[side]
+
+
+def sides_prints(base: BaseIndex, sides: tuple[Side, ...] = SIDES) -> dict[Side, dict[str, bytes]]:
+    """``dir_prints`` of several sides in one pass over the base (a restart needs both
+    before anything is scanned, and the rows differ between sides only in the inode)."""
+    groups: dict[Side, dict[str, list[str]]] = {side: {} for side in sides}
+    local = groups.get("local")
+    remote = groups.get("remote")
+    for row in base.mapping().values():
+        _add_record(local, remote, row)
+    if local is not None:  # local-only markers are on the local disk (a kept preserve-absent file)
+        for row in base.kept_rows():
+            _add_record(local, None, row)
+    return {side: {d: dir_print(r) for d, r in by_dir.items()} for side, by_dir in groups.items()}
+
+
+def _add_record(local: dict[str, list[str]] | None, remote: dict[str, list[str]] | None, row: Agreed) -> None:
+    path = row.path
+    cut = path.rfind("/")
+    parent, name = (path[:cut], path[cut + 1 :]) if cut >= 0 else ("", path)
+    for groups, ino in ((local, row.local_ino), (remote, row.remote_ino)):
+        if groups is None:
+            continue
+        if row.kind == FILE:  # print_record, inlined for the common case
+            record = "%s\0%d\0%d\0%d\0%d\0%d\0\0" % (name, FILE, row.mode, row.size, row.mtime_ns, ino)
+        else:
+            record = print_record(name, row.kind, row.mode, row.size, row.mtime_ns, ino, row.target)
         records = groups.get(parent)
         if records is None:
             records = groups[parent] = []
-        records.append(print_record(name, row.kind, row.mode, row.size, row.mtime_ns,
-                                    row.local_ino if local else row.remote_ino, row.target))
-    return {d: dir_print(r) for d, r in groups.items()}
+        records.append(record)

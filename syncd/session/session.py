@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
 from syncd.engine import model as em
-from syncd.engine.index import BaseIndex, dir_prints
+from syncd.engine.index import BaseIndex, dir_prints, sides_prints
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
 from syncd.engine.reconcile import ancestors, detect_moves, needs_digest, reconcile, rekey
 from syncd.engine.recovery import adopt
@@ -139,7 +139,7 @@ class Session:
         self._intents: list[Intent] = []
         # Fingerprints of the base's directory listings on each side for full scans, and
         # the directories each side's last full scan found unchanged.
-        self._prints: dict[str, dict[str, bytes]] = {"local": {}, "remote": {}}
+        self._prints: dict[em.Side, dict[str, bytes]] = {"local": {}, "remote": {}}
         self._matched: dict[str, set[str]] = {"local": set(), "remote": set()}
         # The local tree, scanned while the agent starts, for the first cycle.
         self._prescan: asyncio.Future[tuple[list[m.Entry], set[str]]] | None = None
@@ -234,8 +234,9 @@ class Session:
             self._first_pull = True  # unless the remote is empty too; its scan would be wasted
         if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
             # Before the watcher: the remote scan waits for them, and starting watchfiles
-            # holds the GIL for a while on a big tree.
-            self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
+            # holds the GIL for a while on a big tree. Both sides in one pass: the local
+            # scan needs its own soon after.
+            self._prints.update(await asyncio.to_thread(sides_prints, self.base))
         self._prints_ready.set()
         if self.resync is None and not self._first_pull:
             self._tasks.append(asyncio.create_task(self._watch_local()))
@@ -250,7 +251,7 @@ class Session:
         elif first and self._first_pull:
             self._first_progress = ResyncProgress("pull")
         elif not self._intents and self.resync is None:  # a resync changes the tree first
-            self._prescan = asyncio.ensure_future(self._scan_local_tree())
+            self._prescan = asyncio.ensure_future(self._scan_local_tree(prints_ready=True))
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
             self._start_push_worker()
 
@@ -280,10 +281,13 @@ class Session:
             return None  # adopting intents needs a scan of every path; a stream scans anyway
         return await agent.scan_tree(self._prints["remote"])
 
-    async def _scan_local_tree(self) -> tuple[list[m.Entry], set[str]]:
+    async def _scan_local_tree(self, prints_ready: bool = False) -> tuple[list[m.Entry], set[str]]:
+        """Scan the local tree against the base's fingerprints (computed here unless
+        ``prints_ready`` says the current ones were made from this base)."""
         local = self.local
         assert local is not None
-        self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
+        if not prints_ready:
+            self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
         # Watch before scanning, so nothing changed during the scan is missed.
         await self._local_armed.wait()
         return await asyncio.to_thread(local.scanner.scan_tree, self._prints["local"])
@@ -788,10 +792,9 @@ class Session:
         if not self._intents and self._prescan is None:
             # In a thread, so the loop keeps serving events; nothing else changes the base
             # while a cycle runs.
-            if local_full:
-                self._prints["local"] = await asyncio.to_thread(dir_prints, self.base, "local")
-            if remote_full:
-                self._prints["remote"] = await asyncio.to_thread(dir_prints, self.base, "remote")
+            sides = tuple(side for side, full in zip(em.SIDES, (local_full, remote_full)) if full)
+            if sides:
+                self._prints.update(await asyncio.to_thread(sides_prints, self.base, sides))
         rules_seen = self.rules.generation
         local, remote = await asyncio.gather(
             self._observe_local(local_full, local_dirty),
