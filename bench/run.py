@@ -98,6 +98,13 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+def repo_env() -> dict[str, str]:
+    """This environment, with this checkout first on the import path (syncd runs from it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def run_timed(argv: list[str], *, timeout: float, logfile: Path, what: str,
               env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     """Run *argv* to completion; return its wall time. Raise BenchError on failure or timeout."""
@@ -417,8 +424,7 @@ class Syncd:
                 str(s.client_key), "--known-hosts", str(s.known_hosts), "--state-dir", str(self.state), "-q"]
 
     def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = repo_env()
         with open(self.logfile, "ab") as out:
             out.write(f"\n$ {shlex.join(self.argv())}\n".encode())
             out.flush()
@@ -927,7 +933,12 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"  [{verdict}] {c['target']}: {value}")
     if r.get("ssh_true_s") is not None:
         lines.append(f"ssh baseline: `ssh 127.0.0.1 true` takes {r['ssh_true_s'] * 1000:.0f} ms (median of 5); "
-                     "every rsync / tar / unison run and every syncd start pays it once")
+                     "every rsync / tar / unison run pays it once (syncd connects in-process, through asyncssh)")
+    floor, rsync_noop = r.get("startup_floor_s"), r.get("noop_s", {}).get("rsync")
+    if floor is not None:
+        share = f" = {floor / rsync_noop:.2f}x rsync's no-op" if rsync_noop else ""
+        lines.append(f"syncd start-up floor: the interpreter and the imports take {floor * 1000:.0f} ms "
+                     f"(median of 5){share}; every syncd start pays it before its first packet")
     host = r.get("host", {})
     if "loadavg_start" in host and "loadavg_end" in host:
         lines.append(f"machine: {host.get('cpus')} CPUs; 1-min load average {host['loadavg_start'][0]:.2f} at start, "
@@ -1042,6 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
             results["ssh_true_s"] = ssh_baseline(server, logs)
             log(f"ssh baseline (connect + remote login shell + `true`): median {results['ssh_true_s']:.3f} s")
             warm_up_syncd(ctx, results)
+            results["startup_floor_s"] = startup_floor(ctx, logs)
+            if results["startup_floor_s"] is not None:
+                log(f"syncd start-up floor (interpreter + imports): median {results['startup_floor_s']:.3f} s")
             bench = Bench(ctx, tree, args, results)
             steps = (bench.initial, bench.noop) if args.noop_only else (bench.initial, bench.noop, bench.live,
                                                                         bench.batch_runs)
@@ -1085,6 +1099,20 @@ def ssh_baseline(server: Any, logs: Path) -> float | None:
                 for _ in range(5)]
     except BenchError as exc:
         log(f"ssh baseline failed: {exc}")
+        return None
+    return statistics.median(runs)
+
+
+def startup_floor(ctx: Ctx, logs: Path) -> float | None:
+    """Median wall time of starting the interpreter and importing what ``syncd run`` needs
+    before its first packet (the CLI and asyncssh): paid by every syncd start, so a
+    restart can never take less."""
+    probe = [ctx.syncd_cmd[0], "-c", "import syncd.cli, asyncssh"]
+    try:
+        runs = [run_timed(probe, timeout=60, logfile=logs / "startup.log", what="syncd imports", env=repo_env())
+                for _ in range(5)]
+    except BenchError as exc:
+        log(f"start-up floor failed: {exc}")
         return None
     return statistics.median(runs)
 
