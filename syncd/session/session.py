@@ -50,6 +50,7 @@ BLOB_CHUNK = 1024 * 1024
 FETCH_PARALLEL = 32
 MOVE_WINDOW = 2.0  # seconds during which events under a moved directory's old name are translated
 RETRIES = 3  # immediate retries of a failing path before it waits for a full rescan
+MAX_PARKED_UNKNOWN = 10_000  # unreadable paths re-asked each cycle; beyond that, the full rescan finds them
 
 
 class SessionError(Exception):
@@ -596,6 +597,15 @@ class Session:
         if forget:
             self._commit([(p, None) for p in forget])
 
+    def _park_unknown(self, asked: set[str], observed: Observed) -> None:
+        """Paths asked about whose state the scan could not read (e.g. below a directory
+        that cannot be searched: neither found nor absent) are looked at again at each
+        later cycle until they can be. The event that ends it, a chmod of that directory,
+        names only the directory, so without this they would wait for a full rescan."""
+        unknown = [p for p in asked if p not in observed and not self._ignored(p, m.FILE)
+                   and not self._ignored(p, m.DIR)]
+        self._parked.update(unknown[:MAX_PARKED_UNKNOWN])
+
     def _split_dirty(self, dirty: set[str]) -> tuple[list[str], list[str]]:
         """Known directories need only a stat; anything else is walked if a directory."""
         shallow: list[str] = []
@@ -806,6 +816,10 @@ class Session:
             for path in [p for p, e in remote.items() if e is not None and self._ignored(p, e.kind)]:
                 del remote[path]
         t1 = time.perf_counter()
+        if not local_full:
+            self._park_unknown(local_dirty, local)
+        if not remote_full:
+            self._park_unknown(remote_dirty, remote)
         self._walk_next.clear()  # both sides were walked where asked
         if self._intents and local_full and remote_full:
             # The last run was cut before these operations were confirmed: adopt those

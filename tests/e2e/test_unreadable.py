@@ -136,3 +136,41 @@ def test_a_directory_that_cannot_be_listed_survives_a_plain_full_scan(
         session.stop()
         if (remote / "box").exists():
             os.chmod(remote / "box", 0o755)
+
+
+def test_changes_made_while_a_directory_was_unreadable_arrive_once_it_is_readable(
+        unprivileged_sshd: tuple[SshServer, Path, pwd.struct_passwd], tmp_path: Path) -> None:
+    """The agent still hears of changes inside a directory it can no longer search, but
+    cannot look at them; when the directory opens again, the only event names the
+    directory itself. The changes must arrive then, not at the next periodic rescan
+    (300 s away here)."""
+    server, local, remote = roots(unprivileged_sshd)
+    (local / "marker.txt").write_text("m0\n")
+    (local / "box").mkdir()
+    (local / "box" / "edit.txt").write_text("e0\n")
+    (local / "box" / "gone.txt").write_text("g0\n")
+    session = start_session(server, local, remote, tmp_path / "state", name="s1")
+    box = remote / "box"
+    try:
+        wait_quiescent(local, remote, session, what="initial push")
+        os.chown(box, 0, 0)
+        os.chmod(box, 0)
+        (box / "edit.txt").write_text("e1, while the agent could not look\n")
+        (box / "new.txt").write_text("n1\n")
+        (box / "gone.txt").unlink()
+        (remote / "marker.txt").write_text("m1\n")
+        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change")
+        time.sleep(0.5)  # the cycles that heard of the changes in box have run
+        assert text(local / "box" / "edit.txt") == "e0\n", session.describe()
+        assert (local / "box" / "gone.txt").exists(), session.describe()
+
+        os.chmod(box, 0o755)
+        wait_for(lambda: (text(local / "box" / "edit.txt") == "e1, while the agent could not look\n"
+                          and text(local / "box" / "new.txt") == "n1\n"
+                          and not (local / "box" / "gone.txt").exists()),
+                 "the changes made while the directory was unreadable")
+        session.assert_alive()
+    finally:
+        session.stop()
+        if box.exists():
+            os.chmod(box, 0o755)
