@@ -29,6 +29,7 @@ from syncd.tarstream import (
     TarProducer,
     merge_in,
     mirror,
+    path_key,
     staging_name,
     walk_following,
 )
@@ -547,3 +548,27 @@ def test_merge_never_replaces_or_deletes_what_the_destination_holds(
     reported = {e.path for e in result.entries}  # type: ignore[attr-defined]
     assert landed <= reported and not (reported & skipped)
     assert not [p for p in os.listdir(dest) if is_temp_name(p)]
+
+
+# Pairs (a, b) where a directory's contents must come right after it: a < b in path_key
+# order exactly when a's components sort before b's.
+PATH_ORDER = [
+    ("a", "a/b"),  # a directory before its contents
+    ("a/b", "a.txt"),  # ... and its contents before a sibling that sorts after it as a string
+    ("a/zzz", "a b"),
+    ("a/b/c", "a-b"),
+    ("a", "ab"),
+    ("a/x", "ab"),
+    ("", "a"),
+    ("a/b", "a/b/c"),
+    ("a/\udcff", "a\udcfe"),  # names that are not UTF-8 (surrogate escapes)
+    ("\udcfe/a", "\udcfe\udcff"),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), PATH_ORDER)
+def test_path_key_puts_a_directory_right_before_its_contents(first: str, second: str) -> None:
+    assert path_key(first) < path_key(second)
+    assert tuple(first.split("/")) < tuple(second.split("/"))  # the component-wise order it stands for
+    names = [second, first, "a/b/c/d", "a.txt/x", "b", "a/b.c"]
+    assert sorted(names, key=path_key) == sorted(names, key=lambda p: tuple(p.split("/")))
