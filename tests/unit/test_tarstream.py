@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from syncd import tarformat
 from syncd.fsops import Root
 from syncd.protocol import messages as m
 from syncd.scan import Scanner, is_temp_name
@@ -572,3 +573,17 @@ def test_path_key_puts_a_directory_right_before_its_contents(first: str, second:
     assert tuple(first.split("/")) < tuple(second.split("/"))  # the component-wise order it stands for
     names = [second, first, "a/b/c/d", "a.txt/x", "b", "a/b.c"]
     assert sorted(names, key=path_key) == sorted(names, key=lambda p: tuple(p.split("/")))
+
+
+@pytest.mark.parametrize("block", [
+    bytes(512),
+    b"\xff" * 512,  # the largest sum: each half stays below Adler-32's modulus
+    bytes(range(256)) * 2,
+    os.urandom(512),
+    b"a.txt" + bytes(95) + b"0000644\0" + bytes(404),
+], ids=["zeros", "all 0xff", "every byte value", "random", "a header"])
+@pytest.mark.parametrize("with_zlib", [True, False])
+def test_header_byte_sum_is_the_plain_sum(block: bytes, with_zlib: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not with_zlib:
+        monkeypatch.setattr(tarformat, "zlib", None)
+    assert tarformat._byte_sum(block) == sum(block)
