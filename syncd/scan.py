@@ -133,6 +133,11 @@ def _remove_stale(path: str, is_dir: bool) -> None:
         pass
 
 
+# print_record of a regular file (name, mode, size, mtime_ns, ino), for the loops that
+# format one per entry of a tree: the scanner's walk and the base's fingerprints.
+FILE_RECORD = "%s\0" + str(FILE) + "\0%d\0%d\0%d\0%d\0\0"
+
+
 def print_record(name: str, kind: int, mode: int, size: int, mtime_ns: int, ino: int,
                  target: Optional[str]) -> str:
     """One child's part of its directory's fingerprint: only what the engine compares to
@@ -379,9 +384,8 @@ class Scanner:
                         out.append(entry)
                     continue
                 listing.append((rel, st))
-                if fmt == stat.S_IFREG:  # print_record, inlined for the common case
-                    records.append("%s\0%d\0%d\0%d\0%d\0%d\0\0" % (
-                        name, FILE, imode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino))
+                if fmt == stat.S_IFREG:
+                    records.append(FILE_RECORD % (name, imode(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino))
                 elif is_dir:
                     records.append(print_record(name, DIR, imode(st.st_mode), 0, 0, st.st_ino, None))
                 elif fmt == stat.S_IFLNK:

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 
 from syncd.engine.model import SIDES, Agreed, Side
 from syncd.protocol.messages import FILE
-from syncd.scan import dir_print, print_record
+from syncd.scan import FILE_RECORD, dir_print, print_record
 
 
 class BaseIndex:
@@ -115,8 +115,8 @@ def _add_record(local: dict[str, list[str]] | None, remote: dict[str, list[str]]
     for groups, ino in ((local, row.local_ino), (remote, row.remote_ino)):
         if groups is None:
             continue
-        if row.kind == FILE:  # print_record, inlined for the common case
-            record = "%s\0%d\0%d\0%d\0%d\0%d\0\0" % (name, FILE, row.mode, row.size, row.mtime_ns, ino)
+        if row.kind == FILE:
+            record = FILE_RECORD % (name, row.mode, row.size, row.mtime_ns, ino)
         else:
             record = print_record(name, row.kind, row.mode, row.size, row.mtime_ns, ino, row.target)
         records = groups.get(parent)

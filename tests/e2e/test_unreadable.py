@@ -9,24 +9,16 @@ from __future__ import annotations
 import os
 import pwd
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from syncd.engine.model import Agreed, Intent
 from syncd.protocol.messages import FILE
 from syncd.scan import digest_bytes
-from tests.e2e.helpers import start_session
+from tests.e2e.helpers import start_session, wait_until
 from tests.e2e.twoway_util import add_intent, wait_quiescent
 from tests.sshd import SshServer
 
 WAIT = 30.0
-
-
-def wait_for(pred: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def text(path: Path) -> str | None:
@@ -70,7 +62,7 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
         os.chown(box, 0, 0)
         os.chmod(box, 0)
         (remote / "marker.txt").write_text("m1\n")
-        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change")
+        wait_until(lambda: text(local / "marker.txt") == "m1\n", WAIT, message="the marker's change", session=session)
         time.sleep(0.5)
         assert text(local / "locked.txt") == "v1\n", session.describe()
 
@@ -78,7 +70,8 @@ def test_a_file_turned_unreadable_is_kept_on_the_other_side(
         session.stop()
         session = start_session(server, local, remote, state, name="s2")
         (remote / "marker.txt").write_text("m2\n")
-        wait_for(lambda: text(local / "marker.txt") == "m2\n", "the marker's change after the restart")
+        wait_until(lambda: text(local / "marker.txt") == "m2\n", WAIT,
+                   message="the marker's change after the restart", session=session)
         time.sleep(0.5)
         assert text(local / "locked.txt") == "v1\n", session.describe()
         assert text(local / "box" / "inside.txt") == "in a directory the agent will not list\n", session.describe()
@@ -125,7 +118,8 @@ def test_a_directory_that_cannot_be_listed_survives_a_plain_full_scan(
 
         session = start_session(server, local, remote, state, name="s2")
         marker.write_text("m1\n")
-        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change after the restart")
+        wait_until(lambda: text(local / "marker.txt") == "m1\n", WAIT,
+                   message="the marker's change after the restart", session=session)
         time.sleep(0.5)
         assert text(local / "box" / "inside.txt") == "inside\n", session.describe()
         assert text(local / "box" / "sub" / "deep.txt") == "deep\n", session.describe()
@@ -159,16 +153,16 @@ def test_changes_made_while_a_directory_was_unreadable_arrive_once_it_is_readabl
         (box / "new.txt").write_text("n1\n")
         (box / "gone.txt").unlink()
         (remote / "marker.txt").write_text("m1\n")
-        wait_for(lambda: text(local / "marker.txt") == "m1\n", "the marker's change")
+        wait_until(lambda: text(local / "marker.txt") == "m1\n", WAIT, message="the marker's change", session=session)
         time.sleep(0.5)  # the cycles that heard of the changes in box have run
         assert text(local / "box" / "edit.txt") == "e0\n", session.describe()
         assert (local / "box" / "gone.txt").exists(), session.describe()
 
         os.chmod(box, 0o755)
-        wait_for(lambda: (text(local / "box" / "edit.txt") == "e1, while the agent could not look\n"
-                          and text(local / "box" / "new.txt") == "n1\n"
-                          and not (local / "box" / "gone.txt").exists()),
-                 "the changes made while the directory was unreadable")
+        wait_until(lambda: (text(local / "box" / "edit.txt") == "e1, while the agent could not look\n"
+                            and text(local / "box" / "new.txt") == "n1\n"
+                            and not (local / "box" / "gone.txt").exists()),
+                   WAIT, message="the changes made while the directory was unreadable", session=session)
         session.assert_alive()
     finally:
         session.stop()
