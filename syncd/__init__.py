@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 # Bumped whenever the wire format changes incompatibly; checked in the handshake.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

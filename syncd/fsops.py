@@ -10,13 +10,12 @@ target's directory and is renamed into place after the caller's expectation is r
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from syncd.protocol import messages as m
-from syncd.scan import DIGEST_SIZE, TEMP_PREFIX, entry_from_stat
+from syncd.scan import TEMP_PREFIX, content_hasher, entry_from_stat
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -445,7 +444,7 @@ def read_file(root: Root, rel: str) -> Iterator[Tuple[bytes, Optional[m.Entry], 
         if not stat.S_ISREG(before.st_mode):
             yield b"", None, "%s is not a regular file" % rel
             return
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        h = content_hasher()
         while True:
             data = os.read(fd, CHUNK)
             if not data:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from syncd.engine.index import BaseIndex
 from syncd.engine.model import Agreed, Conflict, Intent, other
+from syncd.protocol.messages import FILE
+from syncd.scan import DIGEST_SCHEME
 
 
 class StoreBusy(Exception):
@@ -57,6 +59,9 @@ CREATE TABLE IF NOT EXISTS conflicts (
     stamp TEXT NOT NULL
 );
 """
+
+
+_DIGESTS_KEY = "digests"  # meta: the scheme of the file digests recorded (scan.DIGEST_SCHEME)
 
 
 def _enc(text: str | None) -> bytes | None:
@@ -107,6 +112,39 @@ class Store:
         if "local_only" not in columns:
             # Every existing row is one both sides hold: the default says so.
             self.db.execute("ALTER TABLE base ADD COLUMN local_only INTEGER NOT NULL DEFAULT 0")
+        if self.get_meta(_DIGESTS_KEY) is None and not self._holds_digests():
+            # A new index, or one without a digest to re-key: it is of the current scheme.
+            self._write((), {_DIGESTS_KEY: DIGEST_SCHEME}, clear=False)
+
+    def _holds_digests(self) -> bool:
+        return any(self.db.execute(f"SELECT 1 FROM {table} WHERE digest IS NOT NULL LIMIT 1").fetchone()
+                   for table in ("base", "intents"))
+
+    @property
+    def stale_digests(self) -> bool:
+        """True when the recorded file digests are of another scheme than the current one
+        (an index written by an older syncd): they compare with nothing a scan computes
+        now, and must be re-keyed (``redigest``) before the base is used."""
+        return self.get_meta(_DIGESTS_KEY) != DIGEST_SCHEME
+
+    def redigest(self, digests: dict[str, bytes | None]) -> None:
+        """Re-key every file row's digest to the current scheme, in one transaction:
+        ``digests`` holds the new one by path, and a file row it lacks (or maps to None)
+        keeps no digest, as if its content were unknown. The intents' digests are
+        dropped: an intent then adopts nothing, and the write it stands for shows as a
+        change on the side it reached, equal to the side it came from."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN")
+        try:
+            cur.execute("UPDATE base SET digest = NULL WHERE kind = ?", (FILE,))
+            cur.executemany("UPDATE base SET digest = ? WHERE path = ?",
+                            ((digest, os.fsencode(path)) for path, digest in digests.items() if digest is not None))
+            cur.execute("UPDATE intents SET digest = NULL")
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_DIGESTS_KEY, DIGEST_SCHEME))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()

@@ -18,7 +18,6 @@ file reaches its place by rename.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import stat
@@ -27,7 +26,7 @@ from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional,
 from syncd import tarformat as tf
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
-from syncd.scan import DIGEST_SIZE, TEMP_PREFIX, is_under
+from syncd.scan import TEMP_PREFIX, content_hasher, is_under
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -225,7 +224,7 @@ class TarProducer:
                 return
             size = before.st_size
             yield self._header(rel, tf.REGULAR, before.st_mode, before.st_mtime_ns, size)
-            digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+            digest = content_hasher()
             left = size
             short = False
             while left > 0:

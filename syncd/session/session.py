@@ -30,7 +30,7 @@ from syncd.rules import Rules
 from syncd.scan import is_temp_name, is_under, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
-from syncd.session.local_side import LocalSide
+from syncd.session.local_side import LocalSide, load_base
 from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary
 from syncd.session.resync import pull as resync_pull
 from syncd.session.resync import push as resync_push
@@ -220,7 +220,7 @@ class Session:
         scanning the local tree: the first cycle then mostly waits for the remote side."""
         store = self.store
         assert store is not None
-        loading = asyncio.ensure_future(asyncio.to_thread(store.load))
+        loading = asyncio.ensure_future(asyncio.to_thread(load_base, store, self.cfg.local))
         try:
             self.base = await asyncio.shield(loading)
         except asyncio.CancelledError:

@@ -3,14 +3,24 @@ change made on either side while syncd was down, however small, and sends nothin
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.twoway_util import Pair, assert_idle, change_lines, make_tree, open_pair, wait_quiescent
+from tests.e2e.twoway_util import (
+    Pair,
+    assert_idle,
+    change_lines,
+    conflict_lines,
+    make_tree,
+    open_pair,
+    wait_quiescent,
+)
 from tests.sshd import SshServer
 
 
@@ -113,4 +123,46 @@ def test_paths_newly_ignored_while_down_are_left_alone(pair: Pair) -> None:
     for root in (L, R):
         assert len([p for p in (root / "d0").rglob("*") if p.is_file()]) == 6
     assert not [ln for ln in change_lines(s2) if "d1/" in ln or "d2/" in ln], s2.stdout()
+    s2.stop()
+
+
+def _as_older_syncd_wrote_it(state: Path) -> None:
+    """Rewrite the session's index as a syncd with BLAKE2b digests left it."""
+    (index,) = (state / "sessions").glob("*.sqlite")
+    con = sqlite3.connect(index)
+    try:
+        con.execute("DELETE FROM meta WHERE key = 'digests'")
+        rows = con.execute("SELECT path FROM base WHERE digest IS NOT NULL").fetchall()
+        assert rows
+        con.executemany("UPDATE base SET digest = ? WHERE path = ?",
+                        [(hashlib.blake2b(p, digest_size=20).digest(), p) for (p,) in rows])
+        con.commit()
+    finally:
+        con.close()
+
+
+def test_an_index_with_digests_of_an_older_scheme_resumes_without_sending_anything_again(pair: Pair) -> None:
+    tree = {f"d{i}/f{k}.txt": f"file {i} {k}\n" for i in range(3) for k in range(5)}
+    make_tree(pair.local, tree)
+    s1 = pair.start()
+    wait_quiescent(pair.local, pair.remote, s1, what="initial push")
+    s1.stop()
+    _as_older_syncd_wrote_it(pair.state)
+    same_size_edit(pair.local / "d0/f0.txt", b"FILE 0 0\n")  # while down: travels
+    same_size_edit(pair.remote / "d1/f1.txt", b"FILE 1 1\n")
+
+    s2 = pair.start()
+    wait_quiescent(pair.local, pair.remote, s2, what="restart")
+    assert_idle(s2)
+    for root in (pair.local, pair.remote):
+        assert (root / "d0/f0.txt").read_bytes() == b"FILE 0 0\n"
+        assert (root / "d1/f1.txt").read_bytes() == b"FILE 1 1\n"
+    travelled = sorted(ln.split()[3] for ln in change_lines(s2))
+    assert travelled == ["d0/f0.txt", "d1/f1.txt"], s2.stdout()
+    assert not conflict_lines(s2), s2.stdout()
+    # A move after the restart is carried as a rename again: the digests were re-keyed.
+    before = len(s2.stdout_lines())
+    os.rename(pair.local / "d2/f2.txt", pair.local / "d2/moved.txt")
+    wait_quiescent(pair.local, pair.remote, s2, what="move")
+    assert change_lines(s2, before) == ["-> remote move   d2/f2.txt -> d2/moved.txt"], s2.stdout()
     s2.stop()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from syncd.engine.model import Agreed
+from syncd.engine.model import Agreed, Intent
 from syncd.protocol.messages import DIR, FILE, SYMLINK
-from syncd.store import Store
+from syncd.session import local_side
+from syncd.session.local_side import load_base
+from syncd.store import Store, load_intents, record_intents
 
 CAFE = os.fsdecode(b"dir/caf\xe9.txt")
 ROWS = [
@@ -194,5 +197,107 @@ def test_index_without_markers_is_migrated_in_place(db: str) -> None:
     s = Store(db)  # a second open finds the column there already
     try:
         assert s.load().kept(".env") == KEPT and rows(s) == {"dir": ROWS[0]}
+    finally:
+        s.close()
+
+
+# ---- digests of an older scheme ----------------------------------------------------------
+
+def _make_old(db: str) -> None:
+    """Make the index look written by a syncd whose digests were of another scheme."""
+    con = sqlite3.connect(db)
+    try:
+        con.execute("DELETE FROM meta WHERE key = 'digests'")
+        con.commit()
+    finally:
+        con.close()
+
+
+def _file_row(root: Path, rel: str, digest: bytes = b"\x01" * 20, **change: int) -> Agreed:
+    st = os.stat(root / rel)
+    row = Agreed(rel, FILE, 0o644, st.st_size, st.st_mtime_ns, digest, None, st.st_ino, 99)
+    return row._replace(**change)
+
+
+def test_a_new_index_records_the_current_scheme(db: str) -> None:
+    s = Store(db)
+    try:
+        assert not s.stale_digests
+        s.commit([(r.path, r) for r in ROWS])
+    finally:
+        s.close()
+    s = Store(db)
+    try:
+        assert not s.stale_digests
+    finally:
+        s.close()
+
+
+def test_an_old_index_without_digests_needs_no_rekeying(db: str) -> None:
+    s = Store(db)
+    s.commit([(ROWS[0].path, ROWS[0])])
+    s.close()
+    _make_old(db)
+    s = Store(db)
+    try:
+        assert not s.stale_digests
+    finally:
+        s.close()
+
+
+def test_digests_of_an_older_scheme_are_computed_again_from_the_local_files(db: str, tmp_path: Path) -> None:
+    root = tmp_path / "local"
+    (root / "d").mkdir(parents=True)
+    for rel, data in {"same.txt": b"same\n", "d/kept.txt": b"kept\n", "edited.txt": b"edited\n",
+                      "other-inode.txt": b"x\n", "unreadable.txt": b"u\n"}.items():
+        (root / rel).write_bytes(data)
+    rows = [
+        _file_row(root, "same.txt"),
+        _file_row(root, "d/kept.txt")._replace(local_only=True),
+        _file_row(root, "edited.txt", mtime_ns=1),  # changed since it was recorded
+        _file_row(root, "other-inode.txt", local_ino=1),  # replaced by another file
+        Agreed("gone.txt", FILE, 0o644, 3, 5, b"\x02" * 20, None, 7, 8),
+        Agreed("d", DIR, 0o755, 0, 5, None, None, 9, 10),
+    ]
+    if os.geteuid() != 0:  # root reads it anyway
+        rows.append(_file_row(root, "unreadable.txt"))
+        os.chmod(root / "unreadable.txt", 0)
+    s = Store(db)
+    s.commit([(r.path, r) for r in rows])
+    record_intents(s, [Intent("remote", "same.txt", rows[0])])
+    s.close()
+    _make_old(db)
+
+    s = Store(db)
+    try:
+        assert s.stale_digests
+        base = load_base(s, str(root))
+        assert not s.stale_digests
+        assert base.get("same.txt").digest == hashlib.sha256(b"same\n").digest()  # type: ignore[union-attr]
+        assert base.kept("d/kept.txt").digest == hashlib.sha256(b"kept\n").digest()  # type: ignore[union-attr]
+        for unknown in ("edited.txt", "other-inode.txt", "gone.txt", "unreadable.txt"):
+            row = base.get(unknown)
+            assert row is None or row.digest is None, unknown
+        # Everything else about the rows stays.
+        assert base.get("same.txt") == rows[0]._replace(digest=hashlib.sha256(b"same\n").digest())
+        assert base.get("d") == rows[5]
+        assert [i.after.digest for i in load_intents(s) if i.after is not None] == [None]
+    finally:
+        s.close()
+
+
+def test_rekeying_happens_once(db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "local"
+    root.mkdir()
+    (root / "a").write_bytes(b"a")
+    s = Store(db)
+    s.commit([("a", _file_row(root, "a"))])
+    s.close()
+    _make_old(db)
+    s = Store(db)
+    try:
+        load_base(s, str(root))
+        monkeypatch.setattr(local_side, "local_digests", lambda *a: pytest.fail("hashed again"))
+        assert load_base(s, str(root)).get("a").digest == hashlib.sha256(b"a").digest()  # type: ignore[union-attr]
     finally:
         s.close()
