@@ -7,6 +7,7 @@ the watcher thread (when enabled) sends Changes, and a lock keeps frames whole o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -160,16 +161,20 @@ class Agent:
         del self.receiving[msg.req]
         if not self.receiving:
             size_pipe(self.in_fd, PIPE_DEFAULT)
+        # Into the whole root, the daemon rescans all of it after this and drops the reports
+        # that came before the result: the placed directories are watched without reports
+        # of their content, and the other reports of our own placements are let out before
+        # the result (settle), or they would arrive after it and make the next cycle look
+        # at every path again.
+        watcher = self.watcher if job.whole_root else None
         try:
-            entries, skipped, deleted = job.finish(msg.skipped)
+            with watcher.placing() if watcher is not None else contextlib.nullcontext():
+                entries, skipped, deleted = job.finish(msg.skipped)
+                if watcher is not None:
+                    watcher.settle()
         except (OSError, UnsafePath, ExtractError) as exc:
             self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
             return
-        if job.whole_root and self.watcher is not None:
-            # The daemon rescans the whole root after this and drops the reports that came
-            # before the result: get the ones of our own placements out first, or they
-            # arrive after it and make the next cycle look at every path again.
-            self.watcher.settle()
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
 
     def apply_one(self, op: m.Op) -> m.OpResult:

@@ -344,6 +344,56 @@ def test_settle_delivers_what_happened_before_it(tmp_path: object) -> None:
     assert not w.settle()  # stopped: nothing to wait for
 
 
+def _outside_tree(tmp_path: object) -> str:
+    outside = os.path.join(os.path.realpath(str(tmp_path)), "outside")
+    os.makedirs(os.path.join(outside, "deep"))
+    with open(os.path.join(outside, "deep", "in.txt"), "wb") as f:
+        f.write(b"x")
+    return outside
+
+
+def test_directories_placed_are_watched_without_reporting_their_content(tmp_path: object) -> None:
+    """While placing(), a directory moved in is reported and watched, with everything
+    below it, but its content is not reported entry by entry."""
+    _skip_unless_available("inotify")
+    root = os.path.join(os.path.realpath(str(tmp_path)), "root")
+    os.mkdir(root)
+    outside = _outside_tree(tmp_path)
+    col = Collector()
+    w = start_watcher(root, col, prefer="inotify", step_ms=10)
+    try:
+        with w.placing():
+            os.rename(outside, os.path.join(root, "placed"))
+            assert w.settle()
+        assert col.paths() == {"placed"}, col.batches
+        assert not col.overflowed()
+        col.clear()
+        with open(os.path.join(root, "placed", "deep", "later.txt"), "wb"):
+            pass
+        assert col.wait_paths({"placed/deep/later.txt"}), col.batches
+    finally:
+        w.stop()
+
+
+def test_placing_cut_short_reports_the_whole_tree(tmp_path: object) -> None:
+    _skip_unless_available("inotify")
+    root = os.path.join(os.path.realpath(str(tmp_path)), "root")
+    os.mkdir(root)
+    outside = _outside_tree(tmp_path)
+    col = Collector()
+    w = start_watcher(root, col, prefer="inotify", step_ms=10)
+    try:
+        with pytest.raises(OSError), w.placing():
+            os.rename(outside, os.path.join(root, "placed"))
+            raise OSError("the placement failed")
+        assert col.wait_for(lambda: any(ov and "" in paths for paths, ov in col.batches)), col.batches
+        col.clear()
+        os.rename(os.path.join(root, "placed"), os.path.join(root, "again"))
+        assert col.wait_paths({"again", "again/deep", "again/deep/in.txt"}), col.batches  # reports again
+    finally:
+        w.stop()
+
+
 def test_settle_is_unsupported_when_polling(tmp_path: object) -> None:
     w = start_watcher(os.path.realpath(str(tmp_path)), Collector(), prefer="poll")
     try:
