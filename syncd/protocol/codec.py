@@ -35,13 +35,20 @@ _DECODERS: Dict[type, List[Decoder]] = {}
 def _fields(cls: type) -> Tuple[str, ...]:
     names = _FIELDS.get(cls)
     if names is None:
-        names = tuple(f.name for f in dataclasses.fields(cls))
+        named: Optional[Tuple[str, ...]] = getattr(cls, "_fields", None)  # a NamedTuple
+        names = named if named is not None else tuple(f.name for f in dataclasses.fields(cls))
         _FIELDS[cls] = names
     return names
 
 
+_ENTRY_TAG = m.TAGS[m.Entry]
+
+
 def _to_wire(value: Any) -> Any:
     cls = type(value)
+    if cls is m.Entry:  # by the ten thousand in scans and streams: its fields are known
+        return [_ENTRY_TAG, value.path, value.kind, value.mode, value.size, value.mtime_ns, value.ino,
+                value.digest, value.target]
     tag = m.TAGS.get(cls)
     if tag is not None:
         return [tag] + [_to_wire(getattr(value, name)) for name in _fields(cls)]
@@ -117,9 +124,6 @@ def _decoder_for(hint: Any) -> Decoder:
         allowed_one = {m.TAGS[hint]}
         return lambda v: _decode_struct(v, allowed_one)
     raise TypeError("no wire decoder for %r" % (hint,))
-
-
-_ENTRY_TAG = m.TAGS[m.Entry]
 
 
 def _decode_entry(value: Any) -> m.Entry:

@@ -1,4 +1,5 @@
-"""Wire messages: one frozen dataclass per message, plus the structs they carry.
+"""Wire messages: one frozen dataclass per message, plus the structs they carry (Entry,
+the one made by the ten thousand, is a named tuple: four times as cheap to make).
 
 Shipped to the remote agent, so this module runs on Python 3.8 with the standard library
 only. Annotations use ``typing`` generics because the codec evaluates them at run time.
@@ -9,7 +10,7 @@ travel as surrogate-escaped strings (the codec packs them back to the original b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 # Entry kinds.
 FILE = 0
@@ -19,8 +20,7 @@ SYMLINK = 2
 ABSENT = -1
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One filesystem entry as seen on one side."""
 
     path: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
@@ -99,7 +99,7 @@ def _with_digests(local: LocalSide, entries: list[m.Entry]) -> list[m.Entry]:
             digest = local.digest_of(entry.path)
             if digest is None:
                 continue
-            entry = replace(entry, digest=digest)
+            entry = entry._replace(digest=digest)
         out.append(entry)
     return out
 

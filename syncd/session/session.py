@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from syncd.agent.watch import start_watcher
@@ -976,7 +976,7 @@ class Session:
                 elif path == move.path or path.startswith(move.path + "/"):
                     entry = seen.pop(path)
                     moved = move.dest + path[len(move.path):]
-                    carried[moved] = None if entry is None else replace(entry, path=moved)
+                    carried[moved] = None if entry is None else entry._replace(path=moved)
             seen.update(carried)
         assert self.store is not None
         clear_intents(self.store)

@@ -115,6 +115,21 @@ def test_non_utf8_path_keeps_its_bytes() -> None:
     assert os.fsencode(chunk.entries[2].target) == b"../caf\xe9.txt"
 
 
+@pytest.mark.parametrize("entry", [
+    m.Entry("a.txt", m.FILE, 0o644, 5, 1_700_000_000_123_456_789, 12, b"\x00" * 32),
+    m.Entry("d", m.DIR, 0o755, 0, 0, 2**64 - 1),
+    m.Entry("l", m.SYMLINK, 0o777, 0, 1, 3, None, os.fsdecode(b"../\xff")),
+    m.Entry(os.fsdecode(b"caf\xe9"), m.FILE, 0o600, 0, -1, 0, b""),
+])
+def test_entries_go_on_the_wire_field_by_field_in_order(entry: m.Entry) -> None:
+    """Entries are laid out without reflection (they are many); the layout is still the
+    tag and then every field in declaration order, and comes back equal."""
+    wire = codec._to_wire(entry)
+    assert wire == [m.TAGS[m.Entry]] + [getattr(entry, name) for name in m.Entry._fields]
+    chunk = m.ScanChunk(1, (entry,), (), True, ())
+    assert decode_body(encode(chunk)[4:]) == chunk
+
+
 def test_nested_ops_and_results_keep_their_types() -> None:
     pair = Pair()
     (apply,) = pair.a_to_b(SAMPLES[m.Apply])

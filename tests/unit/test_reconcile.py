@@ -7,7 +7,7 @@ on the local side and another on the remote side, as in real life.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -66,7 +66,7 @@ def ln(path: str, target: str, side: str = "local", inode: int | None = None) ->
 
 def on(side: str, entry: Entry) -> Entry:
     """The same entry as held by ``side`` (its inode there)."""
-    return replace(entry, ino=ino(entry.path, side))
+    return entry._replace(ino=ino(entry.path, side))
 
 
 def agreed(entry: Entry) -> Agreed:
@@ -437,7 +437,7 @@ def test_recreated_dir_comes_from_the_other_side() -> None:
 
 def test_unchanged_with_new_inodes_refreshes_base_row() -> None:
     base = base_of(*BASE_TREE)
-    moved_ino = replace(f("a.txt"), ino=12345)  # e.g. restored from a backup with the same stat
+    moved_ino = f("a.txt")._replace(ino=12345)  # e.g. restored from a backup with the same stat
     plan = reconcile(base, {"a.txt": moved_ino}, {}, policy())
     assert plan.actions == []
     row = plan.records["a.txt"]
@@ -570,7 +570,7 @@ def test_rekey_carries_markers_along() -> None:
 
 def test_detect_file_rename() -> None:
     base = base_of(*BASE_TREE)
-    renamed = replace(f("b.txt", "v0"), ino=ino("a.txt", "local"))
+    renamed = f("b.txt", "v0")._replace(ino=ino("a.txt", "local"))
     moves = detect_moves(base, {"a.txt": None, "b.txt": renamed}, {})
     assert len(moves) == 1
     (move,) = moves
@@ -581,7 +581,7 @@ def test_detect_file_rename() -> None:
 
 def test_detect_remote_rename_replayed_locally() -> None:
     base = base_of(*BASE_TREE)
-    renamed = replace(f("c.txt", "v0"), ino=ino("a.txt", "remote"))
+    renamed = f("c.txt", "v0")._replace(ino=ino("a.txt", "remote"))
     (move,) = detect_moves(base, {}, {"a.txt": None, "c.txt": renamed})
     assert (move.side, move.path, move.dest) == ("local", "a.txt", "c.txt")
 
@@ -590,10 +590,10 @@ def test_detect_dir_rename_is_one_move() -> None:
     base = base_of(*BASE_TREE, d("dir/sub"), f("dir/sub/c"))
     local = {
         "dir": None, "dir/b.txt": None, "dir/sub": None, "dir/sub/c": None,
-        "moved": replace(d("moved"), ino=ino("dir", "local")),
-        "moved/b.txt": replace(f("moved/b.txt", "b0"), ino=ino("dir/b.txt", "local")),
-        "moved/sub": replace(d("moved/sub"), ino=ino("dir/sub", "local")),
-        "moved/sub/c": replace(f("moved/sub/c"), ino=ino("dir/sub/c", "local")),
+        "moved": d("moved")._replace(ino=ino("dir", "local")),
+        "moved/b.txt": f("moved/b.txt", "b0")._replace(ino=ino("dir/b.txt", "local")),
+        "moved/sub": d("moved/sub")._replace(ino=ino("dir/sub", "local")),
+        "moved/sub/c": f("moved/sub/c")._replace(ino=ino("dir/sub/c", "local")),
     }
     moves = detect_moves(base, local, {})
     assert [(mv.side, mv.kind, mv.path, mv.dest) for mv in moves] == [("remote", MOVE, "dir", "moved")]
@@ -605,8 +605,8 @@ def test_detect_dir_rename_from_watcher_hints() -> None:
     base = base_of(*BASE_TREE)
     local = {
         "dir": None,
-        "moved": replace(d("moved"), ino=ino("dir", "local")),
-        "moved/b.txt": replace(f("moved/b.txt", "b0"), ino=ino("dir/b.txt", "local")),
+        "moved": d("moved")._replace(ino=ino("dir", "local")),
+        "moved/b.txt": f("moved/b.txt", "b0")._replace(ino=ino("dir/b.txt", "local")),
     }
     (move,) = detect_moves(base, local, {})
     assert (move.side, move.path, move.dest) == ("remote", "dir", "moved")
@@ -616,21 +616,21 @@ def test_detect_dir_rename_from_watcher_hints() -> None:
     "local,remote",
     [
         # renamed and edited: the content must travel
-        ({"a.txt": None, "b.txt": replace(f("b.txt", "v1"), ino=ino("a.txt", "local"))}, {}),
+        ({"a.txt": None, "b.txt": f("b.txt", "v1")._replace(ino=ino("a.txt", "local"))}, {}),
         # same content, other inode: a copy then a delete, not a rename we can prove
         ({"a.txt": None, "b.txt": f("b.txt", "v0")}, {}),
         # the other side changed the old path meanwhile
-        ({"a.txt": None, "b.txt": replace(f("b.txt", "v0"), ino=ino("a.txt", "local"))},
+        ({"a.txt": None, "b.txt": f("b.txt", "v0")._replace(ino=ino("a.txt", "local"))},
          {"a.txt": f("a.txt", "edited", side="remote")}),
         # the other side already deleted the old path
-        ({"a.txt": None, "b.txt": replace(f("b.txt", "v0"), ino=ino("a.txt", "local"))}, {"a.txt": None}),
+        ({"a.txt": None, "b.txt": f("b.txt", "v0")._replace(ino=ino("a.txt", "local"))}, {"a.txt": None}),
         # the other side has something at the new path
-        ({"a.txt": None, "b.txt": replace(f("b.txt", "v0"), ino=ino("a.txt", "local"))},
+        ({"a.txt": None, "b.txt": f("b.txt", "v0")._replace(ino=ino("a.txt", "local"))},
          {"b.txt": f("b.txt", "other", side="remote")}),
         # no digest yet: cannot prove the content is the same
-        ({"a.txt": None, "b.txt": replace(f("b.txt", "v0", digest=None), ino=ino("a.txt", "local"))}, {}),
+        ({"a.txt": None, "b.txt": f("b.txt", "v0", digest=None)._replace(ino=ino("a.txt", "local"))}, {}),
         # a file turned into a directory with the same inode number (reused inode)
-        ({"a.txt": None, "b": replace(d("b"), ino=ino("a.txt", "local"))}, {}),
+        ({"a.txt": None, "b": d("b")._replace(ino=ino("a.txt", "local"))}, {}),
     ],
     ids=["edited", "other-inode", "theirs-changed", "theirs-deleted", "dest-taken", "no-digest", "kind"],
 )
@@ -640,12 +640,12 @@ def test_no_move(local: dict[str, Entry | None], remote: dict[str, Entry | None]
 
 def test_rename_then_reconcile_after_rekey_is_quiet() -> None:
     base = base_of(*BASE_TREE)
-    renamed = replace(f("b.txt", "v0"), ino=ino("a.txt", "local"))
+    renamed = f("b.txt", "v0")._replace(ino=ino("a.txt", "local"))
     local: dict[str, Entry | None] = {"a.txt": None, "b.txt": renamed}
     (move,) = detect_moves(base, local, {})
     rekey(base, move.path, move.dest)
     # The remote now holds b.txt with its old remote inode.
-    plan = reconcile(base, local, {"b.txt": replace(on("remote", f("b.txt", "v0")), ino=ino("a.txt", "remote"))},
+    plan = reconcile(base, local, {"b.txt": on("remote", f("b.txt", "v0"))._replace(ino=ino("a.txt", "remote"))},
                      policy())
     assert plan.actions == [] and plan.conflicts == []
 

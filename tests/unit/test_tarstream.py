@@ -453,7 +453,6 @@ def test_the_agent_sends_no_further_ahead_than_its_credit(tmp_path: Path) -> Non
 
 def test_a_pushed_root_keeps_the_senders_digests_for_files_that_landed_unchanged(tmp_path: Path) -> None:
     """After a push the agent's next scan hashes nothing it was sent (TarDigests)."""
-    from dataclasses import replace
 
     from syncd.agent.tar_jobs import Receive
 
@@ -469,7 +468,7 @@ def test_a_pushed_root_keeps_the_senders_digests_for_files_that_landed_unchanged
     job = Receive(root, scanner, m.TarReceive(1, "", False))
     job.feed(data)
     # "d/c" announced with another size: it must not be trusted for what landed.
-    job.known((sent["d/a"], sent["d/b"], replace(sent["d/c"], size=1), sent["d"]))
+    job.known((sent["d/a"], sent["d/b"], sent["d/c"]._replace(size=1), sent["d"]))
     job.finish(())
     for name in ("a", "b", "c"):
         st = os.stat(dest / "d" / name)
