@@ -39,12 +39,13 @@ class Agent:
         self.sending: Any = None  # tar_jobs.Send of the tree, if one was started
 
     def send(self, message: Any) -> None:
-        data = self.conn.send(message)
+        parts = self.conn.send_parts(message)
         with self.lock:
-            view = memoryview(data)
-            while view:
-                written = os.write(self.out_fd, view)
-                view = view[written:]
+            for data in parts:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self.out_fd, view)
+                    view = view[written:]
 
     def run(self) -> int:
         with self.lock:

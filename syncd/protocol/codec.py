@@ -19,6 +19,8 @@ from syncd.protocol import messages as m
 
 MAX_FRAME = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
+_BIN32 = struct.Struct(">BI")  # msgpack's header of a bin of 65,536 bytes or more
+_BULK_TYPES = (m.TarData, m.BlobData)  # [tag, number, data]: data by the mebibyte
 _NONE_TYPE = type(None)
 
 
@@ -179,6 +181,23 @@ def encode(message: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+def encode_parts(message: Any) -> Tuple[bytes, ...]:
+    """``encode(message)`` as pieces to write one after the other. The data of a large
+    TarData or BlobData is a piece of its own instead of being copied into the frame twice
+    (by msgpack, then behind the length): a stream passes every byte through here."""
+    cls = type(message)
+    if cls not in _BULK_TYPES or len(message.data) < 1 << 16:  # below, msgpack picks a shorter header
+        return (encode(message),)
+    data = message.data
+    head = msgpack.packb(_to_wire(message)[:-1], use_bin_type=True)  # [tag, number]: a fixarray of 2
+    # The array holds one more element, the data, with the header msgpack gives it.
+    head = bytes((head[0] + 1,)) + head[1:] + _BIN32.pack(0xC6, len(data))
+    size = len(head) + len(data)
+    if size > MAX_FRAME:
+        raise ValueError("message of %d bytes exceeds the %d-byte limit" % (size, MAX_FRAME))
+    return (_HEADER.pack(size) + head, data)
+
+
 def decode_body(body: Union[bytes, memoryview]) -> Any:
     """Decode one frame body into a message, or raise ProtocolError."""
     try:
@@ -226,6 +245,12 @@ class Connection:
         if not self._sent_hello:
             raise RuntimeError("send Hello (initiate) first")
         return encode(message)
+
+    def send_parts(self, message: Any) -> Tuple[bytes, ...]:
+        """Like ``send``, in pieces to write in order (see ``encode_parts``)."""
+        if not self._sent_hello:
+            raise RuntimeError("send Hello (initiate) first")
+        return encode_parts(message)
 
     def receive_data(self, data: bytes) -> List[Any]:
         """Feed bytes from the peer; return the complete messages they finish.

@@ -70,7 +70,8 @@ class AgentClient:
     def send(self, message: Any) -> None:
         if self.error is not None:
             raise AgentError(str(self.error))
-        self._send_raw(self.conn.send(message))
+        for data in self.conn.send_parts(message):
+            self._send_raw(data)
 
     async def drain(self) -> None:
         try:
