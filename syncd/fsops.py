@@ -57,12 +57,16 @@ def split_path(rel: str) -> List[str]:
     if "\0" in rel:
         raise UnsafePath("NUL in path %r" % rel)
     parts = rel.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise UnsafePath("path %r has a %r component" % (rel, part))
-        # A character encodes to at most 4 bytes: only long names need encoding to check.
-        if len(part) > _NAME_MAX // 4 and len(os.fsencode(part)) > _NAME_MAX:
-            raise UnsafePath("name too long in %r" % rel)
+    # Every path of a stream or a scan comes through here (twice per member): the checks
+    # scan the list in C, and the loop runs only when something is wrong or long.
+    if "" in parts or "." in parts or ".." in parts:
+        bad = next(part for part in parts if part in ("", ".", ".."))
+        raise UnsafePath("path %r has a %r component" % (rel, bad))
+    # A character encodes to at most 4 bytes: only long names need encoding to check.
+    if len(rel) > _NAME_MAX // 4 and max(map(len, parts)) > _NAME_MAX // 4:
+        for part in parts:
+            if len(part) > _NAME_MAX // 4 and len(os.fsencode(part)) > _NAME_MAX:
+                raise UnsafePath("name too long in %r" % rel)
     return parts
 
 

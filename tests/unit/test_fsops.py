@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.fsops import Root, read_file
+from syncd.fsops import Root, UnsafePath, read_file, split_path
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, digest_bytes
 
@@ -122,6 +122,27 @@ ESCAPES = [
     "file/x",  # through a non-directory
     "n" * 256,
 ]
+
+
+@pytest.mark.parametrize("rel, parts", [
+    ("a", ["a"]),
+    ("a/b/c.txt", ["a", "b", "c.txt"]),
+    ("..a/b..", ["..a", "b.."]),
+    (".hidden/.x", [".hidden", ".x"]),
+    ("d/" + "n" * 255, ["d", "n" * 255]),
+    ("é" * 127, ["é" * 127]),  # 254 bytes
+    ("/".join(["abc"] * 40), ["abc"] * 40),
+    (os.fsdecode(b"caf\xe9/x"), [os.fsdecode(b"caf\xe9"), "x"]),
+])
+def test_split_path_accepts(rel: str, parts: list[str]) -> None:
+    assert split_path(rel) == parts
+
+
+@pytest.mark.parametrize("rel", [*(e for e in ESCAPES if not e.startswith(("link/", "file/"))),
+                                 "é" * 128, "a/" + "n" * 256, "x" * 300 + "/a", "a/b/", "a/../b", "a/./b/c"])
+def test_split_path_refuses(rel: str) -> None:
+    with pytest.raises(UnsafePath):
+        split_path(rel)
 
 
 def _setup_escape_tree(space: Path) -> dict[str, str]:
