@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import io
 import json
 import logging
@@ -136,6 +137,7 @@ def run(local: str, remote: str, name: str | None, quiet: bool, verbose: int, **
     exec:"docker exec -i box"::/path.
     """
     _setup_logging(verbose)
+    faulthandler.enable()  # a crash in an extension leaves every thread's stack on stderr
     spec = _spec(name or os.path.basename(os.path.abspath(local)) or "root", local, remote, opts)
     try:
         cfg = spec.to_config(opts.get("state_dir") or default_state_dir())
@@ -209,6 +211,7 @@ def daemon(config_path: str | None, socket_path: str | None, verbose: int) -> No
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    faulthandler.enable()  # a crash in an extension leaves every thread's stack in the journal
     try:
         asyncio.run(run_daemon(config_path, socket_path))
     except (DaemonError, ConfigError) as exc:

@@ -585,6 +585,19 @@ def test_sigterm_while_a_session_connects_exits_0(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_a_crash_leaves_the_stack_of_every_thread_in_the_log(tmp_path: Path) -> None:
+    """A fatal signal (a fault in an extension) does not go unexplained: the journal gets
+    each thread's Python stack."""
+    daemon = DaemonProc(tmp_path)
+    daemon.start()
+    daemon.signal(signal.SIGSEGV)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(15) == -signal.SIGSEGV
+    log = daemon.log()
+    assert "Fatal Python error: Segmentation fault" in log, log
+    assert "most recent call first" in log, log
+
+
 def test_session_recovers_after_the_remote_comes_back(tmp_path: Path) -> None:
     """The first connection attempts fail (the remote's python refuses to start); once the
     remote works again, the retry with backoff connects and syncs, and last_error always
