@@ -352,15 +352,20 @@ def _outside_tree(tmp_path: object) -> str:
     return outside
 
 
-def test_directories_placed_are_watched_without_reporting_their_content(tmp_path: object) -> None:
-    """While placing(), a directory moved in is reported and watched, with everything
-    below it, but its content is not reported entry by entry."""
+def _watch_beside_a_tree(tmp_path: object) -> Tuple[str, str, Collector, Watcher]:
+    """An inotify watcher of an empty root, and a tree outside it to move in."""
     _skip_unless_available("inotify")
     root = os.path.join(os.path.realpath(str(tmp_path)), "root")
     os.mkdir(root)
     outside = _outside_tree(tmp_path)
     col = Collector()
-    w = start_watcher(root, col, prefer="inotify", step_ms=10)
+    return root, outside, col, start_watcher(root, col, prefer="inotify", step_ms=10)
+
+
+def test_directories_placed_are_watched_without_reporting_their_content(tmp_path: object) -> None:
+    """While placing(), a directory moved in is reported and watched, with everything
+    below it, but its content is not reported entry by entry."""
+    root, outside, col, w = _watch_beside_a_tree(tmp_path)
     try:
         with w.placing():
             os.rename(outside, os.path.join(root, "placed"))
@@ -376,12 +381,7 @@ def test_directories_placed_are_watched_without_reporting_their_content(tmp_path
 
 
 def test_placing_cut_short_reports_the_whole_tree(tmp_path: object) -> None:
-    _skip_unless_available("inotify")
-    root = os.path.join(os.path.realpath(str(tmp_path)), "root")
-    os.mkdir(root)
-    outside = _outside_tree(tmp_path)
-    col = Collector()
-    w = start_watcher(root, col, prefer="inotify", step_ms=10)
+    root, outside, col, w = _watch_beside_a_tree(tmp_path)
     try:
         with pytest.raises(OSError), w.placing():
             os.rename(outside, os.path.join(root, "placed"))
