@@ -24,7 +24,8 @@ TEMP_PREFIX = ".syncd-tmp-"
 # since Zen, Intel since Ice Lake, ARMv8) OpenSSL hashes 2.5 times as fast with it as
 # Python does with BLAKE2b (1,356 against 523 MiB/s here), and every file a stream or a
 # scan carries is hashed once; on an older CPU SHA-256 is the slower of the two.
-DIGEST_SCHEME = "sha256"  # recorded with the base: digests of another scheme do not compare
+_CONTENT_HASH = hashlib.sha256
+DIGEST_SCHEME = _CONTENT_HASH().name  # recorded with the base: digests of another scheme do not compare
 PRINT_SIZE = 16  # bytes of a directory fingerprint (see dir_print)
 _READ_CHUNK = 1 << 20
 
@@ -124,11 +125,11 @@ def file_digest(path: str) -> Tuple[bytes, os.stat_result]:
 
 def content_hasher() -> Any:
     """A fresh hash object for a file's content (``update`` it, then ``digest()``)."""
-    return hashlib.sha256()
+    return _CONTENT_HASH()
 
 
 def digest_bytes(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    return _CONTENT_HASH(data).digest()
 
 
 def _remove_stale(path: str, is_dir: bool) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from syncd.engine.index import BaseIndex
@@ -62,6 +63,10 @@ CREATE TABLE IF NOT EXISTS conflicts (
 
 
 _DIGESTS_KEY = "digests"  # meta: the scheme of the file digests recorded (scan.DIGEST_SCHEME)
+
+
+def _put_meta(cur: sqlite3.Cursor, meta: dict[str, str]) -> None:
+    cur.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
 
 
 def _enc(text: str | None) -> bytes | None:
@@ -133,14 +138,20 @@ class Store:
         keeps no digest, as if its content were unknown. The intents' digests are
         dropped: an intent then adopts nothing, and the write it stands for shows as a
         change on the side it reached, equal to the side it came from."""
-        cur = self.db.cursor()
-        cur.execute("BEGIN")
-        try:
+        with self._transaction() as cur:
             cur.execute("UPDATE base SET digest = NULL WHERE kind = ?", (FILE,))
             cur.executemany("UPDATE base SET digest = ? WHERE path = ?",
                             ((digest, os.fsencode(path)) for path, digest in digests.items() if digest is not None))
             cur.execute("UPDATE intents SET digest = NULL")
-            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_DIGESTS_KEY, DIGEST_SCHEME))
+            _put_meta(cur, {_DIGESTS_KEY: DIGEST_SCHEME})
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """A cursor inside BEGIN ... COMMIT; an exception rolls all of it back."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN")
+        try:
+            yield cur
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
@@ -166,9 +177,7 @@ class Store:
 
     def _write(self, changes: Iterable[tuple[str, Agreed | None]], meta: dict[str, str] | None,
                clear: bool) -> None:
-        cur = self.db.cursor()
-        cur.execute("BEGIN")
-        try:
+        with self._transaction() as cur:
             if clear:
                 cur.execute("DELETE FROM base")
             # Runs of deletes and of inserts each go as one executemany (a resync writes tens
@@ -178,12 +187,7 @@ class Store:
                     cur.executemany("DELETE FROM base WHERE path = ?", ((os.fsencode(path),) for path, _ in run))
                 else:
                     cur.executemany(_INSERT, (_row(agreed) for _, agreed in run if agreed is not None))
-            for key, value in (meta or {}).items():
-                cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+            _put_meta(cur, meta or {})
 
     def replace_all(self, entries: Iterable[Agreed]) -> None:
         """Replace the whole base in one transaction (a crash leaves the old one whole)."""

@@ -48,9 +48,8 @@ _ENTRY_TAG = m.TAGS[m.Entry]
 
 def _to_wire(value: Any) -> Any:
     cls = type(value)
-    if cls is m.Entry:  # by the ten thousand in scans and streams: its fields are known
-        return [_ENTRY_TAG, value.path, value.kind, value.mode, value.size, value.mtime_ns, value.ino,
-                value.digest, value.target]
+    if cls is m.Entry:  # by the ten thousand in scans and streams: a tuple of plain fields
+        return [_ENTRY_TAG, *value]
     tag = m.TAGS.get(cls)
     if tag is not None:
         return [tag] + [_to_wire(getattr(value, name)) for name in _fields(cls)]
