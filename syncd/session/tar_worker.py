@@ -48,6 +48,7 @@ from syncd.tarstream import ExtractError, TarExtractor, TarProducer, scan_skips
 _LENGTH = struct.Struct(">I")
 _REPORT_EVERY = 500  # files between progress reports
 _MAX_REPORT = 64 << 20  # no single report is near this; a larger one is garbage
+STOP_TIMEOUT = 5.0  # seconds to wait for a stopped child's stdin to close
 
 
 # ---- the children ------------------------------------------------------------------------
@@ -238,6 +239,11 @@ class _Worker:
         # is paused (its buffer full: nobody reads any more) never does: read them out.
         if self.proc.stdin is not None:
             self.proc.stdin.close()
+            # A child that stopped reading (it failed) leaves its stdin broken: the error is
+            # taken here, or Python before 3.11.4 (Debian 12 has 3.11.2) logs it as "never
+            # retrieved" when the pipe is collected.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.proc.stdin.wait_closed(), STOP_TIMEOUT)
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 with contextlib.suppress(OSError, ValueError):
