@@ -361,12 +361,6 @@ class TarExtractor:
         self.root.close()
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def drop(self, paths: Iterable[str]) -> None:
-        """Forget staged entries the source said not to trust (they stay in staging and
-        go with it)."""
-        for rel in paths:
-            self.entries.pop(rel, None)
-
     def _skip(self, rel: str, reason: str, detail: str) -> None:
         self.skipped.append(m.Skip(rel, reason, detail))
 
@@ -554,6 +548,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
     by_path = {e.path: e for e in existing_list}
     placed: Set[str] = set()  # staged paths now in place
     inside_moved: Set[str] = set()  # directories moved in whole, and everything under them
+    carried: Set[str] = set()  # directories that moved in with their parent: as staged
     staged_dirs: List[str] = []
 
     def moved_with_parent(rel: str) -> bool:
@@ -566,7 +561,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
             inside_moved.add(rel)
             placed.add(rel)
             if entry.kind == m.DIR:
-                staged_dirs.append(rel)
+                carried.add(rel)
             continue
         try:
             dir_fd, name = root.parent(rel)
@@ -614,16 +609,48 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
             except (OSError, UnsafePath):
                 pass
     root.release()
-    _report_placed(root, staged, sorted(placed, key=path_key), result)
+    _report_placed(root, staged, sorted(placed, key=path_key), result, carried)
     return result
 
 
-def _report_placed(root: Root, staged: Dict[str, m.Entry], placed: Iterable[str], result: MirrorResult) -> None:
+def unstage(root: Root, staging_rel: str, staged: Dict[str, m.Entry], paths: Iterable[str]) -> None:
+    """Forget the staged entries the source said not to trust (a file that changed while
+    it was archived, say) and remove them from the staging area: a directory that moves
+    in whole would carry them in otherwise, unrecorded, and the next cycle would take
+    them for the other side's own files. Their directories get back the metadata they
+    were staged with. Only files and symlinks are ever untrusted; a directory stays.
+    Raises ExtractError if one cannot be removed (nothing may be placed then)."""
+    parents: Set[str] = set()
+    for rel in paths:
+        entry = staged.get(rel)
+        if entry is None or entry.kind == m.DIR:
+            continue
+        try:
+            dir_fd, name = root.parent(staging_rel + "/" + rel)
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except (OSError, UnsafePath) as exc:
+            raise ExtractError("cannot remove the untrusted %s from the staging area: %s"
+                               % (rel, getattr(exc, "strerror", None) or exc)) from None
+        del staged[rel]
+        parents.add(rel.rpartition("/")[0])
+    for rel in parents:
+        parent = staged.get(rel) if rel else None
+        if parent is not None and parent.kind == m.DIR and parent.ino:
+            _set_dir_meta(root, staging_rel + "/" + rel, parent.mode, parent.mtime_ns)
+    root.release()
+
+
+def _report_placed(root: Root, staged: Dict[str, m.Entry], placed: Iterable[str], result: MirrorResult,
+                   carried: Set[str]) -> None:
     """The entries now in place: a file or symlink as staged (it moved with its inode),
-    a directory as found (an existing one is the root's own)."""
+    a directory as found (an existing one is the root's own), except one ``carried`` in
+    by its parent's move: nothing touched it since its metadata was set in the staging
+    area, so it is as staged (a tree of thousands of directories needs no stat each)."""
     for rel in placed:
         entry = staged[rel]
-        if entry.kind == m.DIR:
+        if entry.kind == m.DIR and not (rel in carried and entry.ino):
             try:
                 now = root.entry(rel)
             except (OSError, UnsafePath):
@@ -645,6 +672,7 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
     result = MirrorResult()
     placed: List[str] = []
     moved: Set[str] = set()  # directories moved in whole, and everything under them
+    carried: Set[str] = set()  # directories that moved in with their parent: as staged
     blocked: Set[str] = set()  # staged directories that could not be placed
 
     for rel in sorted(staged, key=path_key):
@@ -654,6 +682,8 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
         if parent in moved:
             moved.add(rel)
             placed.append(rel)
+            if entry.kind == m.DIR:
+                carried.add(rel)
             continue
         if parent in blocked:
             blocked.add(rel)  # reported once, at the directory
@@ -689,7 +719,7 @@ def merge_in(root: Root, staging_rel: str, staged: Dict[str, m.Entry]) -> Mirror
             result.skipped.append(m.Skip(rel, UNSAFE if isinstance(exc, UnsafePath) else VANISHED,
                                          "cannot place %s: %s" % (rel, getattr(exc, "strerror", None) or exc)))
     root.release()
-    _report_placed(root, staged, placed, result)
+    _report_placed(root, staged, placed, result, carried)
     return result
 
 

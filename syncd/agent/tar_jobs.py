@@ -28,6 +28,7 @@ from syncd.tarstream import (
     mirror,
     scan_skips,
     staging_name,
+    unstage,
 )
 
 QUEUE_CHUNKS = 8  # chunks of about 1 MiB between the reading and the extracting thread
@@ -143,9 +144,10 @@ class Receive:
                 if e.kind == m.FILE and e.digest is not None:
                     self.digests[e.path] = (e.size, e.mtime_ns, e.digest)
 
-    def _remember(self, placed: List[m.Entry]) -> None:
+    def remember(self, placed: List[m.Entry]) -> None:
         """Files that landed as they were sent go in the digest cache: the next scan of
-        the root then hashes none of them."""
+        the root then hashes none of them. Called with what ``finish`` placed, once its
+        result is on its way (the daemon need not wait for this)."""
         cache = self.scanner.cache
         for e in placed:
             sent = self.digests.get(e.path)
@@ -173,17 +175,16 @@ class Receive:
             if self.error is not None:
                 raise ExtractError(self.error)
             ex = self.extractor
-            ex.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
+            unstage(self.base_root, self.staging_rel, ex.entries,
+                    [s.path for s in skipped if s.reason not in LEAVE_REASONS])
             if self.merge:
                 merged = merge_in(self.base_root, self.staging_rel, ex.entries)
-                self._remember(merged.entries)
                 return merged.entries, ex.skipped + merged.skipped, 0
             if self.whole_root:
                 existing = self.scanner.scan_all(hash_files=False)
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
                 result = mirror(self.base_root, self.staging_rel, ex.entries, existing,
                                 lambda rel, kind: False, leave)
-                self._remember(result.entries)
                 # Kept directories go back too, so the daemon can make them on its side.
                 return result.entries + result.kept_dirs, ex.skipped + result.skipped, result.deleted
             self._replace()

@@ -297,11 +297,11 @@ class TarUpload(_Stream):
         self.client.send(m.TarData(self.req, data))
         await self.client.drain()
 
-    async def share_digests(self, entries: list[m.Entry]) -> None:
-        """Tell the agent the digests of the files sent (if it keeps them: TarDigests)."""
+    async def share_digests(self, files: list[m.Entry]) -> None:
+        """Tell the agent the digests of files sent (if it keeps them: TarDigests). May be
+        called any number of times before ``finish``, as the files are archived."""
         if not self.client.supports("tar-digests"):
             return
-        files = [e for e in entries if e.kind == m.FILE and e.digest is not None]
         for i in range(0, len(files), DIGESTS_CHUNK):
             self._check()
             self.client.send(m.TarDigests(self.req, tuple(files[i:i + DIGESTS_CHUNK])))

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
+from syncd.session.agent_client import DIGESTS_CHUNK
 from syncd.session.tar_worker import ExtractWorker
-from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name
+from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name, unstage
 
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
@@ -156,10 +157,13 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
         try:
             async for chunk in worker.chunks():
                 await upload.send(chunk)
+                # The digests go along as the files are archived: none are left to send
+                # while the agent waits for the end.
+                await upload.share_digests(worker.take_files(DIGESTS_CHUNK))
             await worker.finish()
             progress.phase = "placing"
             sent = list(worker.entries.values())
-            await upload.share_digests(sent)
+            await upload.share_digests(worker.take_files())
             placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
         finally:
             upload.close()
@@ -210,7 +214,8 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
         if refused:
             raise _refuse_empty("pull", "remote")
         progress.phase = "placing"
-        extractor.drop(s.path for s in skipped if s.reason not in LEAVE_REASONS)
+        await session._fs(unstage, local.root, staging_rel, extractor.entries,
+                          [s.path for s in skipped if s.reason not in LEAVE_REASONS])
         if merge:
             result = await session._fs(merge_in, local.root, staging_rel, extractor.entries)
         else:

@@ -12,7 +12,8 @@ Both children read on stdin a 4-byte big-endian length and the root's rules as J
 - ``["n", files, bytes]``: what will be archived (produce only, before the stream);
 - ``["p", files, bytes]``: progress since the last report;
 - ``["e", path, kind, mode, size, mtime_ns, ino, digest, target]``: an entry archived
-  (produce: files with digests) or staged (extract);
+  (produce: files with digests, reported as they go, before the progress report that
+  counts them) or staged (extract: after the stream);
 - ``["s", path, reason, detail]``: an entry skipped;
 - ``["d", bytes]`` at the end, or ``["x", message]`` on failure.
 
@@ -82,9 +83,16 @@ class _Reports:
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
         self.files = 0
         self.bytes = 0
+        self.sent: list[m.Entry] = []  # entries final as they are appended (see follow)
+        self.reported = 0
 
     def send(self, *item: Any) -> None:
         _write_all(self.fd, self.packer.pack(list(item)))
+
+    def follow(self, sent: list[m.Entry]) -> None:
+        """Report the entries of ``sent`` with each progress report, as they are added:
+        the daemon then has them when the stream ends, not a whole tree's worth later."""
+        self.sent = sent
 
     def progress(self, files: int, size: int) -> None:
         self.files += files
@@ -93,13 +101,18 @@ class _Reports:
             self.flush()
 
     def flush(self) -> None:
+        if self.reported < len(self.sent):
+            new = self.sent[self.reported:]
+            self.reported += len(new)
+            self.entries(new)
         if self.files or self.bytes:
             self.send("p", self.files, self.bytes)
             self.files = self.bytes = 0
 
     def entries(self, entries: Iterable[m.Entry]) -> None:
-        for e in entries:
-            self.send("e", e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, e.digest, e.target)
+        _write_all(self.fd, b"".join(
+            self.packer.pack(["e", e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, e.digest, e.target])
+            for e in entries))
 
     def skips(self, skipped: Iterable[m.Skip]) -> None:
         for s in skipped:
@@ -143,6 +156,7 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         reports.skips(scan_skips(scanner.skipped))
         reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))
         producer = TarProducer(root, entries, progress=reports.progress)
+        reports.follow(producer.sent)
         try:
             for chunk in producer.chunks():
                 _write_all(out_fd, chunk)
@@ -152,8 +166,7 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
     except (ExtractError, OSError, ValueError) as exc:
         reports.send("x", str(getattr(exc, "strerror", None) or exc))
         return 1
-    reports.flush()
-    reports.entries(producer.sent)
+    reports.flush()  # the last entries
     reports.skips(producer.skipped)
     reports.send("d", producer.bytes)
     return 0
@@ -205,7 +218,7 @@ class _Worker:
             self.progress(item[1], item[2])
         elif tag == "e":
             path, kind, mode, size, mtime_ns, ino, digest, target = item[1:]
-            self.entries[path] = m.Entry(path, kind, mode, size, mtime_ns, ino, digest, target)
+            self._entry(m.Entry(path, kind, mode, size, mtime_ns, ino, digest, target))
         elif tag == "s":
             self.skipped.append(m.Skip(item[1], item[2], item[3]))
         elif tag == "n":
@@ -215,6 +228,9 @@ class _Worker:
             self._done = True
         elif tag == "x":
             self.error = item[1]
+
+    def _entry(self, entry: m.Entry) -> None:
+        self.entries[entry.path] = entry
 
     async def _outcome(self) -> None:
         """Wait for the child's last report; raise ExtractError if it failed."""
@@ -289,11 +305,6 @@ class ExtractWorker(_Worker):
             self.proc.stdin.close()
         await self._outcome()
 
-    def drop(self, paths: Iterable[str]) -> None:
-        """Forget staged entries the source said not to trust (they go with the staging)."""
-        for rel in paths:
-            self.entries.pop(rel, None)
-
     async def close(self) -> None:
         """Stop the child if it still runs, and remove the staging directory."""
         await self._stop()
@@ -302,7 +313,26 @@ class ExtractWorker(_Worker):
 
 class ProduceWorker(_Worker):
     """A child archiving a tree: await ``totals``, iterate ``chunks``, then ``finish``
-    for the entries archived (``entries``, files with digests) and ``skipped``."""
+    for the entries archived (``entries``, files with digests) and ``skipped``. Files
+    archived so far can be taken meanwhile (``take_files``)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reports: asyncio.StreamReader,
+                 progress: Callable[[int, int], None]) -> None:
+        super().__init__(proc, reports, progress)
+        self._files: list[m.Entry] = []
+
+    def _entry(self, entry: m.Entry) -> None:
+        super()._entry(entry)
+        if entry.kind == m.FILE and entry.digest is not None:
+            self._files.append(entry)
+
+    def take_files(self, at_least: int = 1) -> list[m.Entry]:
+        """The files with digests archived since the last call, once there are
+        ``at_least`` of them (else nothing)."""
+        if len(self._files) < at_least:
+            return []
+        files, self._files = self._files, []
+        return files
 
     @classmethod
     async def start(cls, root: str, rules: dict[str, list[str]], progress: Callable[[int, int], None]) -> ProduceWorker:
