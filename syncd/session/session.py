@@ -189,7 +189,7 @@ class Session:
     async def _start_remote(self) -> None:
         cfg = self.cfg
         try:
-            channel = await start_agent(cfg.remote, cfg.agent)
+            channel = await start_agent(cfg.remote, cfg.agent, cfg.name)
         except TransportError as exc:
             raise SessionError(str(exc)) from None
         agent = self.agent = AgentClient(channel)
@@ -201,7 +201,7 @@ class Session:
             try:
                 await agent.wait_hello()
                 if agent.supports("scan-tree") and self.resync is None:
-                    self._remote_prescan = asyncio.ensure_future(self._scan_remote_tree(agent))
+                    self._remote_prescan = asyncio.ensure_future(self._scan_remote_tree(agent, opening))
                 opened = await opening
             finally:
                 opening.cancel()
@@ -275,9 +275,15 @@ class Session:
         """The process archiving the local tree for a resync --push (started early)."""
         return await (self._push_worker or self._start_push_worker())
 
-    async def _scan_remote_tree(self, agent: AgentClient) -> tuple[list[m.Entry], set[str]] | None:
-        """The first cycle's remote scan, sent as soon as the base is fingerprinted."""
+    async def _scan_remote_tree(self, agent: AgentClient, opening: asyncio.Future[Any]
+                                ) -> tuple[list[m.Entry], set[str]] | None:
+        """The first cycle's remote scan, sent as soon as the base is fingerprinted and
+        the root is open (a scan after a refused Open is a protocol error)."""
         await self._prints_ready.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(opening)
+        if not opening.done() or opening.cancelled() or opening.exception() is not None:
+            return None
         if self._intents or self._first_pull:
             return None  # adopting intents needs a scan of every path; a stream scans anyway
         return await agent.scan_tree(self._prints["remote"])

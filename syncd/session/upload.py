@@ -54,7 +54,7 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
         entries = await asyncio.to_thread(scanner.scan_all, False)
         skipped = scan_skips(scanner.skipped)
     try:
-        channel = await start_agent(cfg.remote, cfg.agent)
+        channel = await start_agent(cfg.remote, cfg.agent, f"{cfg.name} (upload)")
     except TransportError as exc:
         raise UploadError(str(exc)) from None
     client = AgentClient(channel)

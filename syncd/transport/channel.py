@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from abc import ABC, abstractmethod
+
+log = logging.getLogger("syncd.agent")
+STDERR_LINES_PER_MINUTE = 60  # lines of the agent's stderr logged per minute, at most
+_MAX_STDERR_LINE = 4096
 
 
 class TransportError(Exception):
@@ -16,6 +22,9 @@ class Channel(ABC):
     def __init__(self) -> None:
         self._pending = b""
         self.stderr_tail = b""
+        self._label: str | None = None  # whose agent, once its stderr is logged (log_stderr_as)
+        self._stderr_line = b""
+        self._stderr_window = (0.0, 0)  # (start, lines logged in it)
 
     @abstractmethod
     async def _read_raw(self) -> bytes:
@@ -53,8 +62,42 @@ class Channel(ABC):
         self._pending = rest
         return line + sep
 
+    def log_stderr_as(self, label: str) -> None:
+        """From now on log each line of the agent's stderr, naming ``label``: its own
+        warnings (a watch that overflowed, a root that vanished) happen on the remote,
+        and this is where they are seen. Before (while it starts), stderr only goes into
+        the error of a failed start: a remote shell's noise is not the agent's."""
+        self._label = label
+
     def _keep_stderr(self, chunk: bytes) -> None:
         self.stderr_tail = (self.stderr_tail + chunk)[-8192:]
+        if self._label is None:
+            return
+        *lines, rest = (self._stderr_line + chunk).split(b"\n")
+        if len(rest) > _MAX_STDERR_LINE:
+            lines.append(rest)
+            rest = b""
+        self._stderr_line = rest
+        for line in lines:
+            self._log_stderr(line)
+
+    def _log_stderr(self, line: bytes) -> None:
+        text = line[:_MAX_STDERR_LINE].decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        # Bounded: a remote that prints without end must not fill the journal.
+        now = time.monotonic()
+        start, count = self._stderr_window
+        if now - start >= 60.0:
+            start, count = now, 0
+        count += 1
+        self._stderr_window = (start, count)
+        who = f"{self._label}: " if self._label else ""
+        if count <= STDERR_LINES_PER_MINUTE:
+            log.warning("%sagent: %s", who, text)
+        elif count == STDERR_LINES_PER_MINUTE + 1:
+            log.warning("%sagent: more than %d lines on stderr in a minute; the rest of this minute's are "
+                        "not logged", who, STDERR_LINES_PER_MINUTE)
 
     def stderr_text(self) -> str:
         return self.stderr_tail.decode("utf-8", "replace").strip()

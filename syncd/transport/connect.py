@@ -26,9 +26,10 @@ def _exit_reason(status: int | None, stderr: str) -> str:
     return f"the agent failed to start (exit {status}): {stderr or 'no message'}"
 
 
-async def start_agent(endpoint: Endpoint, opts: AgentOptions) -> Channel:
+async def start_agent(endpoint: Endpoint, opts: AgentOptions, label: str = "") -> Channel:
     """Run the loader on the endpoint, upload the zipapp if the cache lacks it, and return
-    the channel positioned at the agent's first protocol byte."""
+    the channel positioned at the agent's first protocol byte. The agent's stderr is
+    logged with ``label`` (see Channel)."""
     command = bootstrap.loader_command(opts.python, opts.cache_dir)
     if endpoint.kind == "ssh":
         from syncd.transport import ssh  # asyncssh is heavy: load it only when needed
@@ -52,6 +53,7 @@ async def start_agent(endpoint: Endpoint, opts: AgentOptions) -> Channel:
             if status is None and line:
                 raise TransportError(f"the remote answered garbage while starting the agent: {line[:80]!r}")
             raise TransportError(_exit_reason(status, channel.stderr_text()))
+        channel.log_stderr_as(label)
     except (ConnectionError, OSError) as exc:
         await channel.close()
         raise TransportError(f"connection lost while starting the agent: {exc}") from None

@@ -120,4 +120,6 @@ def test_remote_root_vanished_live_halts(pair: Pair, tmp_path: Path) -> None:
     code = wait_exit(s, 30)
     assert code == EXIT_HALTED, s.describe()
     assert content_tree(pair.local) == before
+    # What the agent saw on the remote is in syncd's own log, not lost with its stderr.
+    assert "agent: syncd-agent: WARNING watch: root" in s.stderr(), s.describe()
     shutil.rmtree(tmp_path / "remote-moved-away")
