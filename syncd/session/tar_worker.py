@@ -12,8 +12,8 @@ Both children read on stdin a 4-byte big-endian length and the root's rules as J
 - ``["n", files, bytes]``: what will be archived (produce only, before the stream);
 - ``["p", files, bytes]``: progress since the last report;
 - ``["e", path, kind, mode, size, mtime_ns, ino, digest, target]``: an entry archived
-  (produce: files with digests, reported as they go, before the progress report that
-  counts them) or staged (extract: after the stream);
+  (produce: files with digests) or staged (extract; a path may come again, and its last
+  report holds), reported as they go, before the progress report that counts them;
 - ``["s", path, reason, detail]``: an entry skipped;
 - ``["d", bytes]`` at the end, or ``["x", message]`` on failure.
 
@@ -83,16 +83,10 @@ class _Reports:
         self.packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
         self.files = 0
         self.bytes = 0
-        self.sent: list[m.Entry] = []  # entries final as they are appended (see follow)
-        self.reported = 0
+        self.fresh: Callable[[], list[m.Entry]] = list  # what to report with the next progress
 
     def send(self, *item: Any) -> None:
         _write_all(self.fd, self.packer.pack(list(item)))
-
-    def follow(self, sent: list[m.Entry]) -> None:
-        """Report the entries of ``sent`` with each progress report, as they are added:
-        the daemon then has them when the stream ends, not a whole tree's worth later."""
-        self.sent = sent
 
     def progress(self, files: int, size: int) -> None:
         self.files += files
@@ -101,9 +95,10 @@ class _Reports:
             self.flush()
 
     def flush(self) -> None:
-        if self.reported < len(self.sent):
-            new = self.sent[self.reported:]
-            self.reported += len(new)
+        # Entries go with the progress that counts them: the daemon then has them when the
+        # stream ends, not a whole tree's worth later.
+        new = self.fresh()
+        if new:
             self.entries(new)
         if self.files or self.bytes:
             self.send("p", self.files, self.bytes)
@@ -117,6 +112,38 @@ class _Reports:
     def skips(self, skipped: Iterable[m.Skip]) -> None:
         for s in skipped:
             self.send("s", s.path, s.reason, s.detail)
+
+
+class _Appended:
+    """Report source: the entries appended to a list since the last call (the producer's
+    ``sent``, whose entries are final once there)."""
+
+    def __init__(self, items: list[m.Entry]) -> None:
+        self.items = items
+        self.seen = 0
+
+    def __call__(self) -> list[m.Entry]:
+        new = self.items[self.seen:]
+        self.seen += len(new)
+        return new
+
+
+class _Staged(dict[str, m.Entry]):
+    """A TarExtractor's staged entries, noting each path set (report source: the entries
+    set since the last call; a path set again, as a directory is once its metadata is
+    final, is reported again, and the last report of a path is what it holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._set: list[str] = []
+
+    def __setitem__(self, rel: str, entry: m.Entry) -> None:
+        super().__setitem__(rel, entry)
+        self._set.append(rel)
+
+    def __call__(self) -> list[m.Entry]:
+        paths, self._set = self._set, []
+        return [self[rel] for rel in paths]
 
 
 class _Input:
@@ -134,12 +161,12 @@ def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> i
     try:
         rules = _read_rules(in_fd, root)
         extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress)
+        extractor.entries = reports.fresh = _Staged()
         extractor.extract(_Input(in_fd))  # type: ignore[arg-type]
     except (ExtractError, OSError, ValueError) as exc:
         reports.send("x", str(getattr(exc, "strerror", None) or exc))
         return 1
-    reports.flush()
-    reports.entries(extractor.entries.values())
+    reports.flush()  # the last entries, and the directories' final metadata
     reports.skips(extractor.skipped)
     reports.send("d", extractor.bytes)
     return 0
@@ -156,7 +183,7 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         reports.skips(scan_skips(scanner.skipped))
         reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))
         producer = TarProducer(root, entries, progress=reports.progress)
-        reports.follow(producer.sent)
+        reports.fresh = _Appended(producer.sent)
         try:
             for chunk in producer.chunks():
                 _write_all(out_fd, chunk)

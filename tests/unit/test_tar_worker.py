@@ -80,6 +80,37 @@ def test_stages_what_an_in_process_extractor_stages(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_staged_entries_come_back_while_the_stream_runs(tmp_path: Path) -> None:
+    """A pull takes the staged entries as they come, not all after the stream; each ends
+    as the staging holds it (a directory's once its metadata is set, at the end)."""
+    src, root = tmp_path / "src", tmp_path / "root"
+    make_tree(src, files=3000)
+    root.mkdir()
+    data = archive(src)
+    staging = root / ".syncd-tmp-1-x"
+
+    async def go() -> None:
+        worker = await ExtractWorker.start(str(staging), str(root), NO_RULES, lambda f, b: None)
+        try:
+            half = len(data) // 2
+            await worker.feed(data[:half])
+            for _ in range(200):  # the child reports what it staged so far
+                if len(worker.entries) > 500:
+                    break
+                await asyncio.sleep(0.01)
+            midway = len(worker.entries)
+            await worker.feed(data[half:])
+            await worker.finish()
+            assert 500 < midway < 3000
+            for rel, entry in worker.entries.items():
+                st = (staging / rel).lstat()
+                assert (entry.ino, entry.mtime_ns) == (st.st_ino, st.st_mtime_ns), rel
+        finally:
+            await worker.close()
+
+    asyncio.run(go())
+
+
 def test_applies_the_roots_ignore_rules(tmp_path: Path) -> None:
     src, root = tmp_path / "src", tmp_path / "root"
     make_tree(src, files=20)
