@@ -14,6 +14,7 @@ import asyncssh
 
 from syncd.transport.channel import Channel, TransportError
 from syncd.transport.options import SshOptions
+from syncd.transport.ssh_ignore import skip_empty_ignores
 
 PREFERRED_CIPHERS = [
     "aes128-gcm@openssh.com",
@@ -104,7 +105,9 @@ async def connect(host: str, user: str | None, opts: SshOptions) -> asyncssh.SSH
         kwargs["config"] = [os.path.expanduser(opts.ssh_config)]
     where = f"{host}:{opts.port}" if opts.port else host
     try:
-        return await asyncssh.connect(host, **kwargs)  # type: ignore[arg-type]
+        conn = await asyncssh.connect(host, **kwargs)  # type: ignore[arg-type]
+        skip_empty_ignores(conn)
+        return conn
     except asyncssh.HostKeyNotVerifiable as exc:
         raise TransportError(
             f"host key of {where} is not trusted (unknown or changed): {exc.reason}; "
