@@ -170,7 +170,7 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
     finally:
         await worker.close()
     kept = await _make_kept_dirs(session, placed, sent, "local")
-    session.reset_base(_base_rows(sent, placed, "local") + kept)
+    await session.reset_base(await session._fs(_base_rows, sent, placed, "local") + kept)
     progress.phase = "done"
     return ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
                          worker.skipped + remote_skips)
@@ -231,7 +231,7 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
     # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.
     markers = [kept_local(entry) for entry in await session._fs(_with_digests, local, result.kept)]
-    session.reset_base(_base_rows(sent, result.entries, "remote") + kept + markers)
+    await session.reset_base(await session._fs(_base_rows, sent, result.entries, "remote") + kept + markers)
     progress.phase = "done"
     return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
                          result.deleted, skipped + extractor.skipped + result.skipped)

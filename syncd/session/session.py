@@ -92,6 +92,11 @@ def _expect(entry: m.Entry | None) -> m.Expect:
     return m.Expect(entry.kind, 0, 0, entry.ino)
 
 
+def _replace_base(store: Store, rows: list[Agreed]) -> None:
+    store.replace_all(rows)
+    clear_intents(store)
+
+
 def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
@@ -447,18 +452,21 @@ class Session:
         self.local_full = self.remote_full = True
         return summary
 
-    def reset_base(self, rows: list[Agreed]) -> None:
+    async def reset_base(self, rows: list[Agreed]) -> None:
         """The base becomes exactly ``rows`` (after a resync); pending intents and failure
-        counts belong to the old state."""
+        counts belong to the old state. The index is written first, by the file-system
+        thread: tens of thousands of rows take the better part of a second, and the event
+        loop meanwhile serves the daemon's other sessions (nothing else of this one runs
+        during a resync)."""
+        store = self.store
+        assert store is not None
+        await self._fs(_replace_base, store, rows)
         keep = {row.path for row in rows}
         stale = [p for p in self.base if p not in keep] + [r.path for r in self.base.kept_rows() if r.path not in keep]
         for path in stale:
             self.base.discard(path)
         for row in rows:
             self.base.set(row)
-        assert self.store is not None
-        self.store.replace_all(rows)
-        clear_intents(self.store)
         self._intents = []
         self._failures.clear()
 
