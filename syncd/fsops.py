@@ -48,6 +48,15 @@ def size_pipe(fd: int, size: int = PIPE_SIZE) -> None:
         pass  # not a pipe, not Linux, above the limit, or (shrinking) still too full: it works anyway
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a pipe or a full disk may take it in parts)."""
+    written = os.write(fd, data)
+    if written < len(data):  # rare: only then is a view made
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def split_path(rel: str) -> List[str]:
     """Validate a relative path and return its components."""
     if not isinstance(rel, str) or rel == "":
@@ -220,10 +229,7 @@ class Root:
         temp = _temp_name(name, self._next_tag())
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, data)
             self._finish_file(fd, mode, mtime_ns)
             st = os.fstat(fd)
         except BaseException:
@@ -262,10 +268,7 @@ class Root:
         if blob is None or blob.error is not None:
             return
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(blob.fd, view)
-                view = view[written:]
+            write_all(blob.fd, data)
         except OSError as exc:
             blob.error = (m.FAILED, exc.strerror or str(exc))
             self._close_blob_files(blob)

@@ -24,7 +24,7 @@ import stat
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from syncd import tarformat as tf
-from syncd.fsops import Root, UnsafePath, split_path
+from syncd.fsops import Root, UnsafePath, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, content_hasher, is_under
 
@@ -468,11 +468,7 @@ class TarExtractor:
                 data = reader.read_data(CHUNK)
                 if not data:
                     break
-                written = os.write(fd, data)
-                if written < len(data):  # a short write: finish it from a view
-                    view = memoryview(data)[written:]
-                    while view:
-                        view = view[os.write(fd, view):]
+                write_all(fd, data)
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)

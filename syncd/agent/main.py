@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from syncd import __version__
-from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path
+from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_empty
@@ -42,14 +42,11 @@ class Agent:
         parts = self.conn.send_parts(message)
         with self.lock:
             for data in parts:
-                view = memoryview(data)
-                while view:
-                    written = os.write(self.out_fd, view)
-                    view = view[written:]
+                write_all(self.out_fd, data)
 
     def run(self) -> int:
         with self.lock:
-            os.write(self.out_fd, self.conn.initiate())
+            write_all(self.out_fd, self.conn.initiate())
         try:
             while True:
                 data = os.read(self.in_fd, 1 << 20)

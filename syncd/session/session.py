@@ -285,10 +285,10 @@ class Session:
         """The first cycle's remote scan, sent as soon as the base is fingerprinted and
         the root is open (a scan after a refused Open is a protocol error)."""
         await self._prints_ready.wait()
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.shield(opening)
-        if not opening.done() or opening.cancelled() or opening.exception() is not None:
-            return None
+        except Exception:
+            return None  # the Open failed: that error is the session's, reported there
         if self._intents or self._first_pull:
             return None  # adopting intents needs a scan of every path; a stream scans anyway
         return await agent.scan_tree(self._prints["remote"])

@@ -40,7 +40,7 @@ from typing import Any
 import msgpack
 
 import syncd
-from syncd.fsops import PIPE_SIZE, size_pipe
+from syncd.fsops import PIPE_SIZE, size_pipe, write_all
 from syncd.protocol import messages as m
 from syncd.rules import Rules, load_root_rules
 from syncd.scan import Scanner
@@ -71,12 +71,6 @@ def _read_rules(fd: int, root: str) -> Rules:
     return load_root_rules(root, **json.loads(_read_exact(fd, size)))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class _Reports:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -86,7 +80,7 @@ class _Reports:
         self.fresh: Callable[[], list[m.Entry]] = list  # what to report with the next progress
 
     def send(self, *item: Any) -> None:
-        _write_all(self.fd, self.packer.pack(list(item)))
+        write_all(self.fd, self.packer.pack(list(item)))
 
     def progress(self, files: int, size: int) -> None:
         self.files += files
@@ -105,7 +99,7 @@ class _Reports:
             self.files = self.bytes = 0
 
     def entries(self, entries: Iterable[m.Entry]) -> None:
-        _write_all(self.fd, b"".join(
+        write_all(self.fd, b"".join(
             self.packer.pack(["e", e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, e.digest, e.target])
             for e in entries))
 
@@ -186,7 +180,7 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         reports.fresh = _Appended(producer.sent)
         try:
             for chunk in producer.chunks():
-                _write_all(out_fd, chunk)
+                write_all(out_fd, chunk)
         finally:
             producer.close()
         os.close(out_fd)  # the stream is whole: the daemon may finish it while we report
