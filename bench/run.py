@@ -406,6 +406,14 @@ class Ctx:
             self.unison_reason = f"unison unavailable: {exc}"
 
 
+def drop_landed(dst: Path, wanted: dict[str, int]) -> None:
+    """Remove from ``wanted`` (path -> size) the files ``dst`` now holds at their size."""
+    for rel, size in list(wanted.items()):
+        with contextlib.suppress(OSError):
+            if os.stat(dst / rel).st_size == size:
+                del wanted[rel]
+
+
 class Syncd:
     """One ``syncd run`` process; always stopped (SIGTERM, then SIGKILL) by the caller."""
 
@@ -572,7 +580,7 @@ class Bench:
 
         Each poll stats only the files still missing or short, so polls get cheaper (and the
         resolution finer) as the tree fills; a full walk then confirms nothing extra is there.
-        Until a sample of 16 files spread over the tree has landed, a poll stats only those:
+        Until a sample of 17 files spread over the tree has landed, a poll stats only those:
         the poller must not take the CPU the sync needs (rsync's run has no poller beside it).
         """
         expected = self.expected_sizes
@@ -588,22 +596,14 @@ class Bench:
             while True:
                 proc.check()
                 w0 = time.perf_counter()
-                for rel, size in list(sample.items()):
-                    with contextlib.suppress(OSError):
-                        if os.stat(dst / rel).st_size == size:
-                            del sample[rel]
+                drop_landed(dst, sample)
                 if sample:
                     if time.perf_counter() > deadline:
                         raise BenchError(f"syncd initial: nothing complete after {T_INITIAL:.0f} s")
                     polls += 1
                     time.sleep(0.01)
                     continue
-                for rel, size in list(pending.items()):
-                    try:
-                        if os.stat(dst / rel).st_size == size:
-                            del pending[rel]
-                    except OSError:
-                        pass
+                drop_landed(dst, pending)
                 w1 = time.perf_counter()
                 polls += 1
                 if not pending:
