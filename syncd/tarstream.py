@@ -26,7 +26,7 @@ from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional,
 from syncd import tarformat as tf
 from syncd.fsops import Root, UnsafePath, split_path, write_all
 from syncd.protocol import messages as m
-from syncd.scan import TEMP_PREFIX, content_hasher, is_under
+from syncd.scan import TEMP_PREFIX, content_hasher, entry_from_stat, is_under
 
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -491,6 +491,45 @@ class TarExtractor:
             st = _set_dir_meta(self.root, rel, mode, mtime)
             if st is not None:
                 self.entries[rel] = m.Entry(rel, m.DIR, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino)
+
+
+def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None
+                ) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+    """What another program (the system's tar) extracted into ``staging``, as a
+    TarExtractor would have staged it: entries by path, and the skips. Ignored entries
+    and special files are removed from the staging area, as the extractor would not have
+    made them; their directory keeps the times it was given."""
+    entries: Dict[str, m.Entry] = {}
+    skipped: List[m.Skip] = []
+
+    def walk(rel_dir: str, path: str) -> None:
+        with os.scandir(path) as listing:
+            items = list(listing)
+        touched: Optional[os.stat_result] = None
+        for item in items:
+            rel = rel_dir + "/" + item.name if rel_dir else item.name
+            st = item.stat(follow_symlinks=False)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            is_link = stat.S_ISLNK(st.st_mode)
+            entry = entry_from_stat(rel, st, os.readlink(item.path) if is_link else None)
+            if entry is None or (is_ignored is not None and is_ignored(rel, is_dir)):
+                if entry is None:
+                    skipped.append(m.Skip(rel, SPECIAL, "%s is a FIFO, socket or device file: not synced" % rel))
+                if touched is None:
+                    touched = os.stat(path, follow_symlinks=False)
+                if is_dir:
+                    shutil.rmtree(item.path)
+                else:
+                    os.unlink(item.path)
+                continue
+            entries[rel] = entry
+            if is_dir:
+                walk(rel, item.path)
+        if touched is not None:
+            os.utime(path, ns=(touched.st_atime_ns, touched.st_mtime_ns), follow_symlinks=False)
+
+    walk("", staging)
+    return entries, skipped
 
 
 def _set_dir_meta(root: Root, rel: str, mode: int, mtime_ns: int) -> Optional[os.stat_result]:

@@ -1,10 +1,9 @@
 """The agent's side of tar streams: receive one into a staging area and put it in place,
 or send the root as one.
 
-A received stream is extracted by a thread while the main thread keeps reading stdin; the
-bounded queue between them is the back-pressure (a full queue stops the reads, which stops
-the sender). Nothing in the root changes until the whole stream has arrived: a stream cut
-short leaves the root as it was.
+A received stream is unpacked into a staging area while the main thread keeps reading
+stdin. Nothing in the root changes until the whole stream has arrived: a stream cut short
+leaves the root as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import shutil
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from syncd.agent.gnu_tar import TarProcess, find_gnu_tar
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
@@ -63,8 +63,49 @@ def _umask() -> int:
     return mask
 
 
+class _Unpacker:
+    """syncd's own TarExtractor on a thread, while the main thread keeps reading stdin; the
+    bounded queue between them is the back-pressure (a full queue stops the reads, which
+    stops the sender). Same interface as gnu_tar.TarProcess, used where GNU tar is not."""
+
+    def __init__(self, staging: str, is_ignored: Callable[[str, bool], bool]) -> None:
+        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
+        self.error: Optional[str] = None
+        self.extractor = TarExtractor(staging, is_ignored=is_ignored)
+        self.thread = threading.Thread(target=self._extract, name="syncd-untar", daemon=True)
+        self.thread.start()
+
+    def _extract(self) -> None:
+        reader = ChunkReader(self.queue.get)
+        try:
+            self.extractor.extract(reader)  # type: ignore[arg-type]
+        except ExtractError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # keep draining: the main thread must never block on put
+            self.error = "extraction failed: %r" % (exc,)
+        reader.drain()
+
+    def feed(self, data: bytes) -> None:
+        self.queue.put(data)
+
+    def end(self) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+        """The stream is complete: what was staged, and skipped. Raises ExtractError."""
+        self.abort()
+        if self.error is not None:
+            raise ExtractError(self.error)
+        return self.extractor.entries, self.extractor.skipped
+
+    def abort(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def close(self) -> None:
+        self.extractor.close()
+
+
 class Receive:
-    """One stream arriving from the daemon (TarReceive, TarData..., TarEnd)."""
+    """One stream arriving from the daemon (TarReceive, TarData..., TarEnd), unpacked into
+    a staging area by GNU tar where the host has it (see gnu_tar), else by a _Unpacker."""
 
     def __init__(self, root: Root, scanner: Scanner, msg: m.TarReceive) -> None:
         self.scanner = scanner
@@ -105,11 +146,9 @@ class Receive:
         _reap_stale(os.path.join(base, parent))
         self.where = os.path.join(base, self.target) if self.target else base
         self.digests: Dict[str, Tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, digest), as sent
-        self.queue: "queue.Queue[Optional[bytes]]" = queue.Queue(QUEUE_CHUNKS)
-        self.error: Optional[str] = None
-        self.extractor = TarExtractor(os.path.join(base, self.staging_rel), is_ignored=self._ignored)
-        self.thread = threading.Thread(target=self._extract, name="syncd-untar", daemon=True)
-        self.thread.start()
+        staging = os.path.join(base, self.staging_rel)
+        tar = find_gnu_tar()
+        self.unpack: Any = TarProcess(tar, staging, self._ignored) if tar else _Unpacker(staging, self._ignored)
 
     def _ignored(self, rel: str, is_dir: bool) -> bool:
         # Into the root: the root's rules hold (the sender applied the same ones).
@@ -124,18 +163,8 @@ class Receive:
             except FileExistsError:
                 pass
 
-    def _extract(self) -> None:
-        reader = ChunkReader(self.queue.get)
-        try:
-            self.extractor.extract(reader)  # type: ignore[arg-type]
-        except ExtractError as exc:
-            self.error = str(exc)
-        except Exception as exc:  # keep draining: the main thread must never block on put
-            self.error = "extraction failed: %r" % (exc,)
-        reader.drain()
-
     def feed(self, data: bytes) -> None:
-        self.queue.put(data)
+        self.unpack.feed(data)
 
     def known(self, entries: Tuple[m.Entry, ...]) -> None:
         """Digests the daemon computed for files it sent (see TarDigests)."""
@@ -157,38 +186,33 @@ class Receive:
 
     def abort(self) -> None:
         """The link went away mid-stream: discard everything staged."""
-        self.queue.put(None)
-        self.thread.join()
+        self.unpack.abort()
         self.close()
 
     def close(self) -> None:
-        self.extractor.close()
+        self.unpack.close()
         self.base_root.release()
         if self.own_root:
             self.base_root.close()
 
     def finish(self, skipped: Tuple[m.Skip, ...]) -> Tuple[List[m.Entry], List[m.Skip], int]:
         """The stream is complete: put it in place. Raises ExtractError if it was bad."""
-        self.queue.put(None)
-        self.thread.join()
         try:
-            if self.error is not None:
-                raise ExtractError(self.error)
-            ex = self.extractor
-            unstage(self.base_root, self.staging_rel, ex.entries,
+            staged, unpack_skips = self.unpack.end()
+            unstage(self.base_root, self.staging_rel, staged,
                     [s.path for s in skipped if s.reason not in LEAVE_REASONS])
             if self.merge:
-                merged = merge_in(self.base_root, self.staging_rel, ex.entries)
-                return merged.entries, ex.skipped + merged.skipped, 0
+                merged = merge_in(self.base_root, self.staging_rel, staged)
+                return merged.entries, unpack_skips + merged.skipped, 0
             if self.whole_root:
                 existing = self.scanner.scan_all(hash_files=False)
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
-                result = mirror(self.base_root, self.staging_rel, ex.entries, existing,
+                result = mirror(self.base_root, self.staging_rel, staged, existing,
                                 lambda rel, kind: False, leave)
                 # Kept directories go back too, so the daemon can make them on its side.
-                return result.entries + result.kept_dirs, ex.skipped + result.skipped, result.deleted
+                return result.entries + result.kept_dirs, unpack_skips + result.skipped, result.deleted
             self._replace()
-            return [], ex.skipped, 0
+            return [], unpack_skips, 0
         finally:
             self.close()
 

@@ -31,6 +31,7 @@ AGENT_MODULES = (
     "agent/main.py",
     "agent/watch.py",
     "agent/tar_jobs.py",
+    "agent/gnu_tar.py",
     "tarstream.py",
     "tarformat.py",
 )
