@@ -493,28 +493,46 @@ class TarExtractor:
                 self.entries[rel] = m.Entry(rel, m.DIR, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino)
 
 
-def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None
-                ) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None,
+                expected: Optional[Dict[str, Optional[m.Entry]]] = None) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
     """What another program (the system's tar) extracted into ``staging``, as a
     TarExtractor would have staged it: entries by path, and the skips. Ignored entries
     and special files are removed from the staging area, as the extractor would not have
-    made them; their directory keeps the times it was given."""
+    made them; their directory keeps the times it was given.
+
+    ``expected``: the members of the archive as their sender listed them (None for one
+    already found ignored). An entry found there with the same kind is taken from it with
+    the inode read from the directory, with no stat and no rule lookup: tar gave it that
+    mode and mtime. Anything else is stat'ed and checked here."""
     entries: Dict[str, m.Entry] = {}
     skipped: List[m.Skip] = []
+    listed = (expected or {}).get
+    new_entry = m.Entry
 
-    def walk(rel_dir: str, path: str) -> None:
+    def walk(prefix: str, path: str) -> None:
         with os.scandir(path) as listing:
             items = list(listing)
         touched: Optional[os.stat_result] = None
         for item in items:
-            rel = rel_dir + "/" + item.name if rel_dir else item.name
-            st = item.stat(follow_symlinks=False)
-            is_dir = stat.S_ISDIR(st.st_mode)
-            is_link = stat.S_ISLNK(st.st_mode)
-            entry = entry_from_stat(rel, st, os.readlink(item.path) if is_link else None)
-            if entry is None or (is_ignored is not None and is_ignored(rel, is_dir)):
+            rel = prefix + item.name
+            sent = listed(rel, _UNLISTED)
+            if sent is not None and sent is not _UNLISTED:  # the common case, kept short
+                kind = sent.kind
+                if (item.is_file(follow_symlinks=False) if kind == m.FILE else
+                        item.is_dir(follow_symlinks=False) if kind == m.DIR else item.is_symlink()):
+                    entries[rel] = new_entry(rel, kind, sent.mode, sent.size, sent.mtime_ns, item.inode(), None,
+                                             sent.target)
+                    if kind == m.DIR:
+                        walk(rel + "/", item.path)
+                    continue
+            is_dir = item.is_dir(follow_symlinks=False)
+            entry: Optional[m.Entry] = None
+            if sent is not None:
+                st = item.stat(follow_symlinks=False)
+                entry = entry_from_stat(rel, st, os.readlink(item.path) if stat.S_ISLNK(st.st_mode) else None)
                 if entry is None:
                     skipped.append(m.Skip(rel, SPECIAL, "%s is a FIFO, socket or device file: not synced" % rel))
+            if entry is None or (is_ignored is not None and is_ignored(rel, is_dir)):
                 if touched is None:
                     touched = os.stat(path, follow_symlinks=False)
                 if is_dir:
@@ -524,12 +542,15 @@ def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] 
                 continue
             entries[rel] = entry
             if is_dir:
-                walk(rel, item.path)
+                walk(rel + "/", item.path)
         if touched is not None:
             os.utime(path, ns=(touched.st_atime_ns, touched.st_mtime_ns), follow_symlinks=False)
 
     walk("", staging)
     return entries, skipped
+
+
+_UNLISTED = m.Entry("", 0, 0, 0, 0, 0)  # marks a path the sender did not list
 
 
 def _set_dir_meta(root: Root, rel: str, mode: int, mtime_ns: int) -> Optional[os.stat_result]:

@@ -97,10 +97,7 @@ class TarProcess:
         if status != 0:
             detail = b"".join(self._stderr).decode("utf-8", "replace").strip().replace("\n", "; ")
             raise ExtractError("tar failed (status %d)%s" % (status, ": " + detail if detail else ""))
-        try:
-            return scan_staged(self.staging, self.is_ignored)
-        except OSError as exc:
-            raise ExtractError("cannot list the staging area %s: %s" % (self.staging, exc.strerror or exc)) from None
+        return _staged(self.staging, self.is_ignored)
 
     def abort(self) -> None:
         """Stop tar now (the stream will not be completed)."""
@@ -117,3 +114,52 @@ class TarProcess:
     def close(self) -> None:
         """Remove the staging directory and whatever is left in it."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class DirectStaging:
+    """A staging directory for a stream the daemon unpacks with this host's GNU tar itself
+    (TarReady), through a process of its own: ``end`` lists what tar staged. Should the
+    daemon send the stream as TarData after all (its own way failed before tar ran), a
+    TarProcess takes over on a fresh staging directory."""
+
+    def __init__(self, tar: str, staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None) -> None:
+        os.mkdir(staging, 0o700)
+        self.tar = tar
+        self.staging = staging
+        self.is_ignored = is_ignored
+        self.inner: Optional[TarProcess] = None
+        self.expected: Dict[str, Optional[m.Entry]] = {}  # see scan_staged
+
+    def expect(self, entry: m.Entry) -> None:
+        """A member of the archive, as the daemon listed it (TarDigests): checked against
+        the rules now, while tar works, so that listing the staging area needs neither a
+        stat nor a rule lookup per entry."""
+        ignored = self.is_ignored is not None and self.is_ignored(entry.path, entry.kind == m.DIR)
+        self.expected[entry.path] = None if ignored else entry
+
+    def feed(self, data: bytes) -> None:
+        if self.inner is None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.inner = TarProcess(self.tar, self.staging, self.is_ignored)
+        self.inner.feed(data)
+
+    def end(self) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+        """The daemon's tar finished (or the TarData did): what was staged."""
+        if self.inner is not None:
+            return self.inner.end()
+        return _staged(self.staging, self.is_ignored, self.expected)
+
+    def abort(self) -> None:
+        if self.inner is not None:
+            self.inner.abort()
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]],
+            expected: Optional[Dict[str, Optional[m.Entry]]] = None) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+    try:
+        return scan_staged(staging, is_ignored, expected)
+    except OSError as exc:
+        raise ExtractError("cannot list the staging area %s: %s" % (staging, exc.strerror or exc)) from None

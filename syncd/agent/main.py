@@ -22,7 +22,7 @@ from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
-CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests")
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests", "tar-direct")
 
 
 class Agent:
@@ -145,6 +145,9 @@ class Agent:
                 self.send(m.Failure(msg.req, "failed", "cannot receive into %s: %s"
                                     % (msg.path or "the root", getattr(exc, "strerror", None) or exc)))
                 return
+            if msg.direct:
+                job = self.receiving[msg.req]
+                self.send(m.TarReady(msg.req, job.staging, job.tar))
             size_pipe(self.in_fd)
             return
         job = self.receiving.get(msg.req)
@@ -159,6 +162,9 @@ class Agent:
         del self.receiving[msg.req]
         if not self.receiving:
             size_pipe(self.in_fd, PIPE_DEFAULT)
+        if msg.cancel:
+            job.abort()  # the daemon's stream failed: the root stays as it was
+            return
         # Into the whole root, the daemon rescans all of it after this and drops the reports
         # that came before the result: the placed directories are watched without reports
         # of their content, and the other reports of our own placements are let out before

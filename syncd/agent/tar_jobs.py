@@ -14,7 +14,7 @@ import shutil
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from syncd.agent.gnu_tar import TarProcess, find_gnu_tar
+from syncd.agent.gnu_tar import DirectStaging, TarProcess, find_gnu_tar
 from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
@@ -146,9 +146,14 @@ class Receive:
         _reap_stale(os.path.join(base, parent))
         self.where = os.path.join(base, self.target) if self.target else base
         self.digests: Dict[str, Tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, digest), as sent
-        staging = os.path.join(base, self.staging_rel)
-        tar = find_gnu_tar()
-        self.unpack: Any = TarProcess(tar, staging, self._ignored) if tar else _Unpacker(staging, self._ignored)
+        self.staging = os.path.join(base, self.staging_rel)
+        self.tar = find_gnu_tar() or ""
+        if self.tar and msg.direct:
+            self.unpack: Any = DirectStaging(self.tar, self.staging, self._ignored)
+        elif self.tar:
+            self.unpack = TarProcess(self.tar, self.staging, self._ignored)
+        else:
+            self.unpack = _Unpacker(self.staging, self._ignored)
 
     def _ignored(self, rel: str, is_dir: bool) -> bool:
         # Into the root: the root's rules hold (the sender applied the same ones).
@@ -167,11 +172,14 @@ class Receive:
         self.unpack.feed(data)
 
     def known(self, entries: Tuple[m.Entry, ...]) -> None:
-        """Digests the daemon computed for files it sent (see TarDigests)."""
-        if self.whole_root:  # only the root's scanner has a cache to fill
-            for e in entries:
-                if e.kind == m.FILE and e.digest is not None:
-                    self.digests[e.path] = (e.size, e.mtime_ns, e.digest)
+        """Entries the daemon archived, files with the digests it computed (TarDigests)."""
+        direct = self.unpack if isinstance(self.unpack, DirectStaging) else None
+        for e in entries:
+            # Only the root's scanner has a cache to fill.
+            if self.whole_root and e.kind == m.FILE and e.digest is not None:
+                self.digests[e.path] = (e.size, e.mtime_ns, e.digest)
+            if direct is not None:
+                direct.expect(e)
 
     def remember(self, placed: List[m.Entry]) -> None:
         """Files that landed as they were sent go in the digest cache: the next scan of

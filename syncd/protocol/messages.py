@@ -295,12 +295,25 @@ class TarReceive:
     """Daemon to agent: a tar stream follows (TarData..., then TarEnd). With ``path`` ''
     it is mirrored into the root, ignored entries kept, or with ``merge`` only added where
     the root has nothing (see tarstream.merge_in); otherwise directory ``path`` is replaced
-    whole. ``runtime``: ``path`` is under the agent's runtime directory."""
+    whole. ``runtime``: ``path`` is under the agent's runtime directory. ``direct``: the
+    agent answers TarReady, and the stream may come by another way than TarData."""
 
     req: int
     path: str
     runtime: bool
     merge: bool = False
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class TarReady:
+    """Agent to daemon, for a ``direct`` TarReceive: the staging directory made for the
+    stream and the host's GNU tar, which the daemon may run there itself (through its own
+    process on the same host) instead of sending TarData; ``tar`` '' = send TarData."""
+
+    req: int
+    staging: str
+    tar: str
 
 
 @dataclass(frozen=True)
@@ -337,17 +350,20 @@ class TarData:
 
 @dataclass(frozen=True)
 class TarEnd:
-    """End of a stream the daemon sent; ``skipped``: what it lacks or must not be trusted."""
+    """End of a stream the daemon sent; ``skipped``: what it lacks or must not be trusted.
+    With ``cancel`` the stream failed: the agent discards it and answers nothing."""
 
     req: int
     skipped: Tuple[Skip, ...]
+    cancel: bool = False
 
 
 @dataclass(frozen=True)
 class TarDigests:
-    """Files of a stream the daemon sent, with the digests it computed reading them: the
-    agent keeps those that landed unchanged in its digest cache, so its next scan does
-    not read the whole tree again. Sent in chunks, before TarEnd."""
+    """Entries of a stream the daemon sent, files with the digests it computed reading
+    them: the agent keeps those that landed unchanged in its digest cache, so its next
+    scan does not read the whole tree again, and lists a direct stream's staging area
+    from them (see tarstream.scan_staged). Sent in chunks, before TarEnd."""
 
     req: int
     entries: Tuple[Entry, ...]
@@ -390,7 +406,7 @@ class TreeMatched:
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck, TarDigests,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -420,6 +436,7 @@ TAGS: Dict[type, int] = {
     TarResult: 23,
     TarAck: 24,
     TarDigests: 25,
+    TarReady: 26,
     # structs
     Entry: 32,
     Expect: 33,
@@ -439,5 +456,5 @@ TAGS: Dict[type, int] = {
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck, TarDigests,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady,
 )

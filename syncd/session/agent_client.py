@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -241,9 +242,10 @@ class AgentClient:
         """The remote root as a tar stream; see TarDownload."""
         return TarDownload(self, window)
 
-    def tar_to_agent(self, path: str, runtime: bool, merge: bool = False) -> TarUpload:
-        """Start sending a tar stream to the agent; see TarUpload and TarReceive."""
-        return TarUpload(self, path, runtime, merge)
+    def tar_to_agent(self, path: str, runtime: bool, merge: bool = False, direct: bool = False) -> TarUpload:
+        """Start sending a tar stream to the agent; see TarUpload and TarReceive. With
+        ``direct`` (if the agent supports it) await ``ready`` first."""
+        return TarUpload(self, path, runtime, merge, direct and self.supports("tar-direct"))
 
     def new_blob_id(self) -> int:
         return next(self._ids)
@@ -283,8 +285,26 @@ class TarUpload(_Stream):
     """A tar stream to the agent: ``send`` chunks (each waits for the link to drain),
     then ``finish`` with what the stream lacks, and get the agent's result."""
 
-    def __init__(self, client: AgentClient, path: str, runtime: bool, merge: bool = False) -> None:
-        super().__init__(client, lambda req: m.TarReceive(req, path, runtime, merge))
+    def __init__(self, client: AgentClient, path: str, runtime: bool, merge: bool = False,
+                 direct: bool = False) -> None:
+        super().__init__(client, lambda req: m.TarReceive(req, path, runtime, merge, direct))
+        self.direct = direct
+
+    async def ready(self) -> m.TarReady | None:
+        """For a direct stream, the agent's TarReady (staging directory and GNU tar);
+        None if the stream is not direct."""
+        if not self.direct:
+            return None
+        item = await self.reply()
+        if not isinstance(item, m.TarReady):
+            raise AgentError(f"unexpected {type(item).__name__} before a direct tar stream")
+        return item
+
+    def cancel(self) -> None:
+        """The stream failed: the agent discards what it staged (nothing is placed)."""
+        with contextlib.suppress(AgentError):
+            self.client.send(m.TarEnd(self.req, (), True))
+        self.close()
 
     def _check(self) -> None:
         # The agent refuses early (e.g. an unwritable target): stop sending at once.
@@ -298,8 +318,9 @@ class TarUpload(_Stream):
         await self.client.drain()
 
     async def share_digests(self, files: list[m.Entry]) -> None:
-        """Tell the agent the digests of files sent (if it keeps them: TarDigests). May be
-        called any number of times before ``finish``, as the files are archived."""
+        """Tell the agent the entries sent, files with their digests (if it keeps them:
+        TarDigests). May be called any number of times before ``finish``, as the entries
+        are archived."""
         if not self.client.supports("tar-digests"):
             return
         for i in range(0, len(files), DIGESTS_CHUNK):

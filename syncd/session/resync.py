@@ -9,6 +9,9 @@ stream has arrived, and the base index becomes exactly what both sides now hold.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,14 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
-from syncd.session.agent_client import DIGESTS_CHUNK
-from syncd.session.tar_worker import ExtractWorker
+from syncd.session.agent_client import DIGESTS_CHUNK, TarUpload
+from syncd.session.direct import DirectStream, DirectUnavailable, tar_script
+from syncd.session.tar_worker import ExtractWorker, ProduceWorker
 from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name, unstage
 
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
     from syncd.session.session import Session
 
+
+
+log = logging.getLogger("syncd.session")
+DIRECT_POLL = 0.2  # seconds between passing on digests while a direct stream runs
 
 
 class ResyncRefused(Exception):
@@ -69,10 +77,11 @@ class ResyncSummary:
     seconds: float
     deleted: int
     skipped: list[m.Skip]
+    direct: bool = False  # the stream went by a way of its own (see direct), not the channel
 
     def as_dict(self) -> dict[str, Any]:
         return {"direction": self.direction, "files": self.files, "bytes": self.bytes,
-                "seconds": round(self.seconds, 3), "deleted": self.deleted,
+                "seconds": round(self.seconds, 3), "deleted": self.deleted, "direct": self.direct,
                 "skipped": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in self.skipped]}
 
 
@@ -148,32 +157,99 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
     progress = session.resync_progress  # made with the session (it counts from the connection)
     assert agent is not None and progress is not None
     worker = await session.push_worker()
+    upload = agent.tar_to_agent("", False, merge, direct=True)
     try:
-        progress.total_files, progress.total_bytes = await worker.announced()
-        if not progress.total_files and not force:
-            raise _refuse_empty("push", "local")
-        progress.phase = "streaming"
-        upload = agent.tar_to_agent("", False, merge)
+        # A direct stream's process reaches the remote while the child lists the tree.
+        opening = asyncio.ensure_future(_open_direct(session, upload, worker))
         try:
-            async for chunk in worker.chunks():
-                await upload.send(chunk)
-                # The digests go along as the files are archived: none are left to send
-                # while the agent waits for the end.
-                await upload.share_digests(worker.take_files(DIGESTS_CHUNK))
-            await worker.finish()
-            progress.phase = "placing"
-            sent = list(worker.entries.values())
-            await upload.share_digests(worker.take_files())
-            placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
-        finally:
-            upload.close()
+            progress.total_files, progress.total_bytes = await worker.announced()
+            if not progress.total_files and not force:
+                raise _refuse_empty("push", "local")
+            progress.phase = "streaming"
+            worker = await _send_stream(session, upload, worker, await opening)
+        except BaseException:
+            await _abandon(opening)
+            upload.cancel()
+            raise
+        progress.phase = "placing"
+        sent = list(worker.entries.values())
+        await upload.share_digests(worker.take_sent())
+        placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
     finally:
+        upload.close()
         await worker.close()
     kept = await _make_kept_dirs(session, placed, sent, "local")
     await session.reset_base(await session._fs(_base_rows, sent, placed, "local") + kept)
     progress.phase = "done"
     return ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
-                         worker.skipped + remote_skips)
+                         worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
+
+
+async def _open_direct(session: Session, upload: TarUpload,
+                       worker: ProduceWorker) -> DirectStream | DirectUnavailable | None:
+    """Start the direct stream where the agent and the channel offer one (see direct):
+    the stream, None where there is none, or why it did not start (the child's stream
+    may have been read from then: it must start over)."""
+    agent = session.agent
+    assert agent is not None
+    ready = await upload.ready()
+    argv = agent.channel.direct_argv(tar_script(ready.tar, ready.staging)) if ready and ready.tar else None
+    if argv is None:
+        return None
+    try:
+        return await DirectStream.start(argv, worker.take_stream())
+    except DirectUnavailable as exc:
+        log.warning("%s: the push goes over the session channel: the direct stream did not start: %s",
+                    session.cfg.name, exc)
+        return exc
+
+
+async def _abandon(opening: asyncio.Future[DirectStream | DirectUnavailable | None]) -> None:
+    if not opening.done():
+        opening.cancel()
+    with contextlib.suppress(BaseException):
+        stream = await opening
+        if isinstance(stream, DirectStream):
+            await stream.close()
+
+
+async def _send_stream(session: Session, upload: TarUpload, worker: ProduceWorker,
+                       opened: DirectStream | DirectUnavailable | None) -> ProduceWorker:
+    """Send the archive, by the direct stream if one ``opened``, else over the channel.
+    Returns the child that archived it: a new one if the direct stream did not start."""
+    progress = session.resync_progress
+    assert progress is not None
+    if isinstance(opened, DirectUnavailable):
+        await worker.close()
+        progress.files = progress.bytes = 0
+        worker = await session._start_push_worker()
+        await worker.announced()
+    elif opened is not None:
+        await _wait_direct(opened, upload, worker)
+        await worker.finish()  # tar may end well on a stream the child cut short
+        return worker
+    async for chunk in worker.chunks():
+        await upload.send(chunk)
+        # The digests go along as the files are archived: none are left to send while the
+        # agent waits for the end.
+        await upload.share_digests(worker.take_sent(DIGESTS_CHUNK))
+    await worker.finish()
+    return worker
+
+
+async def _wait_direct(stream: DirectStream, upload: TarUpload, worker: ProduceWorker) -> None:
+    """Until the remote tar has the whole stream, pass on the digests as files are archived."""
+    waiter = asyncio.ensure_future(stream.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait([waiter], timeout=DIRECT_POLL)
+            await upload.share_digests(worker.take_sent(DIGESTS_CHUNK))
+            if done:
+                waiter.result()  # raises DirectFailed
+                return
+    finally:
+        if not waiter.done():
+            waiter.cancel()
 
 
 async def pull(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:

@@ -41,6 +41,7 @@ from syncd.transport.channel import TransportError
 from syncd.transport.connect import start_agent
 
 log = logging.getLogger("syncd.session")
+ANSWER_FIRST = 0.02  # seconds between the end of a resync and arming the local watcher
 T = TypeVar("T")
 
 INLINE_MAX = 256 * 1024  # files up to this size ride inside the Apply batch
@@ -351,6 +352,9 @@ class Session:
             connecting.result()
             if self.resync is not None:
                 await self._resync(self.resync)
+                # Whoever waits for the resync is answered first (a few turns of the loop):
+                # arming the watcher on a large tree holds the interpreter for a while.
+                await asyncio.sleep(ANSWER_FIRST)
                 self._tasks.append(asyncio.create_task(self._watch_local()))
             elif self._first_progress is not None:
                 pulling = self._first_pull

@@ -333,49 +333,52 @@ class ExtractWorker(_Worker):
 
 
 class ProduceWorker(_Worker):
-    """A child archiving a tree: await ``totals``, iterate ``chunks``, then ``finish``
-    for the entries archived (``entries``, files with digests) and ``skipped``. Files
-    archived so far can be taken meanwhile (``take_files``)."""
+    """A child archiving a tree: await ``totals``, iterate ``chunks`` (or hand the stream
+    to another process: ``take_stream``), then ``finish`` for the entries archived
+    (``entries``, files with digests) and ``skipped``. Entries archived so far can be
+    taken meanwhile (``take_sent``)."""
 
     def __init__(self, proc: asyncio.subprocess.Process, reports: asyncio.StreamReader,
-                 progress: Callable[[int, int], None]) -> None:
+                 progress: Callable[[int, int], None], stream_fd: int = -1) -> None:
         super().__init__(proc, reports, progress)
-        self._files: list[m.Entry] = []
+        self._sent: list[m.Entry] = []
+        self._stream_fd = stream_fd  # the archive's pipe, until read here or taken away
+        self._stream: asyncio.StreamReader | None = None
+        self._stream_pipe: Any = None
 
     def _entry(self, entry: m.Entry) -> None:
         super()._entry(entry)
-        if entry.kind == m.FILE and entry.digest is not None:
-            self._files.append(entry)
+        self._sent.append(entry)
 
-    def take_files(self, at_least: int = 1) -> list[m.Entry]:
-        """The files with digests archived since the last call, once there are
-        ``at_least`` of them (else nothing)."""
-        if len(self._files) < at_least:
+    def take_sent(self, at_least: int = 1) -> list[m.Entry]:
+        """The entries archived since the last call (files with their digests), once
+        there are ``at_least`` of them (else nothing)."""
+        if len(self._sent) < at_least:
             return []
-        files, self._files = self._files, []
-        return files
+        sent, self._sent = self._sent, []
+        return sent
 
     @classmethod
     async def start(cls, root: str, rules: dict[str, list[str]], progress: Callable[[int, int], None]) -> ProduceWorker:
-        loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
+        stream_fd, child_stdout = os.pipe()
         try:
-            proc = await cls._spawn("produce", root, str(write_fd), pass_fds=(write_fd,))
+            proc = await cls._spawn("produce", root, str(write_fd), pass_fds=(write_fd,), stdout=child_stdout)
         except BaseException:
             os.close(read_fd)
+            os.close(stream_fd)
             raise
         finally:
             os.close(write_fd)
-        reports = asyncio.StreamReader(limit=PIPE_SIZE)
-        pipe = os.fdopen(read_fd, "rb", 0)
+            os.close(child_stdout)
         try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reports), pipe)
+            reports, _ = await _reader_on(read_fd)
         except BaseException:
-            pipe.close()
+            os.close(stream_fd)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             raise
-        worker = cls(proc, reports, progress)
+        worker = cls(proc, reports, progress, stream_fd)
         worker._send_rules(rules)
         assert proc.stdin is not None
         proc.stdin.close()  # the rules are all it reads
@@ -391,12 +394,23 @@ class ProduceWorker(_Worker):
             raise ExtractError("the tar process ended before it listed the tree")
         return self.totals.result()
 
+    def take_stream(self) -> int:
+        """The read end of the archive's pipe, for another process to read (the caller
+        owns it now; ``chunks`` is then not to be used)."""
+        fd, self._stream_fd = self._stream_fd, -1
+        if fd < 0:
+            raise ValueError("the archive's stream was taken already")
+        return fd
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The tar stream as it comes."""
-        assert self.proc.stdout is not None
+        if self._stream is None:
+            fd = self.take_stream()
+            self._stream, self._stream_pipe = await _reader_on(fd)
+        stream = self._stream
         while True:
             try:  # whole chunks: the pipe delivers 64 KiB at a time, each a frame otherwise
-                yield await self.proc.stdout.readexactly(PIPE_SIZE)
+                yield await stream.readexactly(PIPE_SIZE)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
                     yield exc.partial
@@ -409,6 +423,25 @@ class ProduceWorker(_Worker):
     async def close(self) -> None:
         """Stop the child if it still runs."""
         await self._stop()
+        if self._stream_fd >= 0:
+            os.close(self._stream_fd)
+            self._stream_fd = -1
+        if self._stream_pipe is not None:
+            self._stream_pipe.close()
+            self._stream_pipe = None
+
+
+async def _reader_on(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """An asyncio reader on the pipe ``fd`` (owned by the returned transport)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=PIPE_SIZE)
+    pipe = os.fdopen(fd, "rb", 0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
+    return reader, transport
 
 
 def main(argv: list[str]) -> int:

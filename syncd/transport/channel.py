@@ -102,6 +102,11 @@ class Channel(ABC):
     def stderr_text(self) -> str:
         return self.stderr_tail.decode("utf-8", "replace").strip()
 
+    def direct_argv(self, script: str) -> list[str] | None:
+        """A local command that runs the shell ``script`` on the agent's host, beside the
+        agent (a bulk stream can then skip this channel), or None where there is none."""
+        return None
+
 
 class ProcessChannel(Channel):
     """The agent as a local child process (``local:`` and ``exec:`` endpoints)."""
@@ -109,6 +114,7 @@ class ProcessChannel(Channel):
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         super().__init__()
         self.proc = proc
+        self.shell: list[str] | None = None  # how to run a shell script where the agent runs
         assert proc.stdout and proc.stdin and proc.stderr
         self._stderr_task = asyncio.ensure_future(self._pump_stderr())
 
@@ -120,6 +126,9 @@ class ProcessChannel(Channel):
     async def _read_raw(self) -> bytes:
         assert self.proc.stdout
         return await self.proc.stdout.read(1 << 20)
+
+    def direct_argv(self, script: str) -> list[str] | None:
+        return None if self.shell is None else [*self.shell, script]
 
     def write(self, data: bytes) -> None:
         assert self.proc.stdin

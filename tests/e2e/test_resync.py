@@ -35,7 +35,7 @@ from tests.sshd import SshServer
 
 EXIT_ERROR = 1
 TEMP_PREFIX = ".syncd-tmp-"
-SUMMARY_FIELDS = {"name", "direction", "files", "bytes", "seconds", "deleted", "skipped"}
+SUMMARY_FIELDS = {"name", "direction", "files", "bytes", "seconds", "deleted", "skipped", "direct"}
 LIVE = "watching"
 MB = 1 << 20
 
@@ -117,6 +117,9 @@ def resync(daemon: DaemonProc, name: str, direction: str, cli: bool = False) -> 
     assert isinstance(summary, dict)
     assert set(summary) == SUMMARY_FIELDS, summary
     assert summary["name"] == name and summary["direction"] == direction, summary
+    # A push goes from the archiving child straight to the remote's GNU tar through
+    # OpenSSH (both are on this machine); a pull always goes over the session channel.
+    assert summary["direct"] is (direction == "push"), summary
     return summary
 
 

@@ -217,7 +217,7 @@ def test_produces_the_archive_an_in_process_producer_makes(tmp_path: Path) -> No
 
 def test_archived_files_come_back_while_the_stream_runs(tmp_path: Path) -> None:
     """A push shares the digests as the files go, not after the stream: the daemon can
-    take each archived file (once) before the archive ends."""
+    take each archived entry (once) before the archive ends."""
     src = tmp_path / "src"
     make_tree(src, files=3000)
 
@@ -232,31 +232,31 @@ def test_archived_files_come_back_while_the_stream_runs(tmp_path: Path) -> None:
             async for _chunk in worker.chunks():
                 chunks += 1
                 await asyncio.sleep(0.01)  # let the reports in
-                taken.extend(worker.take_files())
+                taken.extend(worker.take_sent())
                 if after_first_chunk < 0:
                     after_first_chunk = len(taken)
             await worker.finish()
-            taken.extend(worker.take_files())
+            taken.extend(worker.take_sent())
         finally:
             await worker.close()
-        files = {p: e for p, e in worker.entries.items() if e.kind == m.FILE}
-        assert chunks > 2 and 0 < after_first_chunk < len(files)
-        assert len(files) == sum(counted) - len([e for e in worker.entries.values() if e.kind != m.FILE])
-        assert sorted(e.path for e in taken) == sorted(files)  # each once
-        assert all(e.digest is not None and e == files[e.path] for e in taken)
-        assert worker.take_files() == []
+        assert chunks > 2 and 0 < after_first_chunk < len(worker.entries)
+        assert len(worker.entries) == sum(counted)
+        assert sorted(e.path for e in taken) == sorted(worker.entries)  # each once
+        assert all(e == worker.entries[e.path] for e in taken)
+        assert all(e.digest is not None for e in taken if e.kind == m.FILE)
+        assert worker.take_sent() == []
 
     asyncio.run(go())
 
 
-def test_take_files_waits_for_enough_of_them(tmp_path: Path) -> None:
+def test_take_sent_waits_for_enough_of_them(tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src, files=20)
 
     async def go() -> None:
         worker, _totals, _data, _reports = await produce(src, NO_RULES)
-        assert worker.take_files(1000) == []  # fewer than asked: kept for later
-        assert len(worker.take_files(1)) == 20 + 2  # the files, run.sh and build/out.o
+        assert worker.take_sent(1000) == []  # fewer than asked: kept for later
+        assert len(worker.take_sent(1)) == len(worker.entries)
 
     asyncio.run(go())
 
