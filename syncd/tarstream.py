@@ -322,16 +322,18 @@ class TarExtractor:
     the staging directory: names with ``..``, absolute names, and members reached through
     a symlink are skipped as ``unsafe``. The archive's own root entry ('.' or './') is
     ignored, so extraction never changes the mode or times of a directory it does not own.
-    Special files are skipped. Directory modes and times are applied last.
+    Special files are skipped. Directory modes and times are applied last. With
+    ``hash_files``, staged files carry the digest of the content written.
     """
 
     def __init__(self, staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None,
-                 progress: Optional[Progress] = None) -> None:
+                 progress: Optional[Progress] = None, hash_files: bool = False) -> None:
         os.mkdir(staging, 0o700)
         self.staging = staging
         self.root = Root(staging)
         self.is_ignored = is_ignored
         self.progress = progress
+        self.hash_files = hash_files
         self.entries: Dict[str, m.Entry] = {}  # what was staged, as written
         self.skipped: List[m.Skip] = []
         self._dirs: Dict[str, Tuple[int, int]] = {}  # path -> (mode, mtime_ns)
@@ -463,19 +465,23 @@ class TarExtractor:
         except FileExistsError:
             self._clear(dir_fd, name, False)
             fd = os.open(name, _NEW_FILE, mode & 0o777, dir_fd=dir_fd)
+        digest = content_hasher() if self.hash_files else None
         try:
             while True:
                 data = reader.read_data(CHUNK)
                 if not data:
                     break
                 write_all(fd, data)
+                if digest is not None:
+                    digest.update(data)
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
         finally:
             os.close(fd)
-        self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino)
+        self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino,
+                                    None if digest is None else digest.digest())
         self._count(st.st_size)
 
     def _count(self, size: int) -> None:

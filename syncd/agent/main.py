@@ -15,6 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from syncd import __version__
+from syncd.agent.gnu_tar import find_gnu_tar
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
@@ -22,14 +23,15 @@ from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_
 
 log = logging.getLogger("syncd.agent")
 SCAN_CHUNK = 2000
-CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests", "tar-direct")
+CAPABILITIES = ("scan", "hash", "apply", "blob", "watch", "tar", "scan-tree", "tar-digests")
+DIRECT = "tar-direct"  # announced only where the host has GNU tar (see gnu_tar)
 
 
 class Agent:
     def __init__(self, in_fd: int, out_fd: int) -> None:
         self.in_fd = in_fd
         self.out_fd = out_fd
-        self.conn = Connection("syncd-agent " + __version__, CAPABILITIES)
+        self.conn = Connection("syncd-agent " + __version__, CAPABILITIES + ((DIRECT,) if find_gnu_tar() else ()))
         self.lock = threading.Lock()
         self.root: Optional[Root] = None
         self.scanner: Optional[Scanner] = None
@@ -37,6 +39,7 @@ class Agent:
         self.rules: Any = None
         self.receiving: Dict[int, Any] = {}  # req -> tar_jobs.Receive in progress
         self.sending: Any = None  # tar_jobs.Send of the tree, if one was started
+        self.lists: List[str] = []  # files listing a direct TarSend's entries (see send_listed)
 
     def send(self, message: Any) -> None:
         parts = self.conn.send_parts(message)
@@ -75,6 +78,7 @@ class Agent:
                 self.watcher.stop()
             if self.root is not None:
                 self.root.close()
+            self.drop_lists()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -128,6 +132,14 @@ class Agent:
         if isinstance(msg, m.TarSend):
             if self.sending is not None and not self.sending.done():
                 raise ProtocolError("a second tar stream while one is being sent")
+            self.drop_lists()  # an earlier direct stream's command removed its own, or never ran
+            tar = find_gnu_tar() if msg.direct else None
+            if tar:
+                try:
+                    self.lists.append(tar_jobs.send_listed(self.root, self.scanner, msg.req, tar, self.send))
+                except OSError as exc:
+                    self.send(m.Failure(msg.req, "failed", "cannot list the tree: %s" % (exc.strerror or exc)))
+                return
             size_pipe(self.out_fd)  # back to the default once sent (see size_pipe)
             self.sending = tar_jobs.Send(self.root, self.scanner, msg, self.send,
                                          on_done=lambda: size_pipe(self.out_fd, PIPE_DEFAULT))
@@ -181,6 +193,14 @@ class Agent:
             return
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
         job.remember(entries)
+
+    def drop_lists(self) -> None:
+        for path in self.lists:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.lists = []
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None

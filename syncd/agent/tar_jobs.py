@@ -15,7 +15,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from syncd.agent.gnu_tar import DirectStaging, TarProcess, find_gnu_tar
-from syncd.fsops import Root, UnsafePath, split_path
+from syncd.fsops import Root, UnsafePath, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
 from syncd.tarstream import (
@@ -324,6 +324,26 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
     finally:
         producer.close()
     send_result(send, req, producer.sent, skipped + producer.skipped, 0, root.path)
+
+
+def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> str:
+    """A direct TarSend: list the root (minus ignored entries) for the daemon's own GNU tar
+    to archive: TarStart, TarResult... (the entries, without digests), then TarReady
+    naming the list (NUL-separated paths, in a temporary file of the root, which no scan
+    reports and the archiving command removes). Returns the list's path."""
+    entries = scanner.scan_all(hash_files=False)
+    skipped = scan_skips(scanner.skipped)
+    total = sum(e.size for e in entries if e.kind == m.FILE)
+    send(m.TarStart(req, len(entries), total))
+    path = os.path.join(root.path, staging_name("list-%d" % req))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, b"".join(os.fsencode(e.path) + b"\0" for e in entries))
+    finally:
+        os.close(fd)
+    send_result(send, req, entries, skipped, 0, root.path)
+    send(m.TarReady(req, path, tar))
+    return path
 
 
 def send_result(send: Callable[[Any], None], req: int, entries: List[m.Entry], skipped: List[m.Skip],

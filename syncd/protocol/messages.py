@@ -309,7 +309,9 @@ class TarReceive:
 class TarReady:
     """Agent to daemon, for a ``direct`` TarReceive: the staging directory made for the
     stream and the host's GNU tar, which the daemon may run there itself (through its own
-    process on the same host) instead of sending TarData; ``tar`` '' = send TarData."""
+    process on the same host) instead of sending TarData; ``tar`` '' = send TarData. For a
+    ``direct`` TarSend: ``staging`` is the file listing the entries to archive (relative to
+    the root, each ended by a NUL byte), which the archiving command removes."""
 
     req: int
     staging: str
@@ -319,10 +321,14 @@ class TarReady:
 @dataclass(frozen=True)
 class TarSend:
     """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult. At most
-    ``window`` bytes of TarData may be unacknowledged (TarAck); 0 = no limit."""
+    ``window`` bytes of TarData may be unacknowledged (TarAck); 0 = no limit. With
+    ``direct``, where the host has GNU tar, the agent sends no TarData: TarStart, then the
+    entries to archive (TarResult..., no digests), then TarReady naming a file that lists
+    them, for the daemon to archive with that tar through a process of its own."""
 
     req: int
     window: int = 0
+    direct: bool = False
 
 
 @dataclass(frozen=True)

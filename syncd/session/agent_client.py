@@ -238,9 +238,10 @@ class AgentClient:
     def fetch(self, path: str) -> AsyncIterator[m.FileData]:
         return self._request(lambda req: m.Fetch(req, path))
 
-    def tar_from_agent(self, window: int = TAR_WINDOW) -> TarDownload:
-        """The remote root as a tar stream; see TarDownload."""
-        return TarDownload(self, window)
+    def tar_from_agent(self, window: int = TAR_WINDOW, direct: bool = False) -> TarDownload:
+        """The remote root as a tar stream; see TarDownload (and TarSend for ``direct``,
+        asked for only if the agent supports it)."""
+        return TarDownload(self, window, direct and self.supports("tar-direct"))
 
     def tar_to_agent(self, path: str, runtime: bool, merge: bool = False, direct: bool = False) -> TarUpload:
         """Start sending a tar stream to the agent; see TarUpload and TarReceive. With
@@ -353,8 +354,8 @@ class TarDownload(_Stream):
     ``window`` bytes ahead of the acknowledgements: memory stays bounded on both sides
     however slow the consumer, without relying on the transport's own flow control."""
 
-    def __init__(self, client: AgentClient, window: int) -> None:
-        super().__init__(client, lambda req: m.TarSend(req, window))
+    def __init__(self, client: AgentClient, window: int, direct: bool = False) -> None:
+        super().__init__(client, lambda req: m.TarSend(req, window, direct))
         self.window = window
         self._acked = 0
 

@@ -7,8 +7,8 @@ encrypt and send each of them on its event loop, which made that one thread the 
 a push. The agent still owns the staging directory (TarReady) and everything after the
 stream: it lists what tar staged and places it as it places any stream (TarEnd).
 
-The remote command prints a line before it becomes tar. A process that ends without that
-line never ran tar (no route, authentication refused, no ``sh``): the push then goes over
+The remote command prints a line (on stderr) before it becomes tar. A process that ends
+without that line never ran tar (no route, authentication refused, no ``sh``): the push then goes over
 the session channel as before. Once tar runs, a failure fails the push and the agent
 discards what was staged; a stream counts as complete only when tar exits 0 and the
 archiving child reported its end.
@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import os
 import shlex
+import signal
 
 from syncd.tarstream import ExtractError
 
 READY_LINE = b"syncd-direct\n"
 START_TIMEOUT = 30.0  # seconds for the process to reach the remote and print READY_LINE
 _STDERR_KEEP = 4096
+_NOISE_LINES = 50  # lines a remote login may print on stderr before READY_LINE
 
 
 class DirectUnavailable(Exception):
@@ -33,71 +35,115 @@ class DirectUnavailable(Exception):
 
 
 class DirectFailed(ExtractError):
-    """The remote tar or the link to it failed mid-stream."""
+    """The remote tar or the link to it failed mid-stream (``status``: the exit status)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def reader_gone(self) -> bool:
+        """Whether the process died writing to a pipe whose reader went away (the local
+        extracting child, when archiving): the reader's own failure is the reason then."""
+        return self.status in (128 + signal.SIGPIPE, -signal.SIGPIPE)
+
+
+_READY = "printf 'syncd-direct\\n' >&2"  # on stderr: stdout may carry the archive
 
 
 def tar_script(tar: str, staging: str) -> str:
     """The shell script unpacking stdin into ``staging`` with GNU ``tar`` (paths from the
     agent's TarReady): modes kept exactly, owners not."""
-    return "printf 'syncd-direct\\n' && exec " + shlex.join(
+    return _READY + " && exec " + shlex.join(
         [tar, "-x", "-f", "-", "-p", "--no-same-owner", "--warning=no-unknown-keyword", "-C", staging])
 
 
+def tar_create_script(tar: str, listing: str, root: str) -> str:
+    """The shell script archiving, with GNU ``tar`` on stdout, the entries of ``root``
+    that the file ``listing`` names (NUL-separated, taken verbatim, no recursion), then
+    removing the list. pax format: nanosecond mtimes, long and non-UTF-8 names. A file
+    that cannot be read or vanished is left out with a warning (the daemon finds out
+    which), and one that changed while read makes tar exit 1 (see CREATE_OK)."""
+    command = shlex.join([tar, "-c", "-f", "-", "--format=posix", "--null", "--verbatim-files-from",
+                          "--no-recursion", "--ignore-failed-read", "-C", root, "-T", listing])
+    return f"{_READY} && {{ {command}; s=$?; rm -f -- {shlex.quote(listing)}; exit $s; }}"
+
+
+EXTRACT_OK = (0,)
+CREATE_OK = (0, 1)  # 1: GNU tar's "file changed as we read it"; the next cycle sees the change
+
+
 class DirectStream:
-    """The running process; ``start`` it on the read end of the archive's pipe, then
-    ``wait`` for it."""
+    """The running process: ``start`` it, then ``wait`` for it."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self._stderr = b""
-        self._stderr_task = asyncio.ensure_future(self._keep_stderr())
+        self._ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._stderr_task = asyncio.ensure_future(self._read_stderr())
 
     @classmethod
-    async def start(cls, argv: list[str], stdin_fd: int) -> DirectStream:
-        """Run ``argv`` reading ``stdin_fd`` (closed here: the archiving child must see a
-        broken pipe, not block, should the process die); return once the remote command
-        runs. Raises DirectUnavailable if it never did."""
+    async def start(cls, argv: list[str], stdin_fd: int | None = None, stdout_fd: int | None = None) -> DirectStream:
+        """Run ``argv`` on ``stdin_fd`` and ``stdout_fd`` (closed here: the process on the
+        other end of such a pipe must see it broken, not block, should this one die);
+        return once the remote command runs. Raises DirectUnavailable if it never did."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=stdin_fd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
+                *argv, stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+                stdout=asyncio.subprocess.DEVNULL if stdout_fd is None else stdout_fd,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             raise DirectUnavailable(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         finally:
-            os.close(stdin_fd)
+            for fd in (stdin_fd, stdout_fd):
+                if fd is not None:
+                    os.close(fd)
         stream = cls(proc)
-        assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+            ready = await asyncio.wait_for(asyncio.shield(stream._ready), START_TIMEOUT)
         except TimeoutError:
-            line = b""
-        except BaseException:  # cancelled: the process must not outlive the push
+            ready = False
+        except BaseException:  # cancelled: the process must not outlive the stream
             await asyncio.shield(stream.close())
             raise
-        if line != READY_LINE:
+        if not ready:
             await stream.close()
             raise DirectUnavailable(stream.detail() or f"exit status {proc.returncode}")
         return stream
 
-    async def _keep_stderr(self) -> None:
+    async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
+        try:
+            for _ in range(_NOISE_LINES):
+                line = await self.proc.stderr.readline()
+                if line == READY_LINE:
+                    self._ready.set_result(True)
+                    self._stderr = b""  # what a login printed before is no longer of interest
+                    break
+                self._keep(line)
+                if not line:
+                    break
+        finally:
+            if not self._ready.done():
+                self._ready.set_result(False)
         while chunk := await self.proc.stderr.read(4096):
-            if len(self._stderr) < _STDERR_KEEP:
-                self._stderr += chunk[: _STDERR_KEEP - len(self._stderr)]
+            self._keep(chunk)
+
+    def _keep(self, data: bytes) -> None:
+        if len(self._stderr) < _STDERR_KEEP:
+            self._stderr += data[: _STDERR_KEEP - len(self._stderr)]
 
     def detail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip().replace("\n", "; ")
 
-    def done(self) -> bool:
-        return self.proc.returncode is not None
-
-    async def wait(self) -> None:
-        """Wait for the end of the stream. Raises DirectFailed unless tar exited 0."""
+    async def wait(self, ok: tuple[int, ...] = EXTRACT_OK) -> None:
+        """Wait for the end of the stream. Raises DirectFailed unless the exit status is
+        one of ``ok``."""
         status = await self.proc.wait()
         await asyncio.wait([self._stderr_task], timeout=2)
-        if status != 0:
+        if status not in ok:
             detail = self.detail()
-            raise DirectFailed(f"the direct tar stream failed (status {status})" + (f": {detail}" if detail else ""))
+            raise DirectFailed(f"the direct tar stream failed (status {status})" + (f": {detail}" if detail else ""),
+                               status)
 
     async def close(self) -> None:
         """Stop the process if it still runs."""

@@ -20,9 +20,26 @@ from typing import TYPE_CHECKING, Any
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
 from syncd.session.agent_client import DIGESTS_CHUNK, TarUpload
-from syncd.session.direct import DirectStream, DirectUnavailable, tar_script
+from syncd.session.direct import (
+    CREATE_OK,
+    DirectFailed,
+    DirectStream,
+    DirectUnavailable,
+    tar_create_script,
+    tar_script,
+)
 from syncd.session.tar_worker import ExtractWorker, ProduceWorker
-from syncd.tarstream import LEAVE_REASONS, merge_in, mirror, path_key, staging_name, unstage
+from syncd.tarstream import (
+    LEAVE_REASONS,
+    UNREADABLE,
+    VANISHED,
+    ExtractError,
+    merge_in,
+    mirror,
+    path_key,
+    staging_name,
+    unstage,
+)
 
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
@@ -32,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("syncd.session")
 DIRECT_POLL = 0.2  # seconds between passing on digests while a direct stream runs
+DIRECT = "tar-direct"  # the agent's capability: it hands tar streams to the host's GNU tar
 
 
 class ResyncRefused(Exception):
@@ -93,6 +111,8 @@ def _base_rows(sources: list[m.Entry], placed: list[m.Entry], source_side: str) 
         src = by_path.get(dest.path)
         if src is None or src.kind != dest.kind:
             continue
+        if src.digest is None and dest.digest is not None:  # a direct pull: hashed as it landed
+            src = src._replace(digest=dest.digest)
         if source_side == "local":
             rows.append(agreed_from(src, src.ino, dest.ino))
         else:
@@ -225,7 +245,15 @@ async def _send_stream(session: Session, upload: TarUpload, worker: ProduceWorke
         worker = await session._start_push_worker()
         await worker.announced()
     elif opened is not None:
-        await _wait_direct(opened, upload, worker)
+        try:
+            await _wait_direct(opened, upload, worker)
+        except DirectFailed:
+            # Unless the child failed for want of a reader, its own failure came first.
+            with contextlib.suppress(ExtractError):
+                await worker.finish()
+            if worker.error is not None and not worker.reader_gone:
+                raise ExtractError(worker.error) from None
+            raise
         await worker.finish()  # tar may end well on a stream the child cut short
         return worker
     async for chunk in worker.chunks():
@@ -255,40 +283,84 @@ async def _wait_direct(stream: DirectStream, upload: TarUpload, worker: ProduceW
 async def pull(session: Session, force: bool = False, merge: bool = False) -> ResyncSummary:
     """Rebuild the local tree from the remote, keeping ignored and preserve-absent entries.
     With ``merge`` (a first sync into an empty local root) the stream only adds where the
-    local root has nothing: see tarstream.merge_in."""
+    local root has nothing: see tarstream.merge_in. The remote's GNU tar archives the tree
+    straight into the extracting child where the agent and the channel offer a way (see
+    direct), else the agent streams it over the channel."""
+    agent, progress = session.agent, session.resync_progress
+    assert agent is not None and progress is not None
+    if agent.supports(DIRECT) and agent.channel.direct_argv("true") is not None:
+        try:
+            return await _pull(session, force, merge, True)
+        except DirectUnavailable as exc:
+            log.warning("%s: the pull goes over the session channel: the direct stream did not start: %s",
+                        session.cfg.name, exc)
+            progress.files = progress.bytes = 0
+    return await _pull(session, force, merge, False)
+
+
+async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> ResyncSummary:
     local, agent, progress = session.local, session.agent, session.resync_progress
     assert local is not None and agent is not None and progress is not None
     staging_rel = staging_name("resync")
+    staging = os.path.join(session.cfg.local, staging_rel)
     rules = session.rules
     # Extracted by a child process: see tar_worker for why.
-    extractor = await ExtractWorker.start(os.path.join(session.cfg.local, staging_rel), session.cfg.local,
-                                          rules.to_wire(), progress.add)
+    input_fd = -1
+    if direct:
+        extractor, input_fd = await ExtractWorker.start_on_pipe(staging, session.cfg.local, rules.to_wire(),
+                                                                progress.add)
+    else:
+        extractor = await ExtractWorker.start(staging, session.cfg.local, rules.to_wire(), progress.add)
     sent: list[m.Entry] = []
     skipped: list[m.Skip] = []
     refused = False
-    stream = agent.tar_from_agent()
+    piped: DirectStream | None = None
+    stream = agent.tar_from_agent(direct=direct)
     consumed = 0
+    where = ""
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
-            elif isinstance(item, m.TarData):
+            elif isinstance(item, m.TarData) and not direct:
                 await extractor.feed(item.data)  # waits while the extractor is behind
                 consumed += len(item.data)
                 stream.ack(consumed)
             elif isinstance(item, m.TarResult):
-                if not sent and not skipped:
+                if not direct and not sent and not skipped:
                     await extractor.finish()  # the archive is complete
                 sent.extend(item.entries)
                 skipped.extend(item.skipped)
-                if item.done:
+                where = item.where
+                if item.done and not direct:
                     break
+            elif isinstance(item, m.TarReady) and direct:  # the last word of a direct TarSend
+                if not refused and sent:
+                    argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, where))
+                    if argv is None:
+                        raise DirectUnavailable("no way to run a command beside the agent")
+                    fd, input_fd = input_fd, -1
+                    piped = await DirectStream.start(argv, stdout_fd=fd)
+                break
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
+        if input_fd >= 0:  # nothing to archive: the child sees an empty stream
+            os.close(input_fd)
+            input_fd = -1
         if refused:
             raise _refuse_empty("pull", "remote")
+        if direct:
+            if piped is not None:
+                try:
+                    await piped.wait(CREATE_OK)
+                except DirectFailed as exc:
+                    if exc.reader_gone():
+                        await extractor.finish()  # the child's failure (a full disk, say) is the reason
+                    raise
+            await extractor.finish()
+            skipped.extend(await _not_streamed(session, sent, extractor.entries))
         progress.phase = "placing"
         await session._fs(unstage, local.root, staging_rel, extractor.entries,
                           [s.path for s in skipped if s.reason not in LEAVE_REASONS])
@@ -302,6 +374,10 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
                 lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
             )
     finally:
+        if input_fd >= 0:
+            os.close(input_fd)
+        if piped is not None:
+            await piped.close()
         stream.close()
         await extractor.close()
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
@@ -310,4 +386,20 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
     await session.reset_base(await session._fs(_base_rows, sent, result.entries, "remote") + kept + markers)
     progress.phase = "done"
     return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
-                         result.deleted, skipped + extractor.skipped + result.skipped)
+                         result.deleted, skipped + extractor.skipped + result.skipped, direct=direct)
+
+
+async def _not_streamed(session: Session, sent: list[m.Entry], staged: dict[str, m.Entry]) -> list[m.Skip]:
+    """Entries the agent listed that the remote's tar left out of a direct stream: gone
+    since (they are deleted here as the remote lacks them), or there but unreadable, or
+    not to be looked at (left as they are here, as after any unreadable file)."""
+    agent = session.agent
+    assert agent is not None
+    missing = [e.path for e in sent if e.path not in staged]
+    if not missing:
+        return []
+    _, absent, _ = await agent.scan(missing, recursive=False)
+    gone = set(absent)
+    return [m.Skip(path, VANISHED, f"{path} vanished while the remote was archived") if path in gone else
+            m.Skip(path, UNREADABLE, f"{path} was not in the stream (unreadable on the remote): left as it is")
+            for path in missing]

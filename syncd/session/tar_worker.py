@@ -15,7 +15,8 @@ Both children read on stdin a 4-byte big-endian length and the root's rules as J
   (produce: files with digests) or staged (extract; a path may come again, and its last
   report holds), reported as they go, before the progress report that counts them;
 - ``["s", path, reason, detail]``: an entry skipped;
-- ``["d", bytes]`` at the end, or ``["x", message]`` on failure.
+- ``["d", bytes]`` at the end, or ``["x", message]`` on failure (``["g", message]`` when
+  the failure is that the stream's reader went away: the reader's own end says why).
 
 ``produce ROOT REPORT_FD``: lists the tree under the rules, writes the tar stream on
 stdout and reports on REPORT_FD. ``extract STAGING ROOT``: reads the tar stream after the
@@ -148,13 +149,14 @@ class _Input:
         return os.read(self.fd, size)
 
 
-def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> int:
+def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1, hash_files: bool = False) -> int:
     """Extract the tar stream on ``in_fd`` into ``staging``; report on ``out_fd``."""
     size_pipe(in_fd)
     reports = _Reports(out_fd)
     try:
         rules = _read_rules(in_fd, root)
-        extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress)
+        extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress,
+                                 hash_files=hash_files)
         extractor.entries = reports.fresh = _Staged()
         extractor.extract(_Input(in_fd))  # type: ignore[arg-type]
     except (ExtractError, OSError, ValueError) as exc:
@@ -184,6 +186,9 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         finally:
             producer.close()
         os.close(out_fd)  # the stream is whole: the daemon may finish it while we report
+    except BrokenPipeError:
+        reports.send("g", "the stream's reader went away")
+        return 1
     except (ExtractError, OSError, ValueError) as exc:
         reports.send("x", str(getattr(exc, "strerror", None) or exc))
         return 1
@@ -208,18 +213,19 @@ class _Worker:
         self.bytes = 0
         self.totals: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self.error: str | None = None
+        self.reader_gone = False  # the child failed because the stream's reader went away
         self._done = False
         self._reader = asyncio.ensure_future(self._read_reports(reports))
 
     @staticmethod
-    async def _spawn(*args: str, pass_fds: tuple[int, ...] = (),
-                     stdout: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
+    async def _spawn(*args: str, pass_fds: tuple[int, ...] = (), stdout: int = asyncio.subprocess.PIPE,
+                     stdin: int = asyncio.subprocess.PIPE) -> asyncio.subprocess.Process:
         # The child imports the very syncd this daemon runs, however it was found.
         home = os.path.dirname(os.path.dirname(os.path.abspath(syncd.__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "syncd.session.tar_worker", *args, env=env, pass_fds=pass_fds,
-            stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=asyncio.subprocess.PIPE, limit=PIPE_SIZE)
+            stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE, limit=PIPE_SIZE)
 
     def _send_rules(self, rules: dict[str, list[str]]) -> None:
         assert self.proc.stdin is not None
@@ -247,8 +253,9 @@ class _Worker:
         elif tag == "d":
             self.bytes = item[1]
             self._done = True
-        elif tag == "x":
+        elif tag in ("x", "g"):
             self.error = item[1]
+            self.reader_gone = tag == "g"
 
     def _entry(self, entry: m.Entry) -> None:
         self.entries[entry.path] = entry
@@ -309,6 +316,31 @@ class ExtractWorker(_Worker):
         worker._send_rules(rules)
         return worker
 
+    @classmethod
+    async def start_on_pipe(cls, staging: str, root: str, rules: dict[str, list[str]],
+                            progress: Callable[[int, int], None]) -> tuple[ExtractWorker, int]:
+        """A child that hashes what it extracts, reading a pipe; returns it and the pipe's
+        write end (the rules already in it), for another process to write the stream
+        into. ``finish`` once that process is done."""
+        read_fd, write_fd = os.pipe()
+        worker: ExtractWorker | None = None
+        try:
+            size_pipe(write_fd)
+            try:
+                proc = await cls._spawn("extract", staging, root, "hash", stdin=read_fd)
+            finally:
+                os.close(read_fd)
+            worker = cls(staging, proc, progress)
+            header = json.dumps(rules).encode()
+            # The child reads these at once: a blocking write ends as soon as it does.
+            write_all(write_fd, _LENGTH.pack(len(header)) + header)
+        except BaseException:
+            os.close(write_fd)
+            if worker is not None:
+                await worker.close()
+            raise
+        return worker, write_fd
+
     async def feed(self, data: bytes) -> None:
         """Pass on a piece of the stream (waits while the child is behind)."""
         assert self.proc.stdin is not None
@@ -321,9 +353,9 @@ class ExtractWorker(_Worker):
 
     async def finish(self) -> None:
         """The stream is complete: wait for the child's report. Raises ExtractError."""
-        assert self.proc.stdin is not None
-        with contextlib.suppress(ConnectionError):
-            self.proc.stdin.close()
+        if self.proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                self.proc.stdin.close()
         await self._outcome()
 
     async def close(self) -> None:
@@ -445,8 +477,8 @@ async def _reader_on(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTranspo
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 4 and argv[1] == "extract":
-        return extract_child(argv[2], argv[3])
+    if len(argv) in (4, 5) and argv[1] == "extract" and argv[4:] in ([], ["hash"]):
+        return extract_child(argv[2], argv[3], hash_files=len(argv) == 5)
     if len(argv) == 4 and argv[1] == "produce":
         return produce_child(argv[2], int(argv[3]))
     sys.stderr.write(__doc__ or "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -55,7 +56,9 @@ class SshChannel(Channel):
         if ssh is None or self.opts is None or not isinstance(key, asyncssh.SSHKey) or not self.host:
             return None
         if self._pin_dir is None:
-            self._pin_dir = tempfile.TemporaryDirectory(prefix="syncd-ssh-")
+            self._pin_dir = _pin_directory()
+            if self._pin_dir is None:
+                return None
             with open(os.path.join(self._pin_dir.name, "known_hosts"), "wb") as pin:
                 pin.write(PIN_ALIAS.encode() + b" " + key.export_public_key("openssh").strip() + b"\n")
         return [*openssh_argv(ssh, self.host, self.user, self.opts,
@@ -165,6 +168,26 @@ async def open_channel(host: str, user: str | None, opts: SshOptions, command: s
     return SshChannel(conn, proc, host, user, opts)
 
 
+# OpenSSH splits UserKnownHostsFile on whitespace and expands %-tokens in it: the pinned
+# file must live where the path holds neither.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def _pin_directory() -> tempfile.TemporaryDirectory[str] | None:
+    """A private (0700) directory for the pinned known_hosts file, under the first
+    temporary directory whose path OpenSSH reads as written; None if there is none."""
+    for base in (tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp"):
+        if _PLAIN_PATH.fullmatch(base) and os.path.isdir(base):
+            try:
+                made = tempfile.TemporaryDirectory(prefix="syncd-ssh-", dir=base)
+            except OSError:
+                continue
+            if _PLAIN_PATH.fullmatch(made.name):
+                return made
+            made.cleanup()
+    return None
+
+
 def openssh_argv(ssh: str, host: str, user: str | None, opts: SshOptions, pinned_known_hosts: str) -> list[str]:
     """An OpenSSH command line reaching ``host`` as ``connect`` does (port, user, identity,
     config file, keepalives, ciphers), never prompting, and trusting only the host key in
@@ -183,6 +206,6 @@ def openssh_argv(ssh: str, host: str, user: str | None, opts: SshOptions, pinned
         argv += ["-p", str(opts.port)]
     if user:
         argv += ["-l", user]
-    if opts.identity:
-        argv += ["-i", os.path.expanduser(opts.identity), "-o", "IdentitiesOnly=yes"]
+    if opts.identity:  # OpenSSH expands %-tokens in identity paths: a literal % is %%
+        argv += ["-i", os.path.expanduser(opts.identity).replace("%", "%%"), "-o", "IdentitiesOnly=yes"]
     return [*argv, "--", host]

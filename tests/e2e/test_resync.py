@@ -117,9 +117,9 @@ def resync(daemon: DaemonProc, name: str, direction: str, cli: bool = False) -> 
     assert isinstance(summary, dict)
     assert set(summary) == SUMMARY_FIELDS, summary
     assert summary["name"] == name and summary["direction"] == direction, summary
-    # A push goes from the archiving child straight to the remote's GNU tar through
-    # OpenSSH (both are on this machine); a pull always goes over the session channel.
-    assert summary["direct"] is (direction == "push"), summary
+    # Both ways the stream skips the session channel: between syncd's archiving or
+    # extracting child and the remote's GNU tar, through OpenSSH (all on this machine).
+    assert summary["direct"] is True, summary
     return summary
 
 

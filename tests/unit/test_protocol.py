@@ -59,7 +59,7 @@ SAMPLES: dict[type, Any] = {
     m.FileData: m.FileData(6, b"", FILE_ENTRY, ""),
     m.TarReceive: m.TarReceive(7, "skills/" + CAFE, True, False, True),
     m.TarReady: m.TarReady(7, "/work/.syncd-tmp-tar-7-" + CAFE, "/usr/bin/tar"),
-    m.TarSend: m.TarSend(8, 16 << 20),
+    m.TarSend: m.TarSend(8, 16 << 20, True),
     m.TarAck: m.TarAck(8, 4 << 20),
     m.TarDigests: m.TarDigests(7, (FILE_ENTRY,)),
     m.TarStart: m.TarStart(8, 50000, 1 << 30),

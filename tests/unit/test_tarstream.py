@@ -15,7 +15,7 @@ import pytest
 from syncd import tarformat
 from syncd.fsops import Root
 from syncd.protocol import messages as m
-from syncd.scan import Scanner, is_temp_name
+from syncd.scan import Scanner, digest_bytes, is_temp_name
 from syncd.tarformat import parse_mtime, pax_mtime
 from syncd.tarstream import (
     CHANGED,
@@ -122,6 +122,23 @@ def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Pat
     # Every file the producer sent carries a digest for the base index.
     assert all(e.digest for e in producer.sent if e.kind == m.FILE)
     assert {e.path for e in result.entries} == {e.path for e in producer.sent}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("hash_files", [True, False])
+def test_an_extractor_that_hashes_gives_each_file_the_digest_of_what_it_wrote(tmp_path: Path,
+                                                                              hash_files: bool) -> None:
+    """A direct pull's extractor hashes as it writes (the remote's tar computes no digest);
+    the digests are the sender's own, hard links included."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src)
+    dest.mkdir()
+    data, producer = archive(src)
+    ex = extract(data, dest, hash_files=hash_files)
+    sent = {e.path: e.digest for e in producer.sent if e.kind == m.FILE}
+    staged = {p: e.digest for p, e in ex.entries.items() if e.kind == m.FILE}
+    assert staged == (sent if hash_files else dict.fromkeys(sent))
+    assert staged["big.bin"] == (digest_bytes((src / "big.bin").read_bytes()) if hash_files else None)
+    ex.close()
 
 
 def test_empty_tree_round_trip_and_mirror_removes_everything_synced(tmp_path: Path) -> None:
