@@ -440,8 +440,9 @@ class Session:
             raise SessionError(str(exc)) from None
         except (AgentError, ExtractError, OSError, ValueError) as exc:
             raise SessionError(f"{what} failed: {getattr(exc, 'strerror', None) or exc}") from None
-        log.info("%s: %s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs", self.cfg.name, what,
-                 summary.files, summary.bytes, summary.deleted, len(summary.skipped), summary.seconds)
+        log.info("%s: %s: %d entries, %d bytes, %d deleted, %d skipped in %.2fs, %s", self.cfg.name, what,
+                 summary.files, summary.bytes, summary.deleted, len(summary.skipped), summary.seconds,
+                 "beside the session channel (direct)" if summary.direct else "over the session channel")
         # Changes seen meanwhile are mostly our own writes; a full scan of both sides
         # settles them and anything edited during the stream.
         if self.agent is not None:
