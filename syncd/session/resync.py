@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("syncd.session")
 DIRECT_POLL = 0.2  # seconds between passing on digests while a direct stream runs
 DIRECT = "tar-direct"  # the agent's capability: it hands tar streams to the host's GNU tar
+# A pull this large (or of this many files) goes direct; the environment variable is for
+# tests and tuning (0: every pull that can).
+DIRECT_PULL_BYTES = int(os.environ.get("SYNCD_DIRECT_PULL_BYTES", 128 << 20))
+DIRECT_PULL_FILES = 20_000
 
 
 class ResyncRefused(Exception):
@@ -291,11 +295,23 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
     if agent.supports(DIRECT) and agent.channel.direct_argv("true") is not None:
         try:
             return await _pull(session, force, merge, True)
+        except _SmallTree:
+            pass
         except DirectUnavailable as exc:
             log.warning("%s: the pull goes over the session channel: the direct stream did not start: %s",
                         session.cfg.name, exc)
-            progress.files = progress.bytes = 0
+        progress.files = progress.bytes = 0
     return await _pull(session, force, merge, False)
+
+
+class _SmallTree(Exception):
+    """The remote tree is too small for a direct pull to pay for its own login."""
+
+
+def _worth_direct(files: int, size: int) -> bool:
+    # A direct pull logs in again after the agent has listed the tree (0.1-0.5 s), and then
+    # moves a byte for less CPU than the channel: below this, the channel is faster.
+    return size >= DIRECT_PULL_BYTES or files >= DIRECT_PULL_FILES
 
 
 async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> ResyncSummary:
@@ -318,9 +334,12 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     stream = agent.tar_from_agent(direct=direct)
     consumed = 0
     where = ""
+    small = False
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
+                # Read to the TarReady that ends it (the agent drops its list with the next TarSend).
+                small = direct and not _worth_direct(item.files, item.size) and bool(item.files or force)
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
@@ -337,6 +356,8 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 if item.done and not direct:
                     break
             elif isinstance(item, m.TarReady) and direct:  # the last word of a direct TarSend
+                if small:
+                    raise _SmallTree()
                 if not refused and sent:
                     argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, where))
                     if argv is None:

@@ -47,9 +47,13 @@ Snap = dict[str, tuple[Any, ...]]
 # ---------------------------------------------------------------------------------------
 
 
+# Every pull here goes direct where it can, however small its tree (see resync.pull).
+DIRECT_PULLS = {"SYNCD_DIRECT_PULL_BYTES": "0"}
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
-    proc = DaemonProc(tmp_path_factory.mktemp("resync-daemon"))
+    proc = DaemonProc(tmp_path_factory.mktemp("resync-daemon"), env=DIRECT_PULLS)
     proc.start()
     yield proc
     status = proc.stop()
@@ -117,9 +121,11 @@ def resync(daemon: DaemonProc, name: str, direction: str, cli: bool = False) -> 
     assert isinstance(summary, dict)
     assert set(summary) == SUMMARY_FIELDS, summary
     assert summary["name"] == name and summary["direction"] == direction, summary
-    # Both ways the stream skips the session channel: between syncd's archiving or
-    # extracting child and the remote's GNU tar, through OpenSSH (all on this machine).
-    assert summary["direct"] is True, summary
+    # The stream skips the session channel: between syncd's archiving or extracting child
+    # and the remote's GNU tar, through OpenSSH (all on this machine); a pull of a small
+    # tree only where the daemon was told to (DIRECT_PULLS).
+    direct_pulls = daemon.extra_env.get("SYNCD_DIRECT_PULL_BYTES") == "0"
+    assert summary["direct"] is (direction == "push" or direct_pulls), summary
     return summary
 
 
@@ -796,7 +802,7 @@ def test_unreadable_remote_entries_are_skipped_and_the_local_keeps_its_own(
     # A daemon of its own: what the live sync does with these entries afterwards is not
     # what is tested here, and must not show in the shared daemon's log.
     server, area, nobody = unprivileged_sshd
-    own = DaemonProc(tmp_path / "own-daemon")
+    own = DaemonProc(tmp_path / "own-daemon", env=DIRECT_PULLS)  # the archive lacks what tar cannot read
     (tmp_path / "own-daemon").mkdir()
     own.start()
     name = "unreadable"

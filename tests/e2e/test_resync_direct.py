@@ -28,6 +28,7 @@ from syncd.transport import ssh
 from syncd.transport.options import SshOptions
 from tests.e2e.daemon_util import DaemonProc, describe, ok_json, wait_until
 from tests.e2e.test_resync import (
+    DIRECT_PULLS,
     EXIT_ERROR,
     LIVE,
     SUMMARY_FIELDS,
@@ -131,7 +132,7 @@ def fake_ssh(tmp_path_factory: pytest.TempPathFactory) -> FakeSsh:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, fake_ssh: FakeSsh) -> Iterator[DaemonProc]:
     path = f"{fake_ssh.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    proc = DaemonProc(tmp_path_factory.mktemp("direct-daemon"), env={"PATH": path})
+    proc = DaemonProc(tmp_path_factory.mktemp("direct-daemon"), env={"PATH": path, **DIRECT_PULLS})
     proc.start()
     yield proc
     code = proc.stop()
@@ -291,6 +292,27 @@ def test_a_direct_pull_that_cannot_start_falls_back_to_the_channel(
         assert "the pull goes over the session channel" in log and "Connection refused" in log, log
     finally:
         remove_session(daemon, name)
+
+
+def test_a_small_pull_goes_over_the_channel_and_a_push_still_goes_direct(sshd: SshServer, tmp_path: Path) -> None:
+    """By default a pull of a small tree skips the direct way, whose second login would
+    cost more than it saves; a push's login overlaps the listing of the tree, so it goes
+    direct whatever the size."""
+    (tmp_path / "d").mkdir()
+    own = DaemonProc(tmp_path / "d")  # the default threshold: no SYNCD_DIRECT_PULL_BYTES
+    own.start()
+    try:
+        local, remote = add_session(own, sshd, tmp_path, "small")
+        make_rich_tree(remote, "remote")
+        summary = pull(own, "small")
+        assert summary["direct"] is False and summary["skipped"] == [], summary
+        assert_same(snapshot(remote, ignored_by_default), snapshot(local, ignored_by_default))
+        assert temp_names(remote) == []  # the agent's list for the direct way went too
+        write(local / "pushed.txt", "back\n")
+        assert push(own, "small")["direct"] is True
+        assert read(remote / "pushed.txt") == b"back\n"
+    finally:
+        own.stop()
 
 
 PULL_BREAKS = [
