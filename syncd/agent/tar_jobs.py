@@ -328,9 +328,10 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
 
 def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> str:
     """A direct TarSend: list the root (minus ignored entries) for the daemon's own GNU tar
-    to archive: TarStart, TarResult... (the entries, without digests), then TarReady
-    naming the list (NUL-separated paths, in a temporary file of the root, which no scan
-    reports and the archiving command removes). Returns the list's path."""
+    to archive: TarStart, TarReady naming the list (NUL-separated paths, in a temporary
+    file of the root, which no scan reports and the archiving command removes), then
+    TarResult... (the entries, without digests), which the daemon reads while tar runs.
+    Returns the list's path."""
     entries = scanner.scan_all(hash_files=False)
     skipped = scan_skips(scanner.skipped)
     total = sum(e.size for e in entries if e.kind == m.FILE)
@@ -341,8 +342,8 @@ def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable
         write_all(fd, b"".join(os.fsencode(e.path) + b"\0" for e in entries))
     finally:
         os.close(fd)
-    send_result(send, req, entries, skipped, 0, root.path)
     send(m.TarReady(req, path, tar))
+    send_result(send, req, entries, skipped, 0, root.path)
     return path
 
 

@@ -311,7 +311,8 @@ class TarReady:
     stream and the host's GNU tar, which the daemon may run there itself (through its own
     process on the same host) instead of sending TarData; ``tar`` '' = send TarData. For a
     ``direct`` TarSend: ``staging`` is the file listing the entries to archive (relative to
-    the root, each ended by a NUL byte), which the archiving command removes."""
+    the root, each ended by a NUL byte), which the archiving command removes; it lies
+    directly in the root."""
 
     req: int
     staging: str
@@ -322,9 +323,9 @@ class TarReady:
 class TarSend:
     """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult. At most
     ``window`` bytes of TarData may be unacknowledged (TarAck); 0 = no limit. With
-    ``direct``, where the host has GNU tar, the agent sends no TarData: TarStart, then the
-    entries to archive (TarResult..., no digests), then TarReady naming a file that lists
-    them, for the daemon to archive with that tar through a process of its own."""
+    ``direct``, where the host has GNU tar, the agent sends no TarData: TarStart, TarReady
+    naming a file that lists the entries to archive, for the daemon to archive them with
+    that tar through a process of its own, then those entries (TarResult..., no digests)."""
 
     req: int
     window: int = 0

@@ -37,6 +37,7 @@ class AgentClient:
         self.conn = Connection("syncd " + __version__, ("scan", "apply", "blob", "fetch"))
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Queue[Any]] = {}
+        self._abandoned: set[int] = set()  # streams closed before their end: late replies are dropped
         self.changes: asyncio.Queue[m.Changes] = asyncio.Queue()
         self._hello = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
@@ -127,6 +128,8 @@ class AgentClient:
         req = getattr(message, "req", None)
         queue = self._waiting.get(req) if isinstance(req, int) else None
         if queue is None:
+            if req in self._abandoned:
+                return None  # the rest of a stream we stopped reading
             raise ProtocolError(f"unsolicited {type(message).__name__}")
         return queue
 
@@ -279,7 +282,8 @@ class _Stream:
         return _reply(await self.queue.get())
 
     def close(self) -> None:
-        self.client._waiting.pop(self.req, None)
+        if self.client._waiting.pop(self.req, None) is not None:
+            self.client._abandoned.add(self.req)  # what the agent still sends for it is dropped
 
 
 class TarUpload(_Stream):

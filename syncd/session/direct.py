@@ -1,17 +1,20 @@
-"""A push's tar stream on a way of its own: from the archiving child straight into the
-remote host's GNU tar, through a process that reaches the host beside the agent (OpenSSH's
-``ssh`` for SSH endpoints, see Channel.direct_argv).
+"""A resync's tar stream on a way of its own, between syncd's child and the remote host's
+GNU tar, through a process that reaches the host beside the agent (OpenSSH's ``ssh`` for
+SSH endpoints, see Channel.direct_argv).
 
 The daemon then moves none of the stream's bytes: on the session channel it would frame,
-encrypt and send each of them on its event loop, which made that one thread the limit of
-a push. The agent still owns the staging directory (TarReady) and everything after the
-stream: it lists what tar staged and places it as it places any stream (TarEnd).
+encrypt and send (or receive and decrypt) each of them on its event loop, which made that
+one thread the limit of a resync. The agent still owns everything around the stream: on a
+push it makes the staging directory (TarReady), lists what tar staged and places it
+(TarEnd); on a pull it lists the tree for tar to archive, and the daemon's extracting
+child, which trusts no member name, unpacks it.
 
-The remote command prints a line (on stderr) before it becomes tar. A process that ends
-without that line never ran tar (no route, authentication refused, no ``sh``): the push then goes over
-the session channel as before. Once tar runs, a failure fails the push and the agent
-discards what was staged; a stream counts as complete only when tar exits 0 and the
-archiving child reported its end.
+The remote command prints a line on stderr before it becomes tar (stdout may carry the
+archive). A process that ends without that line never ran tar (no route, authentication
+refused, no ``sh``): the resync then goes over the session channel as before. Once tar
+runs, a failure fails the resync and nothing is placed; a pushed stream counts as complete
+only when tar exits 0 and the archiving child reported its end, a pulled one only when
+the extracting child read the archive's end.
 """
 
 from __future__ import annotations

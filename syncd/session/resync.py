@@ -333,12 +333,10 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     piped: DirectStream | None = None
     stream = agent.tar_from_agent(direct=direct)
     consumed = 0
-    where = ""
     small = False
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
-                # Read to the TarReady that ends it (the agent drops its list with the next TarSend).
                 small = direct and not _worth_direct(item.files, item.size) and bool(item.files or force)
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
@@ -352,21 +350,20 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                     await extractor.finish()  # the archive is complete
                 sent.extend(item.entries)
                 skipped.extend(item.skipped)
-                where = item.where
-                if item.done and not direct:
+                if item.done:
                     break
-            elif isinstance(item, m.TarReady) and direct:  # the last word of a direct TarSend
-                if small:
-                    raise _SmallTree()
-                if not refused and sent:
-                    argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, where))
+            elif isinstance(item, m.TarReady) and direct:  # the entries follow, while tar runs
+                if not (small or refused) and progress.total_files:
+                    root = os.path.dirname(item.staging)  # the list lies in the root
+                    argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, root))
                     if argv is None:
                         raise DirectUnavailable("no way to run a command beside the agent")
                     fd, input_fd = input_fd, -1
                     piped = await DirectStream.start(argv, stdout_fd=fd)
-                break
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
+        if small:
+            raise _SmallTree()  # the agent drops its list with the next TarSend
         if input_fd >= 0:  # nothing to archive: the child sees an empty stream
             os.close(input_fd)
             input_fd = -1
