@@ -36,6 +36,7 @@ from tests.e2e.test_resync import (
     assert_same,
     ignored_by_default,
     make_rich_tree,
+    pause,
     read,
     remove_session,
     snapshot,
@@ -313,6 +314,35 @@ def test_a_small_pull_goes_over_the_channel_and_a_push_still_goes_direct(sshd: S
         assert read(remote / "pushed.txt") == b"back\n"
     finally:
         own.stop()
+
+
+@pytest.mark.parametrize("kind", ["local", "exec"])
+def test_local_and_exec_sessions_stream_directly_through_a_second_shell(
+        daemon: DaemonProc, tmp_path: Path, kind: str) -> None:
+    """A ``local:`` session runs the direct script with /bin/sh, an ``exec:`` one with its
+    own command (here ``env``, standing in for ``docker exec -i box``) plus ``sh -c``: the
+    stream skips the agent both ways, and the trees come out identical."""
+    name = f"direct-{kind}"
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    url = f"local:{remote}" if kind == "local" else f'exec:"env"::{remote}'
+    daemon.rpc("add", {"name": name, "spec": {"local": str(local), "remote": url}})
+    try:
+        wait_state(daemon, name, LIVE)
+        pause(daemon, name)
+        make_rich_tree(local, "local")
+        summary = push(daemon, name)
+        assert summary["direct"] is True and summary["skipped"] == [], summary
+        assert_same(snapshot(local, ignored_by_default), snapshot(remote, ignored_by_default))
+        write(remote / "from-remote.txt", "made on the remote\n")
+        (remote / "src/main.py").unlink()
+        summary = pull(daemon, name)
+        assert summary["direct"] is True and summary["skipped"] == [], summary
+        assert_same(snapshot(remote, ignored_by_default), snapshot(local, ignored_by_default))
+        assert temp_names(local) == [] and temp_names(remote) == []
+    finally:
+        remove_session(daemon, name)
 
 
 PULL_BREAKS = [
