@@ -196,10 +196,8 @@ class Agent:
 
     def drop_lists(self) -> None:
         for path in self.lists:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
         self.lists = []
 
     def apply_one(self, op: m.Op) -> m.OpResult:

@@ -312,10 +312,7 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
               send: Callable[[Any], None]) -> None:
     """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult.
     ``send_data`` returns False when the stream is to stop."""
-    entries = scanner.scan_all(hash_files=False)
-    skipped = scan_skips(scanner.skipped)
-    total = sum(e.size for e in entries if e.kind == m.FILE)
-    send(m.TarStart(req, len(entries), total))
+    entries, skipped = _announce(scanner, req, send)
     producer = TarProducer(root.path, entries)
     try:
         for chunk in producer.chunks():
@@ -326,16 +323,21 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
     send_result(send, req, producer.sent, skipped + producer.skipped, 0, root.path)
 
 
+def _announce(scanner: Scanner, req: int, send: Callable[[Any], None]) -> Tuple[List[m.Entry], List[m.Skip]]:
+    """List the root under its rules and send TarStart with the totals; the entries and
+    what the scan skipped."""
+    entries = scanner.scan_all(hash_files=False)
+    send(m.TarStart(req, len(entries), sum(e.size for e in entries if e.kind == m.FILE)))
+    return entries, scan_skips(scanner.skipped)
+
+
 def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> str:
     """A direct TarSend: list the root (minus ignored entries) for the daemon's own GNU tar
     to archive: TarStart, TarReady naming the list (NUL-separated paths, in a temporary
     file of the root, which no scan reports and the archiving command removes), then
     TarResult... (the entries, without digests), which the daemon reads while tar runs.
     Returns the list's path."""
-    entries = scanner.scan_all(hash_files=False)
-    skipped = scan_skips(scanner.skipped)
-    total = sum(e.size for e in entries if e.kind == m.FILE)
-    send(m.TarStart(req, len(entries), total))
+    entries, skipped = _announce(scanner, req, send)
     path = os.path.join(root.path, staging_name("list-%d" % req))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

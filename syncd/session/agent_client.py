@@ -16,6 +16,7 @@ from syncd.transport.channel import Channel
 HELLO_TIMEOUT = 20.0
 DIGESTS_CHUNK = 5000  # files per TarDigests message (about 400 KB)
 TAR_WINDOW = 16 * 1024 * 1024  # tar data the agent may send ahead of our credits
+DIRECT_TAR = "tar-direct"  # the agent's capability: its host's GNU tar takes streams directly
 
 
 class AgentError(Exception):
@@ -244,12 +245,12 @@ class AgentClient:
     def tar_from_agent(self, window: int = TAR_WINDOW, direct: bool = False) -> TarDownload:
         """The remote root as a tar stream; see TarDownload (and TarSend for ``direct``,
         asked for only if the agent supports it)."""
-        return TarDownload(self, window, direct and self.supports("tar-direct"))
+        return TarDownload(self, window, direct and self.supports(DIRECT_TAR))
 
     def tar_to_agent(self, path: str, runtime: bool, merge: bool = False, direct: bool = False) -> TarUpload:
         """Start sending a tar stream to the agent; see TarUpload and TarReceive. With
         ``direct`` (if the agent supports it) await ``ready`` first."""
-        return TarUpload(self, path, runtime, merge, direct and self.supports("tar-direct"))
+        return TarUpload(self, path, runtime, merge, direct and self.supports(DIRECT_TAR))
 
     def new_blob_id(self) -> int:
         return next(self._ids)
@@ -322,15 +323,15 @@ class TarUpload(_Stream):
         self.client.send(m.TarData(self.req, data))
         await self.client.drain()
 
-    async def share_digests(self, files: list[m.Entry]) -> None:
+    async def share_digests(self, entries: list[m.Entry]) -> None:
         """Tell the agent the entries sent, files with their digests (if it keeps them:
         TarDigests). May be called any number of times before ``finish``, as the entries
         are archived."""
         if not self.client.supports("tar-digests"):
             return
-        for i in range(0, len(files), DIGESTS_CHUNK):
+        for i in range(0, len(entries), DIGESTS_CHUNK):
             self._check()
-            self.client.send(m.TarDigests(self.req, tuple(files[i:i + DIGESTS_CHUNK])))
+            self.client.send(m.TarDigests(self.req, tuple(entries[i:i + DIGESTS_CHUNK])))
             await self.client.drain()
 
     async def finish(self, skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:

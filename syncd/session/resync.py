@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
-from syncd.session.agent_client import DIGESTS_CHUNK, TarUpload
+from syncd.session.agent_client import DIGESTS_CHUNK, DIRECT_TAR, TarUpload
 from syncd.session.direct import (
     CREATE_OK,
     DirectFailed,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("syncd.session")
 DIRECT_POLL = 0.2  # seconds between passing on digests while a direct stream runs
-DIRECT = "tar-direct"  # the agent's capability: it hands tar streams to the host's GNU tar
 # A pull this large (or of this many files) goes direct; the environment variable is for
 # tests and tuning (0: every pull that can).
 DIRECT_PULL_BYTES = int(os.environ.get("SYNCD_DIRECT_PULL_BYTES", 128 << 20))
@@ -292,7 +291,7 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
     direct), else the agent streams it over the channel."""
     agent, progress = session.agent, session.resync_progress
     assert agent is not None and progress is not None
-    if agent.supports(DIRECT) and agent.channel.direct_argv("true") is not None:
+    if agent.supports(DIRECT_TAR) and agent.channel.direct_argv("true") is not None:
         try:
             return await _pull(session, force, merge, True)
         except _SmallTree:
@@ -353,7 +352,7 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 if item.done:
                     break
             elif isinstance(item, m.TarReady) and direct:  # the entries follow, while tar runs
-                if not (small or refused) and progress.total_files:
+                if not small and progress.total_files:  # (a refused tree has none)
                     root = os.path.dirname(item.staging)  # the list lies in the root
                     argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, root))
                     if argv is None:

@@ -72,6 +72,12 @@ def _read_rules(fd: int, root: str) -> Rules:
     return load_root_rules(root, **json.loads(_read_exact(fd, size)))
 
 
+def _rules_header(rules: dict[str, list[str]]) -> bytes:
+    """What a child reads first: the rules' length, then the rules as JSON."""
+    body = json.dumps(rules).encode()
+    return _LENGTH.pack(len(body)) + body
+
+
 class _Reports:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -229,8 +235,7 @@ class _Worker:
 
     def _send_rules(self, rules: dict[str, list[str]]) -> None:
         assert self.proc.stdin is not None
-        header = json.dumps(rules).encode()
-        self.proc.stdin.write(_LENGTH.pack(len(header)) + header)
+        self.proc.stdin.write(_rules_header(rules))
 
     async def _read_reports(self, reports: asyncio.StreamReader) -> None:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", max_buffer_size=_MAX_REPORT)
@@ -331,9 +336,8 @@ class ExtractWorker(_Worker):
             finally:
                 os.close(read_fd)
             worker = cls(staging, proc, progress)
-            header = json.dumps(rules).encode()
             # The child reads these at once: a blocking write ends as soon as it does.
-            write_all(write_fd, _LENGTH.pack(len(header)) + header)
+            write_all(write_fd, _rules_header(rules))
         except BaseException:
             os.close(write_fd)
             if worker is not None:

@@ -111,10 +111,10 @@ class Channel(ABC):
 class ProcessChannel(Channel):
     """The agent as a local child process (``local:`` and ``exec:`` endpoints)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, shell: list[str] | None = None) -> None:
         super().__init__()
         self.proc = proc
-        self.shell: list[str] | None = None  # how to run a shell script where the agent runs
+        self.shell = shell  # how to run a shell script where the agent runs
         assert proc.stdout and proc.stdin and proc.stderr
         self._stderr_task = asyncio.ensure_future(self._pump_stderr())
 
@@ -158,8 +158,10 @@ class ProcessChannel(Channel):
         return self.proc.returncode
 
 
-async def spawn(argv: list[str]) -> ProcessChannel:
-    """Start ``argv`` with pipes on all three standard streams."""
+async def spawn(shell: list[str], script: str) -> ProcessChannel:
+    """Start ``shell`` (a command taking a shell script: ``/bin/sh -c``, ``docker exec -i
+    box sh -c``) on ``script``, with pipes on all three standard streams."""
+    argv = [*shell, script]
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -170,4 +172,4 @@ async def spawn(argv: list[str]) -> ProcessChannel:
         )
     except OSError as exc:
         raise TransportError(f"cannot run {argv[0]}: {exc.strerror}") from None
-    return ProcessChannel(proc)
+    return ProcessChannel(proc, shell)

@@ -37,11 +37,9 @@ async def start_agent(endpoint: Endpoint, opts: AgentOptions, label: str = "") -
         channel: Channel = await ssh.open_channel(endpoint.host, endpoint.user, opts.ssh, command)
     elif endpoint.kind == "local":
         python = sys.executable if opts.python == "python3" else opts.python
-        channel = process = await spawn(["/bin/sh", "-c", bootstrap.loader_command(python, opts.cache_dir)])
-        process.shell = ["/bin/sh", "-c"]
+        channel = await spawn(["/bin/sh", "-c"], bootstrap.loader_command(python, opts.cache_dir))
     elif endpoint.kind == "exec":
-        channel = process = await spawn([*endpoint.command, "sh", "-c", command])
-        process.shell = [*endpoint.command, "sh", "-c"]
+        channel = await spawn([*endpoint.command, "sh", "-c"], command)
     else:
         raise TransportError(f"unknown endpoint kind {endpoint.kind!r}")
     try:
