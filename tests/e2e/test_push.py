@@ -369,6 +369,28 @@ def test_a_first_sync_stopped_mid_stream_leaves_the_remote_empty_and_streams_aga
     assert [line.split(":")[0] for line in second.change_lines()] == ["-> first sync"], second.stdout()
 
 
+def test_local_edits_made_while_the_first_sync_streams_reach_the_remote(
+        sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
+    """The local watcher is armed only after the first sync's stream: the full scan that
+    follows the stream must still find what changed while it ran."""
+    local, remote, state = dirs
+    for i in range(300):  # "a/..." is archived before "big.bin", "z/..." after it
+        write_file(local / ("a" if i % 2 else "z") / f"f{i}.txt", f"file {i}\n")
+    write_file(local / "big.bin", os.urandom(160 * 1024 * 1024))
+    session = start_session(sshd, local, remote, state)
+    sessions.append(session)
+    wait_until(lambda: any(name.startswith(".syncd-tmp-") for name in os.listdir(remote)), 30, interval=0.002,
+               session=session, message="the stream to start arriving")
+    for side, edited, deleted in (("a", 1, 3), ("z", 0, 2)):
+        write_file(local / side / f"f{edited}.txt", "edited while streaming\n")
+        write_file(local / side / "new.txt", "made while streaming\n")
+        (local / side / f"f{deleted}.txt").unlink()
+    wait_until(lambda: "-> first sync: " in session.stdout(), 60, session=session, message="the first sync stream")
+    assert "first sync: 305 entries" not in session.stdout(), "the stream ended before the edits: make big.bin bigger"
+    wait_trees_equal(local, remote, session, timeout=20, what="edits made during the first sync's stream")
+    session.stop()
+
+
 def test_first_sync_into_a_remote_that_holds_files_goes_entry_by_entry(
         sshd: SshServer, dirs: tuple[Path, Path, Path], sessions: list[SyncProcess]) -> None:
     local, remote, state = dirs
