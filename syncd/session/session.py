@@ -385,12 +385,10 @@ class Session:
         self._first_progress = None
         direction = progress.direction
         if direction == "push":
-            go = False
-            worker = self._push_worker
-            if self.remote_empty and worker is not None:
-                with contextlib.suppress(Exception):  # a failed archiver: the cycles will say why
-                    files, _ = await (await worker).announced()
-                    go = files > 0
+            # Not waiting for the archiver to list the tree: the stream's second login
+            # then overlaps the listing (see resync.push).
+            go = (self.remote_empty and self._push_worker is not None
+                  and not root_is_empty(self.cfg.local, self.rules.is_ignored))
         else:
             go = not self.remote_empty
         if go:
