@@ -555,25 +555,47 @@ class Bench:
         self.src_manifest = manifest(self.ctx.src)
         self.expected_sizes = sizes(self.ctx.src)
         out = self.r.setdefault("initial_s", {})
-        for tool in ("rsync", "syncd") if self.args.noop_only else ("rsync", "tar", "unison", "syncd"):
-            dst = self.dst[tool]
-            dst.mkdir()
-            if tool == "unison" and not self.ctx.unison_ok:
-                continue
-            os.sync()  # every tool starts with no dirty pages from the previous one
-            try:
-                if tool == "rsync":
-                    out[tool] = self.ctx.rsync(dst, timeout=T_INITIAL)
-                elif tool == "tar":
-                    out[tool] = self.ctx.tar(dst)
-                elif tool == "unison":
-                    out[tool] = self.ctx.unison(dst, timeout=T_INITIAL)
-                else:
-                    out[tool] = self.syncd_initial(dst)
-                log(f"  {tool}: {out[tool]:.2f} s")
-                self.verify(tool, "initial")
-            except BenchError as exc:
-                self.error(f"initial {tool}", exc)
+        samples: dict[str, list[float]] = self.r.setdefault("initial_samples_s", {})
+        tools = ("rsync", "syncd") if self.args.noop_only else ("rsync", "tar", "unison", "syncd")
+        rounds = max(1, self.args.initial_rounds)
+        failed: set[str] = set()
+        # Rounds alternate the tools, so that a machine whose speed drifts (a shared host)
+        # skews all of them alike; each tool's figure is its median.
+        for round_no in range(rounds):
+            for tool in tools:
+                dst = self.dst[tool]
+                if tool == "unison" and not self.ctx.unison_ok:
+                    dst.mkdir(exist_ok=True)
+                    continue
+                if tool in failed or (round_no and tool == "unison"):
+                    continue  # Unison runs once: its archives would take an emptied replica for deletions
+                if round_no:  # start again from an empty destination (and, for syncd, no state)
+                    shutil.rmtree(dst)
+                    if tool == "syncd":
+                        shutil.rmtree(self.state, ignore_errors=True)
+                dst.mkdir()
+                os.sync()  # every tool starts with no dirty pages from the previous one
+                try:
+                    if tool == "rsync":
+                        took = self.ctx.rsync(dst, timeout=T_INITIAL)
+                    elif tool == "tar":
+                        took = self.ctx.tar(dst)
+                    elif tool == "unison":
+                        took = self.ctx.unison(dst, timeout=T_INITIAL)
+                    else:
+                        took = self.syncd_initial(dst)
+                    samples.setdefault(tool, []).append(took)
+                    log(f"  {tool}: {took:.2f} s" + (f" (round {round_no + 1} of {rounds})" if rounds > 1 else ""))
+                    if round_no == rounds - 1 or tool == "unison":
+                        self.verify(tool, "initial")
+                except BenchError as exc:
+                    failed.add(tool)
+                    self.error(f"initial {tool}", exc)
+        for tool, values in samples.items():
+            if tool not in failed:
+                out[tool] = statistics.median(values)
+        if rounds > 1:
+            log("  medians: " + ", ".join(f"{tool} {value:.2f} s" for tool, value in out.items()))
 
     def syncd_initial(self, dst: Path) -> float:
         """From process start until the remote holds every file with its size (then SIGTERM).
@@ -980,6 +1002,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edits", type=int, default=200, help="single-file edits per direction (default 200)")
     p.add_argument("--quick", action="store_true", help="5,000 files / 100 MiB")
     p.add_argument("--repeats", type=int, default=3, help="no-op runs per tool (median)")
+    p.add_argument("--initial-rounds", type=int, default=1,
+                   help="initial syncs per tool, the tools taking turns (median; default 1)")
     p.add_argument("--edit-runs", type=int, default=5, help="rsync/unison runs after one edit (median)")
     p.add_argument("--gap-ms", type=float, default=50.0, help="pause between two timed edits")
     p.add_argument("--seed", type=int, default=1)
