@@ -326,25 +326,37 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
 def _announce(scanner: Scanner, req: int, send: Callable[[Any], None]) -> Tuple[List[m.Entry], List[m.Skip]]:
     """List the root under its rules and send TarStart with the totals; the entries and
     what the scan skipped."""
+    entries, skipped = _listed(scanner)
+    _start(req, entries, send)
+    return entries, skipped
+
+
+def _listed(scanner: Scanner) -> Tuple[List[m.Entry], List[m.Skip]]:
     entries = scanner.scan_all(hash_files=False)
-    send(m.TarStart(req, len(entries), sum(e.size for e in entries if e.kind == m.FILE)))
     return entries, scan_skips(scanner.skipped)
+
+
+def _start(req: int, entries: List[m.Entry], send: Callable[[Any], None]) -> None:
+    send(m.TarStart(req, len(entries), sum(e.size for e in entries if e.kind == m.FILE)))
 
 
 def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> str:
     """A direct TarSend: list the root (minus ignored entries) for the daemon's own GNU tar
-    to archive: TarStart, TarReady naming the list (NUL-separated paths, in a temporary
-    file of the root, which no scan reports and the archiving command removes), then
-    TarResult... (the entries, without digests), which the daemon reads while tar runs.
-    Returns the list's path."""
-    entries, skipped = _announce(scanner, req, send)
+    to archive. TarReady first, naming the list to come (NUL-separated paths, in a
+    temporary file of the root, which no scan reports and the archiving command removes):
+    the daemon's command logs in while the root is listed. TarStart once the list is
+    written (the command waits for the daemon's go, given after it), then TarResult...
+    (the entries, without digests), which the daemon reads while tar runs. Returns the
+    list's path."""
     path = os.path.join(root.path, staging_name("list-%d" % req))
+    send(m.TarReady(req, path, tar))
+    entries, skipped = _listed(scanner)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, b"".join(os.fsencode(e.path) + b"\0" for e in entries))
     finally:
         os.close(fd)
-    send(m.TarReady(req, path, tar))
+    _start(req, entries, send)
     send_result(send, req, entries, skipped, 0, root.path)
     return path
 

@@ -60,15 +60,22 @@ def tar_script(tar: str, staging: str) -> str:
         [tar, "-x", "-f", "-", "-p", "--no-same-owner", "--warning=no-unknown-keyword", "-C", staging])
 
 
+GO_LINE = b"go\n"  # on a pull command's stdin: the list is written, archive it
+
+
 def tar_create_script(tar: str, listing: str, root: str) -> str:
     """The shell script archiving, with GNU ``tar`` on stdout, the entries of ``root``
     that the file ``listing`` names (NUL-separated, taken verbatim, no recursion), then
-    removing the list. pax format: nanosecond mtimes, long and non-UTF-8 names. A file
-    that cannot be read or vanished is left out with a warning (the daemon finds out
-    which), and one that changed while read makes tar exit 1 (see CREATE_OK)."""
+    removing the list. It starts before the list is written and waits for GO_LINE on its
+    stdin; without it (stdin ends) it exits 1 and archives nothing. pax format:
+    nanosecond mtimes, long and non-UTF-8 names. A file that cannot be read or vanished
+    is left out with a warning (the daemon finds out which), and one that changed while
+    read makes tar exit 1 (see CREATE_OK)."""
     command = shlex.join([tar, "-c", "-f", "-", "--format=posix", "--null", "--verbatim-files-from",
                           "--no-recursion", "--ignore-failed-read", "-C", root, "-T", listing])
-    return f"{_READY} && {{ {command}; s=$?; rm -f -- {shlex.quote(listing)}; exit $s; }}"
+    go = GO_LINE.decode().strip()
+    return (f'{_READY} && IFS= read -r go && [ "$go" = {go} ] && '
+            f"{{ {command}; s=$?; rm -f -- {shlex.quote(listing)}; exit $s; }}")
 
 
 EXTRACT_OK = (0,)

@@ -22,6 +22,7 @@ from syncd.protocol import messages as m
 from syncd.session.agent_client import DIGESTS_CHUNK, DIRECT_TAR, TarUpload
 from syncd.session.direct import (
     CREATE_OK,
+    GO_LINE,
     DirectFailed,
     DirectStream,
     DirectUnavailable,
@@ -227,7 +228,7 @@ async def _open_direct(session: Session, upload: TarUpload,
         return exc
 
 
-async def _abandon(opening: asyncio.Future[DirectStream | DirectUnavailable | None]) -> None:
+async def _abandon(opening: asyncio.Future[Any]) -> None:
     if not opening.done():
         opening.cancel()
     with contextlib.suppress(BaseException):
@@ -307,8 +308,19 @@ class _SmallTree(Exception):
     """The remote tree is too small for a direct pull to pay for its own login."""
 
 
+def _expect_big(session: Session) -> bool:
+    """Whether a direct pull may start its command before the agent has listed the tree:
+    the base says the remote tree is worth it, or there is no base to ask (a wasted login
+    then costs a little CPU, and only the first time)."""
+    base = session.base
+    if not base:
+        return True
+    rows = base.mapping().values()
+    return _worth_direct(len(rows), sum(row.size for row in rows if row.kind == m.FILE))
+
+
 def _worth_direct(files: int, size: int) -> bool:
-    # A direct pull logs in again after the agent has listed the tree (0.1-0.5 s), and then
+    # A direct pull logs in again (0.1-0.5 s, after the listing unless _expect_big), and then
     # moves a byte for less CPU than the channel: below this, the channel is faster.
     return size >= DIRECT_PULL_BYTES or files >= DIRECT_PULL_FILES
 
@@ -330,9 +342,23 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     skipped: list[m.Skip] = []
     refused = False
     piped: DirectStream | None = None
+    opening: asyncio.Future[DirectStream] | None = None
+    go_fd = -1  # the command's stdin: it archives once told the list is written (see tar_create_script)
+    ready: m.TarReady | None = None
     stream = agent.tar_from_agent(direct=direct)
     consumed = 0
     small = False
+
+    def open_direct(ready: m.TarReady) -> asyncio.Future[DirectStream]:
+        nonlocal input_fd, go_fd
+        root = os.path.dirname(ready.staging)  # the list lies in the root
+        argv = agent.channel.direct_argv(tar_create_script(ready.tar, ready.staging, root))
+        if argv is None:
+            raise DirectUnavailable("no way to run a command beside the agent")
+        fd, input_fd = input_fd, -1
+        go_read, go_fd = os.pipe()
+        return asyncio.ensure_future(DirectStream.start(argv, stdin_fd=go_read, stdout_fd=fd))
+
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
@@ -340,6 +366,12 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
+                if ready is not None and not small and item.files:  # (a refused tree has none)
+                    piped = await (opening or open_direct(ready))
+                    os.write(go_fd, GO_LINE)
+                if go_fd >= 0:  # told to go, or (its stdin ends) not to
+                    os.close(go_fd)
+                    go_fd = -1
             elif isinstance(item, m.TarData) and not direct:
                 await extractor.feed(item.data)  # waits while the extractor is behind
                 consumed += len(item.data)
@@ -351,14 +383,10 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 skipped.extend(item.skipped)
                 if item.done:
                     break
-            elif isinstance(item, m.TarReady) and direct:  # the entries follow, while tar runs
-                if not small and progress.total_files:  # (a refused tree has none)
-                    root = os.path.dirname(item.staging)  # the list lies in the root
-                    argv = agent.channel.direct_argv(tar_create_script(item.tar, item.staging, root))
-                    if argv is None:
-                        raise DirectUnavailable("no way to run a command beside the agent")
-                    fd, input_fd = input_fd, -1
-                    piped = await DirectStream.start(argv, stdout_fd=fd)
+            elif isinstance(item, m.TarReady) and direct:  # before the listing: TarStart and the entries follow
+                ready = item
+                if _expect_big(session):  # the command logs in while the agent lists the tree
+                    opening = open_direct(item)
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
         if small:
@@ -391,8 +419,11 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
             )
     finally:
-        if input_fd >= 0:
-            os.close(input_fd)
+        for fd in (input_fd, go_fd):
+            if fd >= 0:
+                os.close(fd)
+        if opening is not None and piped is None:  # a command that never got its go
+            await _abandon(opening)
         if piped is not None:
             await piped.close()
         stream.close()

@@ -25,7 +25,7 @@ from syncd.fsops import Root
 from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import Scanner
-from syncd.session.direct import READY_LINE, tar_script
+from syncd.session.direct import GO_LINE, READY_LINE, tar_create_script, tar_script
 from syncd.tarstream import scan_staged, staging_name
 from syncd.transport.options import SshOptions
 from syncd.transport.ssh import PIN_ALIAS, openssh_argv
@@ -155,6 +155,32 @@ def test_tar_script_hands_tar_the_staging_path_exactly(tmp_path: Path, layers: i
     assert args[-2:] == [b"-C", os.fsencode(ODD_STAGING)], args
     assert b"-x" in args and b"-p" in args and b"--no-same-owner" in args
     assert [a for a in args if a == b"-"] == [b"-"]  # the archive comes on stdin
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize(("stdin", "archives"), [(GO_LINE, True), (b"", False), (b"no\n", False)],
+                         ids=["go", "stdin ends", "another line"])
+def test_a_pull_script_archives_its_list_only_once_told_to_go(tmp_path: Path, stdin: bytes, archives: bool) -> None:
+    """The pull's command starts while the agent still lists the tree: it says it runs,
+    then waits for GO_LINE before tar reads the list. Without it, nothing is archived and
+    the list stays (the agent drops it with its next stream)."""
+    assert GNU_TAR is not None
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a file").write_text("content\n")
+    listing = root / staging_name("list-1")
+    listing.write_bytes(b"a file\0")
+    out = subprocess.run(["/bin/sh", "-c", tar_create_script(GNU_TAR, str(listing), str(root))], input=stdin,
+                         capture_output=True, timeout=30, check=False)
+    assert out.stderr.startswith(READY_LINE), out
+    if archives:
+        assert out.returncode == 0, out
+        names = subprocess.run([GNU_TAR, "-t", "-f", "-"], input=out.stdout, capture_output=True, check=True)
+        assert names.stdout == b"a file\n"
+        assert not listing.exists()
+    else:
+        assert out.returncode != 0 and out.stdout == b"", out
+        assert listing.exists()
 
 
 # ---- DirectStaging ---------------------------------------------------------------------
