@@ -368,7 +368,8 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
                 if ready is not None and not small and item.files:  # (a refused tree has none)
                     piped = await (opening or open_direct(ready))
-                    os.write(go_fd, GO_LINE)
+                    with contextlib.suppress(BrokenPipeError):  # it died: piped.wait says how
+                        os.write(go_fd, GO_LINE)
                 if go_fd >= 0:  # told to go, or (its stdin ends) not to
                     os.close(go_fd)
                     go_fd = -1

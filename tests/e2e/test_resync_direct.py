@@ -79,6 +79,12 @@ truncate)  # the real remote tar gets a stream that stops mid-block
     status=$?
     report
     exit $status ;;
+deaf)  # the remote command ran, then the link died before the daemon said go
+    printf 'syncd-direct\\n' >&2
+    exec 0<&-
+    sleep 1
+    echo "client_loop: the link went away before the go" >&2
+    exit 5 ;;
 head)  # a pull's archive stops mid-block, and the process still exits 0
     {real} "$@" | head -c 300001
     exit 0 ;;
@@ -349,6 +355,7 @@ PULL_BREAKS = [
     # (mode, what the one-line error must say)
     pytest.param("cut", ["the direct tar stream failed (status 3)", "Broken pipe"], id="ssh-dies-midway"),
     pytest.param("head", ["malformed tar stream"], id="archive-cut-short-but-exit-0"),
+    pytest.param("deaf", ["the direct tar stream failed (status 5)", "before the go"], id="ssh-gone-before-the-go"),
 ]
 
 
