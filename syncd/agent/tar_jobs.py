@@ -312,7 +312,8 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
               send: Callable[[Any], None]) -> None:
     """Stream the root (minus ignored entries) as tar: TarStart, TarData..., TarResult.
     ``send_data`` returns False when the stream is to stop."""
-    entries, skipped = _announce(scanner, req, send)
+    entries, skipped = _listed(scanner)
+    _start(req, entries, send)
     producer = TarProducer(root.path, entries)
     try:
         for chunk in producer.chunks():
@@ -323,20 +324,14 @@ def send_root(root: Root, scanner: Scanner, req: int, send_data: Callable[[bytes
     send_result(send, req, producer.sent, skipped + producer.skipped, 0, root.path)
 
 
-def _announce(scanner: Scanner, req: int, send: Callable[[Any], None]) -> Tuple[List[m.Entry], List[m.Skip]]:
-    """List the root under its rules and send TarStart with the totals; the entries and
-    what the scan skipped."""
-    entries, skipped = _listed(scanner)
-    _start(req, entries, send)
-    return entries, skipped
-
-
 def _listed(scanner: Scanner) -> Tuple[List[m.Entry], List[m.Skip]]:
+    """The root's entries under its rules, and what the scan skipped."""
     entries = scanner.scan_all(hash_files=False)
     return entries, scan_skips(scanner.skipped)
 
 
 def _start(req: int, entries: List[m.Entry], send: Callable[[Any], None]) -> None:
+    """TarStart with the totals of ``entries``."""
     send(m.TarStart(req, len(entries), sum(e.size for e in entries if e.kind == m.FILE)))
 
 

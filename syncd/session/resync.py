@@ -223,9 +223,13 @@ async def _open_direct(session: Session, upload: TarUpload,
     try:
         return await DirectStream.start(argv, worker.take_stream())
     except DirectUnavailable as exc:
-        log.warning("%s: the push goes over the session channel: the direct stream did not start: %s",
-                    session.cfg.name, exc)
+        _warn_channel(session, "push", exc)
         return exc
+
+
+def _warn_channel(session: Session, direction: str, why: DirectUnavailable) -> None:
+    log.warning("%s: the %s goes over the session channel: the direct stream did not start: %s",
+                session.cfg.name, direction, why)
 
 
 async def _abandon(opening: asyncio.Future[Any]) -> None:
@@ -298,8 +302,7 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
         except _SmallTree:
             pass
         except DirectUnavailable as exc:
-            log.warning("%s: the pull goes over the session channel: the direct stream did not start: %s",
-                        session.cfg.name, exc)
+            _warn_channel(session, "pull", exc)
         progress.files = progress.bytes = 0
     return await _pull(session, force, merge, False)
 
