@@ -53,11 +53,31 @@ class DirectFailed(ExtractError):
 _READY = "printf 'syncd-direct\\n' >&2"  # on stderr: stdout may carry the archive
 
 
+_EXTRACT = ["-x", "-f", "-", "-p", "--no-same-owner", "--warning=no-unknown-keyword", "-C"]
+
+
 def tar_script(tar: str, staging: str) -> str:
     """The shell script unpacking stdin into ``staging`` with GNU ``tar`` (paths from the
     agent's TarReady): modes kept exactly, owners not."""
-    return _READY + " && exec " + shlex.join(
-        [tar, "-x", "-f", "-", "-p", "--no-same-owner", "--warning=no-unknown-keyword", "-C", staging])
+    return _READY + " && exec " + shlex.join([tar, *_EXTRACT, staging])
+
+
+def tar_script_on_cue() -> str:
+    """tar_script for a process started before the agent made the staging directory: the
+    tar to run and the staging path come on stdin as two lines (see cue_lines), ahead of
+    the archive. ``read`` takes a pipe byte by byte, so tar reads from the archive's first
+    byte. Without both lines (stdin ends) it exits 1 and unpacks nothing."""
+    return (f'{_READY} && IFS= read -r tar && IFS= read -r dir && [ -n "$tar" ] && [ -n "$dir" ] && '
+            f'exec "$tar" {shlex.join(_EXTRACT)} "$dir"')
+
+
+def cue_lines(tar: str, staging: str) -> bytes | None:
+    """What tar_script_on_cue reads ahead of the archive; None where a path cannot be one
+    line (empty, or holding a newline)."""
+    lines = [os.fsencode(tar), os.fsencode(staging)]
+    if any(not line or b"\n" in line for line in lines):
+        return None
+    return b"".join(line + b"\n" for line in lines)
 
 
 GO_LINE = b"go\n"  # on a pull command's stdin: the list is written, archive it

@@ -26,8 +26,10 @@ from syncd.session.direct import (
     DirectFailed,
     DirectStream,
     DirectUnavailable,
+    cue_lines,
     tar_create_script,
     tar_script,
+    tar_script_on_cue,
 )
 from syncd.session.tar_worker import ExtractWorker, ProduceWorker
 from syncd.tarstream import (
@@ -45,6 +47,7 @@ from syncd.tarstream import (
 if TYPE_CHECKING:
     from syncd.session.local_side import LocalSide
     from syncd.session.session import Session
+    from syncd.transport.channel import DirectArgv
 
 
 
@@ -192,7 +195,7 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
             progress.phase = "streaming"
             worker = await _send_stream(session, upload, worker, await opening)
         except BaseException:
-            await _abandon(opening)
+            await abandon(opening)
             upload.cancel()
             raise
         progress.phase = "placing"
@@ -209,17 +212,53 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
                          worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
 
 
+async def open_early_push(session: Session, direct_argv: DirectArgv) -> DirectStream | DirectUnavailable | None:
+    """Where the local tree is being archived for a push (a resync --push, or a first
+    sync that may push into an empty remote), start its direct stream as soon as the
+    endpoint is reached: the process logs in while the agent starts, then waits for the
+    staging path (tar_script_on_cue), and the archiver for its go (see _open_direct)."""
+    await session._local_ready.wait()
+    if session._push_worker is None:
+        return None
+    worker = await session._push_worker
+    argv = direct_argv(tar_script_on_cue())
+    if argv is None:
+        return None
+    try:
+        return await DirectStream.start(argv, worker.take_stream())
+    except DirectUnavailable as exc:
+        return exc
+
+
 async def _open_direct(session: Session, upload: TarUpload,
                        worker: ProduceWorker) -> DirectStream | DirectUnavailable | None:
-    """Start the direct stream where the agent and the channel offer one (see direct):
-    the stream, None where there is none, or why it did not start (the child's stream
-    may have been read from then: it must start over)."""
+    """Start the direct stream where the agent and the channel offer one (see direct),
+    or take the one started early: the stream, None where there is none, or why it did
+    not start (the child's stream was handed over then: the child must start over)."""
     agent = session.agent
     assert agent is not None
     ready = await upload.ready()
+    early = session.take_early_push()
+    if early is not None:
+        try:
+            stream = await early
+        except BaseException:
+            await abandon(early)
+            raise
+        if isinstance(stream, DirectStream):
+            cue = cue_lines(ready.tar, ready.staging) if ready and ready.tar else None
+            if cue is not None:
+                worker.go(cue)
+                return stream
+            await stream.close()
+            return DirectUnavailable("the agent offers no direct stream")
+        if isinstance(stream, DirectUnavailable):
+            _warn_channel(session, "push", stream)
+            return stream
     argv = agent.channel.direct_argv(tar_script(ready.tar, ready.staging)) if ready and ready.tar else None
     if argv is None:
         return None
+    worker.go()
     try:
         return await DirectStream.start(argv, worker.take_stream())
     except DirectUnavailable as exc:
@@ -232,7 +271,8 @@ def _warn_channel(session: Session, direction: str, why: DirectUnavailable) -> N
                 session.cfg.name, direction, why)
 
 
-async def _abandon(opening: asyncio.Future[Any]) -> None:
+async def abandon(opening: asyncio.Future[Any]) -> None:
+    """Stop a direct stream still starting, or close it if it started."""
     if not opening.done():
         opening.cancel()
     with contextlib.suppress(BaseException):
@@ -427,7 +467,7 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
             if fd >= 0:
                 os.close(fd)
         if opening is not None and piped is None:  # a command that never got its go
-            await _abandon(opening)
+            await abandon(opening)
         if piped is not None:
             await piped.close()
         stream.close()

@@ -31,13 +31,13 @@ from syncd.scan import is_temp_name, is_under, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide, load_base
-from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary
+from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary, abandon, open_early_push
 from syncd.session.resync import pull as resync_pull
 from syncd.session.resync import push as resync_push
 from syncd.session.tar_worker import ProduceWorker
 from syncd.store import Store, StoreBusy, add_conflicts, clear_intents, load_intents, record_intents
 from syncd.tarstream import ExtractError
-from syncd.transport.channel import TransportError
+from syncd.transport.channel import DirectArgv, TransportError
 from syncd.transport.connect import start_agent
 
 log = logging.getLogger("syncd.session")
@@ -154,6 +154,9 @@ class Session:
         self._remote_prescan: asyncio.Future[tuple[list[m.Entry], set[str]] | None] | None = None
         # The archiver of a resync --push, or of a first sync into an empty remote.
         self._push_worker: asyncio.Future[ProduceWorker] | None = None
+        # Its direct stream, logging in while the agent starts (see resync.open_early_push).
+        self._early_push: asyncio.Future[Any] | None = None
+        self._local_ready = asyncio.Event()  # _prepare_local is done
         self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
         self.remote_empty = False  # the agent found nothing synced in the remote root
         self._first_pull = False  # a first sync into an empty local root: see _first_sync
@@ -195,7 +198,7 @@ class Session:
     async def _start_remote(self) -> None:
         cfg = self.cfg
         try:
-            channel = await start_agent(cfg.remote, cfg.agent, cfg.name)
+            channel = await start_agent(cfg.remote, cfg.agent, cfg.name, on_link=self._on_link)
         except TransportError as exc:
             raise SessionError(str(exc)) from None
         agent = self.agent = AgentClient(channel)
@@ -220,6 +223,15 @@ class Session:
         self.remote_empty = opened.empty
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
+
+    def _on_link(self, direct_argv: DirectArgv) -> None:
+        self._early_push = asyncio.ensure_future(open_early_push(self, direct_argv))
+
+    def take_early_push(self) -> asyncio.Future[Any] | None:
+        """The direct stream started for a push while the agent started, if any (the
+        caller owns it now)."""
+        early, self._early_push = self._early_push, None
+        return early
 
     async def _prepare_local(self) -> None:
         """Load the base and fingerprint it, then start arming the local watcher and
@@ -264,6 +276,7 @@ class Session:
             self._prescan = asyncio.ensure_future(self._scan_local_tree(prints_ready=True))
         if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
             self._start_push_worker()
+        self._local_ready.set()
 
     def _start_push_worker(self, progress: ResyncProgress | None = None) -> asyncio.Future[ProduceWorker]:
         progress = progress or self.resync_progress
@@ -273,6 +286,9 @@ class Session:
         return self._push_worker
 
     async def _drop_push_worker(self) -> None:
+        early = self.take_early_push()
+        if early is not None:
+            await abandon(early)
         if self._push_worker is not None:
             worker, self._push_worker = self._push_worker, None
             if not worker.done():

@@ -7,7 +7,9 @@ sides CPU time. A child process does that work instead; the daemon only forwards
 stream and keeps every decision (what is refused, what is placed, the base).
 
 Both children read on stdin a 4-byte big-endian length and the root's rules as JSON
-(``Rules.to_wire``), and report as msgpack arrays:
+(``Rules.to_wire``); the producer then lists the tree and waits for its go: a length and
+the bytes to write ahead of the archive (see ProduceWorker.go). They report as msgpack
+arrays:
 
 - ``["n", files, bytes]``: what will be archived (produce only, before the stream);
 - ``["p", files, bytes]``: progress since the last report;
@@ -56,26 +58,33 @@ STOP_TIMEOUT = 5.0  # seconds to wait for a stopped child's stdin to close
 # ---- the children ------------------------------------------------------------------------
 
 
-def _read_exact(fd: int, size: int) -> bytes:
+def _read_exact(fd: int, size: int, what: str) -> bytes:
     parts, got = [], 0
     while got < size:
         data = os.read(fd, size - got)
         if not data:
-            raise ExtractError("the stream ended before the rules")
+            raise ExtractError(f"the stream ended before the {what}")
         parts.append(data)
         got += len(data)
     return b"".join(parts)
 
 
+def _read_framed(fd: int, what: str) -> bytes:
+    (size,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size, what))
+    return _read_exact(fd, size, what)
+
+
 def _read_rules(fd: int, root: str) -> Rules:
-    (size,) = _LENGTH.unpack(_read_exact(fd, _LENGTH.size))
-    return load_root_rules(root, **json.loads(_read_exact(fd, size)))
+    return load_root_rules(root, **json.loads(_read_framed(fd, "rules")))
+
+
+def _framed(body: bytes) -> bytes:
+    return _LENGTH.pack(len(body)) + body
 
 
 def _rules_header(rules: dict[str, list[str]]) -> bytes:
     """What a child reads first: the rules' length, then the rules as JSON."""
-    body = json.dumps(rules).encode()
-    return _LENGTH.pack(len(body)) + body
+    return _framed(json.dumps(rules).encode())
 
 
 class _Reports:
@@ -184,9 +193,11 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         entries = scanner.scan_all(hash_files=False)
         reports.skips(scan_skips(scanner.skipped))
         reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))
+        lead = _read_framed(in_fd, "go")
         producer = TarProducer(root, entries, progress=reports.progress)
         reports.fresh = _Appended(producer.sent)
         try:
+            write_all(out_fd, lead)
             for chunk in producer.chunks():
                 write_all(out_fd, chunk)
         finally:
@@ -370,7 +381,7 @@ class ExtractWorker(_Worker):
 
 class ProduceWorker(_Worker):
     """A child archiving a tree: await ``totals``, iterate ``chunks`` (or hand the stream
-    to another process: ``take_stream``), then ``finish`` for the entries archived
+    to another process: ``take_stream``, then ``go``), then ``finish`` for the entries archived
     (``entries``, files with digests) and ``skipped``. Entries archived so far can be
     taken meanwhile (``take_sent``)."""
 
@@ -416,9 +427,17 @@ class ProduceWorker(_Worker):
             raise
         worker = cls(proc, reports, progress, stream_fd)
         worker._send_rules(rules)
-        assert proc.stdin is not None
-        proc.stdin.close()  # the rules are all it reads
         return worker
+
+    def go(self, lead: bytes = b"") -> None:
+        """Let the child stream the archive, ``lead`` first (once it listed the tree, it
+        waits for this: a process started early may expect something else first, see
+        direct.tar_script_on_cue). Only the first call counts."""
+        stdin = self.proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        stdin.write(_framed(lead))
+        stdin.close()  # the go is the last thing it reads
 
     async def announced(self) -> tuple[int, int]:
         """(files, bytes) the stream will hold, once listed. Raises ExtractError if the
@@ -439,7 +458,8 @@ class ProduceWorker(_Worker):
         return fd
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The tar stream as it comes."""
+        """The tar stream as it comes (the child is told to go: see ``go``)."""
+        self.go()
         if self._stream is None:
             fd = self.take_stream()
             self._stream, self._stream_pipe = await _reader_on(fd)

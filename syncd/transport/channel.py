@@ -6,10 +6,18 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 log = logging.getLogger("syncd.agent")
 STDERR_LINES_PER_MINUTE = 60  # lines of the agent's stderr logged per minute, at most
 _MAX_STDERR_LINE = 4096
+
+
+# A script -> a local command line running it on the agent's host, beside the agent.
+DirectArgv = Callable[[str], "list[str] | None"]
+# Told how to run a script beside the agent as soon as the endpoint is reached, before
+# the agent starts there (see start_agent).
+OnLink = Callable[[DirectArgv], None]
 
 
 class TransportError(Exception):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from syncd.endpoint import Endpoint
 from syncd.transport import bootstrap
-from syncd.transport.channel import Channel, TransportError, spawn
+from syncd.transport.channel import Channel, OnLink, TransportError, spawn
 from syncd.transport.options import SshOptions
 
 
@@ -28,22 +28,30 @@ def _exit_reason(status: int | None, stderr: str) -> str:
     return f"the agent failed to start (exit {status}): {stderr or 'no message'}"
 
 
-async def start_agent(endpoint: Endpoint, opts: AgentOptions, label: str = "") -> Channel:
+async def start_agent(endpoint: Endpoint, opts: AgentOptions, label: str = "",
+                      on_link: OnLink | None = None) -> Channel:
     """Run the loader on the endpoint, upload the zipapp if the cache lacks it, and return
     the channel positioned at the agent's first protocol byte. The agent's stderr is
-    logged with ``label`` (see Channel)."""
+    logged with ``label`` (see Channel). ``on_link`` is told how to run a script beside
+    the agent (Channel.direct_argv) as soon as the endpoint is reached: a process can
+    then log in while the agent starts."""
     command = bootstrap.loader_command(opts.python, opts.cache_dir)
     if endpoint.kind == "ssh":
         # asyncssh is heavy: loaded only when needed, and by a thread, so that the event
         # loop meanwhile starts the local side's work (a first sync's archiving child is
         # spawned about 0.25 s sooner).
         ssh = await asyncio.to_thread(importlib.import_module, "syncd.transport.ssh")
-        channel: Channel = await ssh.open_channel(endpoint.host, endpoint.user, opts.ssh, command)
-    elif endpoint.kind == "local":
-        python = sys.executable if opts.python == "python3" else opts.python
-        channel = await spawn(["/bin/sh", "-c"], bootstrap.loader_command(python, opts.cache_dir))
-    elif endpoint.kind == "exec":
-        channel = await spawn([*endpoint.command, "sh", "-c"], command)
+        channel: Channel = await ssh.open_channel(endpoint.host, endpoint.user, opts.ssh, command, on_link)
+    elif endpoint.kind in ("local", "exec"):
+        if endpoint.kind == "local":
+            shell = ["/bin/sh", "-c"]
+            python = sys.executable if opts.python == "python3" else opts.python
+            command = bootstrap.loader_command(python, opts.cache_dir)
+        else:
+            shell = [*endpoint.command, "sh", "-c"]
+        if on_link is not None:
+            on_link(lambda script: [*shell, script])
+        channel = await spawn(shell, command)
     else:
         raise TransportError(f"unknown endpoint kind {endpoint.kind!r}")
     try:

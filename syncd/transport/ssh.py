@@ -16,7 +16,7 @@ import tempfile
 
 import asyncssh
 
-from syncd.transport.channel import Channel, TransportError
+from syncd.transport.channel import Channel, OnLink, TransportError
 from syncd.transport.options import SshOptions
 from syncd.transport.ssh_ignore import skip_empty_ignores
 
@@ -31,21 +31,18 @@ CONNECT_TIMEOUT = 15.0
 PIN_ALIAS = "syncd-pinned-host"  # the name the pinned host key goes under for OpenSSH
 
 
-class SshChannel(Channel):
-    """The agent as an exec channel on an SSH connection."""
+class Beside:
+    """Command lines for OpenSSH's ``ssh`` reaching the host of a verified connection."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection, proc: asyncssh.SSHClientProcess[bytes],
-                 host: str = "", user: str | None = None, opts: SshOptions | None = None) -> None:
-        super().__init__()
+    def __init__(self, conn: asyncssh.SSHClientConnection, host: str, user: str | None,
+                 opts: SshOptions | None) -> None:
         self.conn = conn
-        self.proc = proc
         self.host = host
         self.user = user
         self.opts = opts
         self._pin_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._stderr_task = asyncio.ensure_future(self._pump_stderr())
 
-    def direct_argv(self, script: str) -> list[str] | None:
+    def argv(self, script: str) -> list[str] | None:
         """OpenSSH's ``ssh`` running ``script`` on the same host, as the same user, with the
         same options, and accepting only the host key this connection verified (pinned in
         a known_hosts file of its own): OpenSSH moves bulk data for about 60% of the CPU
@@ -63,6 +60,27 @@ class SshChannel(Channel):
                 pin.write(PIN_ALIAS.encode() + b" " + key.export_public_key("openssh").strip() + b"\n")
         return [*openssh_argv(ssh, self.host, self.user, self.opts,
                               os.path.join(self._pin_dir.name, "known_hosts")), shlex.join(["sh", "-c", script])]
+
+    def cleanup(self) -> None:
+        if self._pin_dir is not None:
+            self._pin_dir.cleanup()
+
+
+class SshChannel(Channel):
+    """The agent as an exec channel on an SSH connection."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, proc: asyncssh.SSHClientProcess[bytes],
+                 host: str = "", user: str | None = None, opts: SshOptions | None = None,
+                 beside: Beside | None = None) -> None:
+        super().__init__()
+        self.conn = conn
+        self.proc = proc
+        self.beside = beside or Beside(conn, host, user, opts)
+        self._stderr_task = asyncio.ensure_future(self._pump_stderr())
+
+    def direct_argv(self, script: str) -> list[str] | None:
+        """See Beside.argv."""
+        return self.beside.argv(script)
 
     async def _pump_stderr(self) -> None:
         try:
@@ -103,8 +121,7 @@ class SshChannel(Channel):
             await asyncio.wait_for(self.conn.wait_closed(), 3)
         except (TimeoutError, asyncssh.Error, OSError):
             pass
-        if self._pin_dir is not None:
-            self._pin_dir.cleanup()
+        self.beside.cleanup()
 
     async def exit_status(self, timeout: float = 2.0) -> int | None:
         try:
@@ -158,14 +175,21 @@ async def connect(host: str, user: str | None, opts: SshOptions) -> asyncssh.SSH
         raise TransportError(f"ssh to {where} failed: {exc}") from None
 
 
-async def open_channel(host: str, user: str | None, opts: SshOptions, command: str) -> SshChannel:
+async def open_channel(host: str, user: str | None, opts: SshOptions, command: str,
+                       on_link: OnLink | None = None) -> SshChannel:
+    """Connect and run ``command``; ``on_link`` learns, before the command is asked for,
+    how to run a script beside it (see Beside.argv)."""
     conn = await connect(host, user, opts)
+    beside = Beside(conn, host, user, opts)
+    if on_link is not None:
+        on_link(beside.argv)
     try:
         proc = await conn.create_process(command, encoding=None)
     except asyncssh.Error as exc:
         conn.close()
+        beside.cleanup()
         raise TransportError(f"cannot start a command on {host}: {exc}") from None
-    return SshChannel(conn, proc, host, user, opts)
+    return SshChannel(conn, proc, beside=beside)
 
 
 # OpenSSH splits UserKnownHostsFile on whitespace and expands %-tokens in it: the pinned

@@ -442,7 +442,10 @@ def test_relay_cut_during_churn_reconnects_and_converges(
         known_hosts.write_text(f"[{HOST}]:{relay.port} {keytype} {key}\n")
         add_session(daemon, sshd, ws, relay.port, known_hosts)
         flush(daemon, "initial sync")
-        assert relay.open_connections() >= 1 and relay.accepted == 1, relay.accepted
+        # The agent's connection, and maybe the login of the first sync's direct stream,
+        # dropped once the agent found files in the remote root.
+        assert relay.open_connections() >= 1 and relay.accepted in (1, 2), relay.accepted
+        first_connections = relay.accepted
         assert_converged(daemon, ws)
 
         ws.lc.start()
@@ -472,7 +475,7 @@ def test_relay_cut_during_churn_reconnects_and_converges(
         took = flush(daemon, "after the cut")
         print(f"ops local={ws.lc.ops} remote={ws.rc.ops}, during the cut local={len(ws.lc.during_cut)} "
               f"remote={len(ws.rc.during_cut)}; relay connections={relay.accepted}; flush {took:.2f}s")
-        assert relay.accepted >= 2
+        assert relay.accepted > first_connections  # it did reconnect through the relay
         assert_converged(daemon, ws)
     finally:
         ws.lc.halt.set()

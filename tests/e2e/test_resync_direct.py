@@ -40,6 +40,7 @@ from tests.e2e.test_resync import (
     read,
     remove_session,
     snapshot,
+    spec_for,
     status,
     temp_names,
     wait_state,
@@ -88,6 +89,9 @@ deaf)  # the remote command ran, then the link died before the daemon said go
 head)  # a pull's archive stops mid-block, and the process still exits 0
     {real} "$@" | head -c 300001
     exit 0 ;;
+note)  # the real ssh, noting its pid and whether the agent had made a staging area yet
+    echo $$ >>"$here/pids"
+    ls -d "$root"/.syncd-tmp-*-tar-* 2>/dev/null | wc -l >>"$here/staging-at-start" ;;
 esac
 exec {real} "$@"
 """
@@ -123,6 +127,13 @@ class FakeSsh:
         """(staging directories, files with data in them) when the stream broke."""
         dirs, files = (self.bin_dir / "staged").read_text().split()
         return int(dirs), int(files)
+
+    def noted(self, what: str) -> list[str]:
+        """What the ``note`` mode wrote to ./``what`` (``pids``, ``staging-at-start``), one per call."""
+        try:
+            return (self.bin_dir / what).read_text().split()
+        except FileNotFoundError:
+            return []
 
     def calls(self) -> list[str]:
         try:
@@ -199,6 +210,61 @@ def test_a_direct_stream_that_cannot_start_falls_back_to_the_channel(
         assert "the direct stream did not start" in log, log
         assert "Connection refused" in log, log  # the warning says why
         assert wait_state(daemon, name, LIVE)["halt_reason"] == ""
+    finally:
+        remove_session(daemon, name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_push_logs_in_for_its_direct_stream_while_the_agent_starts(
+        daemon: DaemonProc, sshd: SshServer, fake_ssh: FakeSsh, mode: Callable[..., None], tmp_path: Path) -> None:
+    """The push's ``ssh`` starts as soon as the session's connection is verified, before the
+    agent has made the staging area it will unpack into (the path comes on its stdin
+    later), and it is the only login the stream needs."""
+    name = "direct-early"
+    local, remote = add_session(daemon, sshd, tmp_path, name, ignore=["node_modules"])
+    try:
+        make_rich_tree(local, "local")
+        remote_differs(remote)
+        mode("note", remote)
+        calls_before, noted_before = len(fake_ssh.calls()), len(fake_ssh.noted("staging-at-start"))
+
+        summary = push(daemon, name)
+
+        assert summary["direct"] is True and summary["skipped"] == [], summary
+        assert fake_ssh.calls()[calls_before:] == ["note"]
+        assert fake_ssh.noted("staging-at-start")[noted_before:] == ["0"]  # no staging area yet
+        assert_same(snapshot(local), snapshot(remote, ignored_by_default))
+        assert temp_names(remote) == []
+    finally:
+        remove_session(daemon, name)
+
+
+def test_a_first_sync_into_a_remote_that_holds_files_drops_its_early_stream(
+        daemon: DaemonProc, sshd: SshServer, fake_ssh: FakeSsh, mode: Callable[..., None], tmp_path: Path) -> None:
+    """A first sync may push its tree as one stream, so its ``ssh`` logs in at once; when
+    the agent then finds files in the remote root, that process is stopped (no staging
+    area is made, nothing is unpacked) and the two trees are merged entry by entry."""
+    name = "direct-early-dropped"
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    write(local / "a/local.txt", "local\n")
+    write(remote / "b/remote.txt", "remote\n")
+    mode("note", remote)
+    pids_before = len(fake_ssh.noted("pids"))
+    daemon.rpc("add", {"name": name, "spec": spec_for(sshd, local, remote, [], [])})
+    try:
+        wait_state(daemon, name, LIVE)
+        pids = [int(pid) for pid in fake_ssh.noted("pids")[pids_before:]]
+        assert len(pids) == 1, pids
+        wait_until(lambda: not _alive(pids[0]), 20, message=lambda: f"ssh {pids[0]} to stop")
+        assert read(remote / "a/local.txt") == b"local\n" and read(local / "b/remote.txt") == b"remote\n"
+        assert temp_names(remote) == [] and temp_names(local) == []
     finally:
         remove_session(daemon, name)
 

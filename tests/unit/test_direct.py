@@ -25,7 +25,14 @@ from syncd.fsops import Root
 from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import Scanner
-from syncd.session.direct import GO_LINE, READY_LINE, tar_create_script, tar_script
+from syncd.session.direct import (
+    GO_LINE,
+    READY_LINE,
+    cue_lines,
+    tar_create_script,
+    tar_script,
+    tar_script_on_cue,
+)
 from syncd.tarstream import scan_staged, staging_name
 from syncd.transport.options import SshOptions
 from syncd.transport.ssh import PIN_ALIAS, openssh_argv
@@ -155,6 +162,57 @@ def test_tar_script_hands_tar_the_staging_path_exactly(tmp_path: Path, layers: i
     assert args[-2:] == [b"-C", os.fsencode(ODD_STAGING)], args
     assert b"-x" in args and b"-p" in args and b"--no-same-owner" in args
     assert [a for a in args if a == b"-"] == [b"-"]  # the archive comes on stdin
+
+
+@pytest.mark.parametrize("layers", [1, 2], ids=["sh -c", "ssh's sh -c 'sh -c ...'"])
+def test_an_early_push_script_hands_tar_the_cued_paths_exactly(tmp_path: Path, layers: int) -> None:
+    """A push's command started before the agent made the staging directory reads the
+    tar to run and the staging path as two lines on stdin (cue_lines): the odd path
+    reaches tar as one argument, byte for byte, and tar's stdin starts right after the cue."""
+    tar = _fake_tar(tmp_path)
+    with open(tar, "a") as fake:
+        fake.write('cat >"$(dirname "$0")/stdin"\n')
+    cue = cue_lines(tar, ODD_STAGING)
+    assert cue is not None
+    script = tar_script_on_cue()
+    if layers == 2:
+        script = shlex.join(["sh", "-c", script])
+    out = subprocess.run(["/bin/sh", "-c", script], input=cue + b"the archive\n", capture_output=True, timeout=30,
+                         check=True)
+    args = ready_then(out).split(b"\0")[:-1]
+    assert args[-2:] == [b"-C", os.fsencode(ODD_STAGING)], args
+    assert b"-x" in args and b"-p" in args and b"--no-same-owner" in args
+    assert [a for a in args if a == b"-"] == [b"-"]
+    assert (Path(tar).parent / "stdin").read_bytes() == b"the archive\n"
+
+
+@needs_gnu_tar
+@pytest.mark.parametrize("cut", [None, 0, 1], ids=["whole cue", "stdin ends at once", "stdin ends after one line"])
+def test_an_early_push_script_unpacks_only_once_cued(tmp_path: Path, cut: int | None) -> None:
+    """With the cue, GNU tar unpacks the archive that follows it into the staging
+    directory; without both lines it unpacks nothing and exits non-zero."""
+    assert GNU_TAR is not None
+    src, staging = tmp_path / "src", tmp_path / "staging dir"
+    make_tree(src)
+    staging.mkdir()
+    cue = cue_lines(GNU_TAR, str(staging))
+    assert cue is not None
+    stdin = cue + archive(src)[0] if cut is None else b"".join(cue.splitlines(keepends=True)[:cut])
+    out = subprocess.run(["/bin/sh", "-c", tar_script_on_cue()], input=stdin, capture_output=True, timeout=60,
+                         check=False)
+    assert out.stderr.startswith(READY_LINE), out
+    if cut is None:
+        assert out.returncode == 0, out
+        assert snapshot(staging) == snapshot(src)
+    else:
+        assert out.returncode != 0
+        assert list(staging.iterdir()) == []
+
+
+@pytest.mark.parametrize(("tar", "staging"), [("", "/s"), ("tar", ""), ("tar", "/a\nb"), ("/bin/t\nar", "/s")],
+                         ids=["no tar", "no staging", "newline in the staging path", "newline in the tar path"])
+def test_paths_that_cannot_be_one_line_are_not_cued(tar: str, staging: str) -> None:
+    assert cue_lines(tar, staging) is None
 
 
 @needs_gnu_tar

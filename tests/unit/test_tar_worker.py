@@ -195,6 +195,43 @@ async def produce(root: Path, rules: dict[str, list[str]]) -> tuple[ProduceWorke
     return worker, totals, data, reports
 
 
+def _read_to_end(fd: int) -> bytes:
+    parts = []
+    while data := os.read(fd, 1 << 16):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def test_the_archiving_child_streams_only_once_told_to_go_and_the_lead_first(tmp_path: Path) -> None:
+    """Handed to another process (take_stream), the stream stays empty after the listing
+    until ``go``; then the lead comes first and the archive right after it. A second
+    ``go`` changes nothing."""
+    src = tmp_path / "src"
+    make_tree(src, 60)
+    expected = archive(src)
+
+    async def go() -> bytes:
+        worker = await ProduceWorker.start(str(src), NO_RULES, lambda f, b: None)
+        fd = worker.take_stream()
+        try:
+            await worker.announced()
+            await asyncio.sleep(0.3)
+            os.set_blocking(fd, False)
+            with pytest.raises(BlockingIOError):
+                os.read(fd, 1)  # listed, and waiting
+            os.set_blocking(fd, True)
+            worker.go(b"cue\n")
+            worker.go(b"another lead\n")
+            data = await asyncio.to_thread(_read_to_end, fd)
+            await worker.finish()
+            return data
+        finally:
+            os.close(fd)
+            await worker.close()
+
+    assert asyncio.run(go()) == b"cue\n" + expected
+
+
 def test_produces_the_archive_an_in_process_producer_makes(tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src)
