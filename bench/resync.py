@@ -9,7 +9,7 @@ added ``--paused`` (so no live sync happens first); the time is the wall time of
 The peak RSS of the daemon and of the remote agent (VmHWM) is read after each resync, and
 every destination is checked file by file against the source.
 
-    python3 bench/resync.py [--quick] [--files N] [--size-mb M] [--dir /dev/shm] [--keep]
+    python3 bench/resync.py [--quick] [--files N] [--size-mb M] [--dir /dev/shm] [--rounds N] [--keep]
 
 Results go to ``bench/resync-results.json``.
 """
@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,56 @@ def settle(src: Path) -> None:
     time.sleep(1.0)
 
 
+def one_round(daemon: Daemon, server: Any, work: Path, src: Path, expected: dict[str, Any], direction: str,
+              i: int) -> dict[str, Any]:
+    """syncd, then tar, then rsync, each into a fresh destination (removed afterwards)."""
+    settle(src)
+    if direction == "push":
+        local, remote = src, work / f"{direction}-syncd-{i}"
+        remote.mkdir()
+        dest = remote
+    else:
+        local, remote = work / f"{direction}-syncd-{i}", src
+        local.mkdir()
+        dest = local
+    others = set(agent_pids())
+    daemon.add_paused(direction, local, remote)
+    agents = set(agent_pids()) - others
+    before = {p: cpu_ticks(p) for p in (daemon.proc.pid, *agents)}
+    with CpuMeter() as syncd_cpu:
+        seconds, summary = daemon.resync(direction, direction)
+    ours = set(agent_pids()) - others
+    rss = {"daemon_kib": vm_hwm_kib(daemon.proc.pid),
+           "agent_kib": max((vm_hwm_kib(p) for p in ours), default=0)}
+    cpu = {"machine_s": round(syncd_cpu.seconds, 2),
+           "daemon_s": (cpu_ticks(daemon.proc.pid) - before[daemon.proc.pid]) / CLK_TCK,
+           "agent_s": sum(cpu_ticks(p) - before.get(p, 0) for p in ours) / CLK_TCK}
+    check = compare(expected, manifest(dest))
+    daemon.cli("rm", direction)
+    log(f"syncd resync --{direction}: {seconds:.2f} s ({summary['files']} entries, "
+        f"{len(summary['skipped'])} skipped), RSS daemon {rss['daemon_kib'] // 1024} MiB, "
+        f"agent {rss['agent_kib'] // 1024} MiB, check {check}")
+    settle(src)
+    tar_dst = work / f"{direction}-tar-{i}"
+    tar_dst.mkdir()
+    with CpuMeter() as tar_cpu:
+        tar_s = (tar_push if direction == "push" else tar_pull)(server, src, tar_dst, work / "logs")
+    settle(src)
+    rsync_dst = work / f"{direction}-rsync-{i}"
+    with CpuMeter() as rsync_cpu:
+        if direction == "push":
+            rsync_s = rsync(server, f"{src}/", f"{server.user}@{server.host}:{rsync_dst}/", work / "logs")
+        else:
+            rsync_s = rsync(server, f"{server.user}@{server.host}:{src}/", f"{rsync_dst}/", work / "logs")
+    cpu.update(tar_machine_s=round(tar_cpu.seconds, 2), rsync_machine_s=round(rsync_cpu.seconds, 2))
+    log(f"tar: {tar_s:.2f} s, rsync: {rsync_s:.2f} s; CPU seconds {cpu}")
+    for path in (dest, tar_dst, rsync_dst):
+        if path != src:
+            shutil.rmtree(path, ignore_errors=True)
+    return {"syncd_s": seconds, "syncd_daemon_s": summary["seconds"], "tar_s": tar_s, "rsync_s": rsync_s,
+            "rss": rss, "cpu": cpu, "check": check, "skipped": len(summary["skipped"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5,000 files / 100 MiB")
@@ -173,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each tool runs each way, taking turns (figures are medians)")
     parser.add_argument("--dir", default="/tmp",
                         help="where the trees go (e.g. /dev/shm: a tmpfs takes the disk's noise out)")
     args = parser.parse_args(argv)
@@ -205,56 +258,22 @@ def main(argv: list[str] | None = None) -> int:
             daemon.cli("rm", "warm")
 
             for direction in ("push", "pull"):
-                settle(src)
-                if direction == "push":
-                    local, remote = src, work / f"{direction}-syncd"
-                    remote.mkdir()
-                    dest = remote
-                else:
-                    local, remote = work / f"{direction}-syncd", src
-                    local.mkdir()
-                    dest = local
-                others = set(agent_pids())
-                daemon.add_paused(direction, local, remote)
-                agents = set(agent_pids()) - others
-                before = {p: cpu_ticks(p) for p in (daemon.proc.pid, *agents)}
-                with CpuMeter() as syncd_cpu:
-                    seconds, summary = daemon.resync(direction, direction)
-                ours = set(agent_pids()) - others
-                rss = {"daemon_kib": vm_hwm_kib(daemon.proc.pid),
-                       "agent_kib": max((vm_hwm_kib(p) for p in ours), default=0)}
-                cpu = {"machine_s": round(syncd_cpu.seconds, 2),
-                       "daemon_s": (cpu_ticks(daemon.proc.pid) - before[daemon.proc.pid]) / CLK_TCK,
-                       "agent_s": sum(cpu_ticks(p) - before.get(p, 0) for p in ours) / CLK_TCK}
-                check = compare(expected, manifest(dest))
-                daemon.cli("rm", direction)
-                log(f"syncd resync --{direction}: {seconds:.2f} s ({summary['files']} entries, "
-                    f"{len(summary['skipped'])} skipped), RSS daemon {rss['daemon_kib'] // 1024} MiB, "
-                    f"agent {rss['agent_kib'] // 1024} MiB, check {check}")
-                settle(src)
-                tar_dst = work / f"{direction}-tar"
-                tar_dst.mkdir()
-                with CpuMeter() as tar_cpu:
-                    tar_s = (tar_push if direction == "push" else tar_pull)(server, src, tar_dst, work / "logs")
-                settle(src)
-                rsync_dst = work / f"{direction}-rsync"
-                with CpuMeter() as rsync_cpu:
-                    if direction == "push":
-                        rsync_s = rsync(server, f"{src}/", f"{server.user}@{server.host}:{rsync_dst}/",
-                                        work / "logs")
-                    else:
-                        rsync_s = rsync(server, f"{server.user}@{server.host}:{src}/", f"{rsync_dst}/",
-                                        work / "logs")
-                cpu.update(tar_machine_s=round(tar_cpu.seconds, 2), rsync_machine_s=round(rsync_cpu.seconds, 2))
-                log(f"tar: {tar_s:.2f} s, rsync: {rsync_s:.2f} s; CPU seconds {cpu}")
+                rounds = [one_round(daemon, server, work, src, expected, direction, i) for i in range(args.rounds)]
+                syncd_s = [r["syncd_s"] for r in rounds]
+                tar_s = [r["tar_s"] for r in rounds]
+                rsync_s = [r["rsync_s"] for r in rounds]
+                seconds, tar_median, rsync_median = (statistics.median(x) for x in (syncd_s, tar_s, rsync_s))
+                if args.rounds > 1:
+                    log(f"{direction} medians of {args.rounds} rounds: syncd {seconds:.2f} s, tar {tar_median:.2f} s, "
+                        f"rsync {rsync_median:.2f} s")
                 results[direction] = {
-                    "syncd_s": seconds, "syncd_daemon_s": summary["seconds"], "tar_s": tar_s, "rsync_s": rsync_s,
-                    "ratio_tar": seconds / tar_s, "ratio_rsync": seconds / rsync_s, "rss": rss, "cpu": cpu,
-                    "check": check,
-                    "skipped": len(summary["skipped"])}
-                for path in (dest, tar_dst, rsync_dst):
-                    if path != src:
-                        shutil.rmtree(path, ignore_errors=True)
+                    "syncd_s": seconds, "syncd_daemon_s": statistics.median(r["syncd_daemon_s"] for r in rounds),
+                    "tar_s": tar_median, "rsync_s": rsync_median,
+                    "ratio_tar": seconds / tar_median, "ratio_rsync": seconds / rsync_median,
+                    "samples_s": {"syncd": syncd_s, "tar": tar_s, "rsync": rsync_s},
+                    "rss": {key: max(r["rss"][key] for r in rounds) for key in ("daemon_kib", "agent_kib")},
+                    "cpu": rounds[-1]["cpu"], "check": [r["check"] for r in rounds],
+                    "skipped": max(r["skipped"] for r in rounds)}
         results["loadavg_end"] = os.getloadavg()
         print(report(results))
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")

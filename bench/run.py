@@ -1143,9 +1143,9 @@ def ssh_baseline(server: Any, logs: Path) -> float | None:
 
 def startup_floor(ctx: Ctx, logs: Path) -> float | None:
     """Median wall time of starting the interpreter and importing what ``syncd run`` needs
-    before its first packet (the CLI and asyncssh): paid by every syncd start, so a
-    restart can never take less."""
-    probe = [ctx.syncd_cmd[0], "-c", "import syncd.cli, asyncssh"]
+    before its first packet (the CLI, the session and asyncssh): paid by every syncd start,
+    so a restart can never take less."""
+    probe = [ctx.syncd_cmd[0], "-c", "import syncd.cli, syncd.session.session, asyncssh"]
     try:
         runs = [run_timed(probe, timeout=60, logfile=logs / "startup.log", what="syncd imports", env=repo_env())
                 for _ in range(5)]

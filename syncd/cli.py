@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import faulthandler
 import io
 import json
@@ -13,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,8 +21,10 @@ from syncd.control import wire
 from syncd.control.client import DaemonUnavailable, RemoteError, call, default_socket_path
 from syncd.endpoint import EndpointError
 from syncd.session.config import MODES, WINNERS, SessionConfig, default_state_dir
-from syncd.session.session import Halted, Session, SessionError
 from syncd.session.spec import SessionSpec, SpecError
+
+if TYPE_CHECKING:
+    from syncd.session.session import Session
 
 # Stable exit codes (documented in README).
 EXIT_OK = 0
@@ -97,6 +98,8 @@ def _spec(name: str, local: str, remote: str, opts: dict[str, Any]) -> SessionSp
 
 
 async def _run_session(session: Session) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, session.stop)
@@ -104,6 +107,12 @@ async def _run_session(session: Session) -> None:
 
 
 def run_foreground(cfg: SessionConfig, quiet: bool = False) -> int:
+    # Imported here: the commands that only talk to the daemon start without the session's
+    # modules (about a third of a second of imports on a small machine).
+    import asyncio
+
+    from syncd.session.session import Halted, Session, SessionError
+
     def report(line: str) -> None:
         if not quiet:
             click.echo(line)
@@ -152,6 +161,8 @@ def run(local: str, remote: str, name: str | None, quiet: bool, verbose: int, **
 @click.option("--dir", "workdir", default="/tmp/syncd-demo", show_default=True, type=click.Path(file_okay=False))
 def demo(workdir: str) -> None:
     """Show live two-way sync between two fresh directories, with no set-up."""
+    import asyncio
+
     from syncd.demo import run_demo
 
     _setup_logging(0)
@@ -204,6 +215,8 @@ def _print_json(value: Any) -> None:
 @click.option("-v", "--verbose", count=True)
 def daemon(config_path: str | None, socket_path: str | None, verbose: int) -> None:
     """Run the daemon in the foreground (systemd's ExecStart)."""
+    import asyncio
+
     from syncd.daemon.registry import ConfigError
     from syncd.daemon.server import DaemonError, run_daemon
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from syncd.endpoint import Endpoint
-from syncd.transport.connect import AgentOptions
+from syncd.transport.options import AgentOptions
 
 MODES = ("two-way", "push", "pull")
 WINNERS = ("remote", "local", "newer")

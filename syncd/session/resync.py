@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.engine.model import Agreed, agreed_from, kept_local
 from syncd.protocol import messages as m
-from syncd.session.agent_client import DIGESTS_CHUNK, DIRECT_TAR, TarUpload
+from syncd.session.agent_client import DIGESTS_CHUNK, DIRECT_TAR, AgentClient, TarUpload
 from syncd.session.direct import (
     CREATE_OK,
     GO_LINE,
@@ -368,6 +368,63 @@ def _worth_direct(files: int, size: int) -> bool:
     return size >= DIRECT_PULL_BYTES or files >= DIRECT_PULL_FILES
 
 
+class _PullCommand:
+    """A direct pull's remote command (tar_create_script) writing into the extracting
+    child's pipe ``input_fd``: started when the agent names its list (``on_ready``, at
+    once where the tree is expected to be big), told to go or not once the list is
+    written (``start``), then waited for; ``close`` in any case."""
+
+    def __init__(self, agent: AgentClient, input_fd: int) -> None:
+        self.agent = agent
+        self.input_fd = input_fd  # until handed to the command
+        self.ready: m.TarReady | None = None
+        self.opening: asyncio.Future[DirectStream] | None = None
+        self.piped: DirectStream | None = None  # the command, once it runs
+        self.go_fd = -1  # its stdin: it archives once told the list is written
+
+    def _open(self, ready: m.TarReady) -> asyncio.Future[DirectStream]:
+        root = os.path.dirname(ready.staging)  # the list lies in the root
+        argv = self.agent.channel.direct_argv(tar_create_script(ready.tar, ready.staging, root))
+        if argv is None:
+            raise DirectUnavailable("no way to run a command beside the agent")
+        fd, self.input_fd = self.input_fd, -1
+        go_read, self.go_fd = os.pipe()
+        return asyncio.ensure_future(DirectStream.start(argv, stdin_fd=go_read, stdout_fd=fd))
+
+    def on_ready(self, ready: m.TarReady, early: bool) -> None:
+        """The agent named its list (it lists the tree next); with ``early`` the command
+        logs in meanwhile."""
+        self.ready = ready
+        if early:
+            self.opening = self._open(ready)
+
+    async def start(self, go: bool) -> None:
+        """The list is written: run the command if ``go``, else let it end unused."""
+        if go and self.ready is not None:
+            self.piped = await (self.opening or self._open(self.ready))
+            with contextlib.suppress(BrokenPipeError):  # it died: wait() says how
+                os.write(self.go_fd, GO_LINE)
+        self._close_fd("go_fd")  # told to go, or (its stdin ends) not to
+
+    def no_stream(self) -> None:
+        """If the command was never started, the extracting child sees an empty stream."""
+        self._close_fd("input_fd")
+
+    def _close_fd(self, name: str) -> None:
+        fd = getattr(self, name)
+        if fd >= 0:
+            setattr(self, name, -1)
+            os.close(fd)
+
+    async def close(self) -> None:
+        self._close_fd("input_fd")
+        self._close_fd("go_fd")
+        if self.opening is not None and self.piped is None:  # a command that never got its go
+            await abandon(self.opening)
+        if self.piped is not None:
+            await self.piped.close()
+
+
 async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> ResyncSummary:
     local, agent, progress = session.local, session.agent, session.resync_progress
     assert local is not None and agent is not None and progress is not None
@@ -375,33 +432,19 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     staging = os.path.join(session.cfg.local, staging_rel)
     rules = session.rules
     # Extracted by a child process: see tar_worker for why.
-    input_fd = -1
+    command: _PullCommand | None = None
     if direct:
         extractor, input_fd = await ExtractWorker.start_on_pipe(staging, session.cfg.local, rules.to_wire(),
                                                                 progress.add)
+        command = _PullCommand(agent, input_fd)
     else:
         extractor = await ExtractWorker.start(staging, session.cfg.local, rules.to_wire(), progress.add)
     sent: list[m.Entry] = []
     skipped: list[m.Skip] = []
     refused = False
-    piped: DirectStream | None = None
-    opening: asyncio.Future[DirectStream] | None = None
-    go_fd = -1  # the command's stdin: it archives once told the list is written (see tar_create_script)
-    ready: m.TarReady | None = None
     stream = agent.tar_from_agent(direct=direct)
     consumed = 0
     small = False
-
-    def open_direct(ready: m.TarReady) -> asyncio.Future[DirectStream]:
-        nonlocal input_fd, go_fd
-        root = os.path.dirname(ready.staging)  # the list lies in the root
-        argv = agent.channel.direct_argv(tar_create_script(ready.tar, ready.staging, root))
-        if argv is None:
-            raise DirectUnavailable("no way to run a command beside the agent")
-        fd, input_fd = input_fd, -1
-        go_read, go_fd = os.pipe()
-        return asyncio.ensure_future(DirectStream.start(argv, stdin_fd=go_read, stdout_fd=fd))
-
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
@@ -409,13 +452,8 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
-                if ready is not None and not small and item.files:  # (a refused tree has none)
-                    piped = await (opening or open_direct(ready))
-                    with contextlib.suppress(BrokenPipeError):  # it died: piped.wait says how
-                        os.write(go_fd, GO_LINE)
-                if go_fd >= 0:  # told to go, or (its stdin ends) not to
-                    os.close(go_fd)
-                    go_fd = -1
+                if command is not None:
+                    await command.start(not small and bool(item.files))  # (a refused tree has none)
             elif isinstance(item, m.TarData) and not direct:
                 await extractor.feed(item.data)  # waits while the extractor is behind
                 consumed += len(item.data)
@@ -427,23 +465,20 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 skipped.extend(item.skipped)
                 if item.done:
                     break
-            elif isinstance(item, m.TarReady) and direct:  # before the listing: TarStart and the entries follow
-                ready = item
-                if _expect_big(session):  # the command logs in while the agent lists the tree
-                    opening = open_direct(item)
+            elif isinstance(item, m.TarReady) and command is not None:  # TarStart and the entries follow
+                command.on_ready(item, _expect_big(session))
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
         if small:
             raise _SmallTree()  # the agent drops its list with the next TarSend
-        if input_fd >= 0:  # nothing to archive: the child sees an empty stream
-            os.close(input_fd)
-            input_fd = -1
+        if command is not None:
+            command.no_stream()  # unless the command has the pipe
         if refused:
             raise _refuse_empty("pull", "remote")
-        if direct:
-            if piped is not None:
+        if command is not None:
+            if command.piped is not None:
                 try:
-                    await piped.wait(CREATE_OK)
+                    await command.piped.wait(CREATE_OK)
                 except DirectFailed as exc:
                     if exc.reader_gone():
                         await extractor.finish()  # the child's failure (a full disk, say) is the reason
@@ -463,13 +498,8 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
                 lambda rel, kind: rules.is_preserved(rel, kind == m.DIR), leave,
             )
     finally:
-        for fd in (input_fd, go_fd):
-            if fd >= 0:
-                os.close(fd)
-        if opening is not None and piped is None:  # a command that never got its go
-            await abandon(opening)
-        if piped is not None:
-            await piped.close()
+        if command is not None:
+            await command.close()
         stream.close()
         await extractor.close()
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")

@@ -9,8 +9,7 @@ from typing import Any
 
 from syncd.endpoint import EndpointError, parse_remote
 from syncd.session.config import MODES, WINNERS, SessionConfig
-from syncd.transport.connect import AgentOptions
-from syncd.transport.options import SshOptions
+from syncd.transport.options import AgentOptions, SshOptions
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

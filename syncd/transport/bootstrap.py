@@ -17,6 +17,7 @@ from pathlib import Path
 import msgpack
 
 import syncd
+from syncd.transport.options import DEFAULT_CACHE_DIR
 
 # Modules the agent needs; all must stay Python 3.8 compatible (checked by vermin in CI).
 AGENT_MODULES = (
@@ -36,7 +37,6 @@ AGENT_MODULES = (
     "tarformat.py",
 )
 MSGPACK_MODULES = ("__init__.py", "exceptions.py", "ext.py", "fallback.py")
-DEFAULT_CACHE_DIR = "~/.cache/syncd"
 NEED = b"SYNCD-NEED\n"
 READY = b"SYNCD-READY\n"
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)

@@ -5,19 +5,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
-from dataclasses import dataclass
 
 from syncd.endpoint import Endpoint
 from syncd.transport import bootstrap
 from syncd.transport.channel import Channel, OnLink, TransportError, spawn
-from syncd.transport.options import SshOptions
-
-
-@dataclass(frozen=True)
-class AgentOptions:
-    python: str = "python3"  # interpreter on the remote
-    cache_dir: str = bootstrap.DEFAULT_CACHE_DIR
-    ssh: SshOptions = SshOptions()
+from syncd.transport.options import AgentOptions
 
 
 def _exit_reason(status: int | None, stderr: str) -> str:

@@ -13,3 +13,12 @@ class SshOptions:
     ssh_config: str | None = None
     keepalive_interval: float = 10.0
     keepalive_count_max: int = 3
+
+DEFAULT_CACHE_DIR = "~/.cache/syncd"  # on the remote: the agent's zipapp, outside any workspace
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    python: str = "python3"  # interpreter on the remote
+    cache_dir: str = DEFAULT_CACHE_DIR
+    ssh: SshOptions = SshOptions()
