@@ -417,6 +417,38 @@ def test_local_and_exec_sessions_stream_directly_through_a_second_shell(
         remove_session(daemon, name)
 
 
+def test_where_the_agent_has_no_gnu_tar_a_push_started_early_goes_over_the_channel(tmp_path: Path) -> None:
+    """The push's direct process starts before the agent says whether its host has GNU
+    tar; when it has none (here a ``tar`` that is not GNU first on the PATH of a ``local:``
+    agent), that process is stopped unused and the archive is made again for the session
+    channel, without a warning: a first sync and a resync both land the whole tree."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "tar").write_text("#!/bin/sh\necho 'bsdtar 3.6.2 - libarchive 3.6.2'\nexit 0\n")
+    (fake_bin / "tar").chmod(0o755)
+    (tmp_path / "d").mkdir()
+    own = DaemonProc(tmp_path / "d", env={"PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"})
+    own.start()
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    make_rich_tree(local, "local")
+    remote.mkdir()
+    try:
+        own.rpc("add", {"name": "no-gnu-tar", "spec": {"local": str(local), "remote": f"local:{remote}"}})
+        wait_state(own, "no-gnu-tar", LIVE)
+        assert_same(snapshot(local, ignored_by_default), snapshot(remote, ignored_by_default))
+        assert "as one stream" in own.log(), own.log()  # the first sync did stream, by the channel
+        pause(own, "no-gnu-tar")
+        write(local / "added.txt", "after the first sync\n")
+        summary = push(own, "no-gnu-tar")
+        assert summary["direct"] is False and summary["skipped"] == [], summary
+        assert read(remote / "added.txt") == b"after the first sync\n"
+        assert_same(snapshot(local, ignored_by_default), snapshot(remote, ignored_by_default))
+        assert temp_names(remote) == [] and temp_names(local) == []
+        assert "did not start" not in own.log() and "Traceback" not in own.log(), own.log()
+    finally:
+        own.stop()
+
+
 PULL_BREAKS = [
     # (mode, what the one-line error must say)
     pytest.param("cut", ["the direct tar stream failed (status 3)", "Broken pipe"], id="ssh-dies-midway"),
