@@ -584,6 +584,14 @@ class Rules:
         self._info = PatternSet(_split_lines(text))
         self._invalidate()
 
+    def ignore_file_read(self, rel_dir: str, name: str, text: str) -> None:
+        """Take in an ignore file a scan met (``name``: ``.gitignore`` in ``rel_dir``, or
+        ``.git/info/exclude``): the Scanner's ``on_gitignore``."""
+        if name == ".gitignore":
+            self.add_gitignore(rel_dir, text)
+        else:
+            self.set_info_exclude(text)
+
     def _invalidate(self) -> None:
         self.generation += 1
         self._nested = any(self._gitignores.keys() - {""})

@@ -19,7 +19,9 @@ from typing import IO, Callable, Dict, List, Optional, Tuple
 
 from syncd.fsops import size_pipe, write_all
 from syncd.protocol import messages as m
-from syncd.tarstream import ExtractError, scan_staged
+
+# syncd.tarstream is imported where it is used: the agent imports this module at start
+# (find_gnu_tar) and needs the rest only for a stream.
 
 _STDERR_KEEP = 4096  # bytes of tar's complaints quoted in an error
 _unset = object()
@@ -95,6 +97,8 @@ class TarProcess:
         status = self.proc.wait()
         self._reader.join()
         if status != 0:
+            from syncd.tarstream import ExtractError
+
             detail = b"".join(self._stderr).decode("utf-8", "replace").strip().replace("\n", "; ")
             raise ExtractError("tar failed (status %d)%s" % (status, ": " + detail if detail else ""))
         return _staged(self.staging, self.is_ignored)
@@ -159,6 +163,8 @@ class DirectStaging:
 
 def _staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]],
             expected: Optional[Dict[str, Optional[m.Entry]]] = None) -> Tuple[Dict[str, m.Entry], List[m.Skip]]:
+    from syncd.tarstream import ExtractError, scan_staged
+
     try:
         return scan_staged(staging, is_ignored, expected)
     except OSError as exc:

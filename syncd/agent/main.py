@@ -265,17 +265,11 @@ class Agent:
             self.root.close()
         self.root = Root(root)
         self.rules = Rules.from_wire(msg.rules)
-        self.scanner = Scanner(root, self.rules.is_ignored, on_gitignore=self.ignore_file_seen)
+        self.scanner = Scanner(root, self.rules.is_ignored, on_gitignore=self.rules.ignore_file_read)
         backend = ""
         if msg.watch:
             backend = self.start_watching(root)
         self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, root_is_empty(root, self.rules.is_ignored)))
-
-    def ignore_file_seen(self, rel_dir: str, name: str, text: str) -> None:
-        if name == ".gitignore":
-            self.rules.add_gitignore(rel_dir, text)
-        else:
-            self.rules.set_info_exclude(text)
 
     def start_watching(self, root: str) -> str:
         from syncd.agent.watch import start_watcher

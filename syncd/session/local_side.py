@@ -71,14 +71,8 @@ class LocalSide:
     def __init__(self, path: str, rules: Rules, base: BaseIndex) -> None:
         self.path = path
         self.rules = rules
-        self.scanner = Scanner(path, rules.is_ignored, BaseDigests(base), self._ignore_file)
+        self.scanner = Scanner(path, rules.is_ignored, BaseDigests(base), rules.ignore_file_read)
         self.root = Root(path)
-
-    def _ignore_file(self, rel_dir: str, name: str, text: str) -> None:
-        if name == ".gitignore":
-            self.rules.add_gitignore(rel_dir, text)
-        else:
-            self.rules.set_info_exclude(text)
 
     def reload_ignore_file(self, rel: str) -> None:
         """A .gitignore or .git/info/exclude changed: re-read it."""

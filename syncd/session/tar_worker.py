@@ -188,8 +188,11 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
     size_pipe(out_fd)
     reports = _Reports(report_fd)
     try:
-        rules = _read_rules(in_fd, root)
-        scanner = Scanner(root, rules.is_ignored)
+        # The ignore files are read as the walk meets them (each before its directory's
+        # entries), as the session's own scans do: one walk of the tree, not two.
+        rules = Rules.from_wire(json.loads(_read_framed(in_fd, "rules")))
+        os.scandir(root).close()  # a root gone or unreadable is an error, not an empty tree
+        scanner = Scanner(root, rules.is_ignored, on_gitignore=rules.ignore_file_read)
         entries = scanner.scan_all(hash_files=False)
         reports.skips(scan_skips(scanner.skipped))
         reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))

@@ -302,6 +302,9 @@ def test_produce_lists_under_the_roots_rules_and_reports_special_files(tmp_path:
     src = tmp_path / "src"
     make_tree(src, files=10)
     (src / ".gitignore").write_text("*.sh\n")
+    (src / "d1" / ".gitignore").write_text("e2/\n")  # nested: it counts below d1 only
+    (src / ".git" / "info").mkdir(parents=True)
+    (src / ".git" / "info" / "exclude").write_text("/d2/e2/\n")
     os.mkfifo(src / "pipe")
 
     async def go() -> None:
@@ -309,6 +312,9 @@ def test_produce_lists_under_the_roots_rules_and_reports_special_files(tmp_path:
         paths = set(worker.entries)
         assert "run.sh" not in paths and "build" not in paths and "build/out.o" not in paths
         assert ".gitignore" in paths and "d0/e0/f0.txt" in paths
+        assert "d1/.gitignore" in paths and "d1/e1/f1.txt" in paths and "d5/e2/f5.txt" in paths
+        assert not [p for p in paths if p.startswith(("d1/e2", "d2/e2"))], sorted(paths)
+        assert "d2/e0/f9.txt" in paths and ".git/info/exclude" in paths
         assert files == len(paths)
         assert [(s.path, s.reason) for s in worker.skipped] == [("pipe", "special")]
         extractor = TarExtractor(str(tmp_path / "out"))
