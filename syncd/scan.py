@@ -56,6 +56,19 @@ def is_under(rel: str, dirs: Set[str]) -> bool:
     return False
 
 
+def is_ignore_file(rel: str) -> bool:
+    """A file whose content is ignore rules: a ``.gitignore`` outside any ``.git``
+    directory (git reads none there, nor does load_root_rules), or ``.git/info/exclude``."""
+    if rel == ".git/info/exclude":
+        return True
+    return (rel == ".gitignore" or rel.endswith("/.gitignore")) and not in_git_dir(parent_of(rel))
+
+
+def in_git_dir(rel: str) -> bool:
+    """Whether ``rel`` is a ``.git`` directory or lies in one."""
+    return rel == ".git" or rel.startswith(".git/") or "/.git/" in rel or rel.endswith("/.git")
+
+
 def is_temp_name(rel: str) -> bool:
     """Our temp files, and anything inside a staging directory of a resync."""
     return rel.startswith(TEMP_PREFIX) or ("/" + TEMP_PREFIX) in rel
@@ -350,7 +363,7 @@ class Scanner:
             current = stack.pop()
             base = join(self.root, current)
             prefix = current + "/" if current else ""
-            if self.on_gitignore is not None:
+            if self.on_gitignore is not None and not in_git_dir(current):
                 self._read_ignore_files(current, base)
             try:
                 items = list(os.scandir(base))

@@ -27,7 +27,7 @@ from syncd.engine.recovery import adopt
 from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
-from syncd.scan import is_temp_name, is_under, parent_of, root_is_empty
+from syncd.scan import is_ignore_file, is_temp_name, is_under, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide, load_base
@@ -694,7 +694,7 @@ class Session:
         # Watch before scanning, so nothing changed during the first scan is missed.
         await self._local_armed.wait()
         for path in dirty:
-            if path == ".gitignore" or path.endswith("/.gitignore") or path == ".git/info/exclude":
+            if is_ignore_file(path):
                 local.reload_ignore_file(path)
         if full:
             if not os.path.isdir(self.cfg.local):

@@ -10,8 +10,8 @@ import pytest
 
 import syncd.scan as scan
 from syncd.protocol import messages as m
-from syncd.rules import Rules
-from syncd.scan import TEMP_PREFIX, DigestCache, Scanner, digest_bytes
+from syncd.rules import Rules, load_root_rules
+from syncd.scan import TEMP_PREFIX, DigestCache, Scanner, digest_bytes, is_ignore_file
 
 
 class CountingDigest:
@@ -255,6 +255,41 @@ def test_gitignore_files_are_reported(root: Path) -> None:
     seen: list[tuple[str, str, str]] = []
     Scanner(str(root), on_gitignore=lambda d, n, t: seen.append((d, n, t))).scan_all()
     assert sorted(seen) == [("", ".gitignore", "*.log\n"), ("src", ".gitignore", "gen/\n")]
+
+
+def test_ignore_files_inside_git_directories_are_not_read(root: Path) -> None:
+    """git reads no .gitignore inside a .git directory (the repository's own or a nested
+    one's), and neither does load_root_rules: the scanner's readers agree with it."""
+    (root / ".git" / "hooks").mkdir(parents=True)
+    (root / ".git" / "hooks" / ".gitignore").write_text("*\n")
+    (root / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\n")
+    (root / "sub" / ".git" / "x").mkdir(parents=True)
+    (root / "sub" / ".git" / "x" / ".gitignore").write_text("*\n")
+    (root / "sub" / ".git" / "x" / "object").write_text("data\n")
+    (root / "src" / ".gitignore").write_text("gen/\n")
+    rules = Rules([], [])
+    seen: list[tuple[str, str]] = []
+
+    def read(rel_dir: str, name: str, text: str) -> None:
+        seen.append((rel_dir, name))
+        rules.ignore_file_read(rel_dir, name, text)
+
+    paths = {e.path for e in Scanner(str(root), rules.is_ignored, on_gitignore=read).scan_all()}
+    assert seen == [("src", ".gitignore")]
+    assert {".git/hooks/pre-commit", "sub/.git/x/object"} <= paths
+    reference = load_root_rules(str(root))
+    for rel in (".git/hooks/pre-commit", "sub/.git/x/object"):
+        assert not reference.is_ignored(rel, False) and not rules.is_ignored(rel, False)
+
+
+@pytest.mark.parametrize(("rel", "expected"), [
+    (".gitignore", True), ("src/.gitignore", True), (".git/info/exclude", True),
+    (".git/hooks/.gitignore", False), ("sub/.git/x/.gitignore", False), ("sub/.git/.gitignore", False),
+    ("a.git/.gitignore", True), (".github/.gitignore", True), ("src/gitignore", False),
+    ("sub/.git/info/exclude", False),
+])
+def test_which_files_hold_ignore_rules(rel: str, expected: bool) -> None:
+    assert is_ignore_file(rel) is expected
 
 
 def test_modes_are_permission_bits_only(root: Path) -> None:
