@@ -217,9 +217,10 @@ async def open_early_push(session: Session, direct_argv: DirectArgv) -> DirectSt
     sync that may push into an empty remote), start its direct stream as soon as the
     endpoint is reached: the process logs in while the agent starts, then waits for the
     staging path (tar_script_on_cue), and the archiver for its go (see _open_direct)."""
-    await session._local_ready.wait()
-    if session._push_worker is None:
-        return None
+    if session._push_worker is None:  # a first sync's archiver starts once the base is loaded
+        await session._local_ready.wait()
+        if session._push_worker is None:
+            return None
     worker = await session._push_worker
     argv = direct_argv(tar_script_on_cue())
     if argv is None:

@@ -238,6 +238,8 @@ class Session:
         scanning the local tree: the first cycle then mostly waits for the remote side."""
         store = self.store
         assert store is not None
+        if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
+            self._start_push_worker()  # (it needs no base: started before the base loads)
         loading = asyncio.ensure_future(asyncio.to_thread(load_base, store, self.cfg.local))
         try:
             self.base = await asyncio.shield(loading)
@@ -251,7 +253,9 @@ class Session:
         first = self.resync is None and not self._intents and not self.base and not self.base.kept_rows()
         if first and self.cfg.mode != "push" and root_is_empty(self.cfg.local, self.rules.is_ignored):
             self._first_pull = True  # unless the remote is empty too; its scan would be wasted
-        if not self._intents:  # else adopting them needs a plain scan, left to the first cycle
+        # Unless intents are to be adopted (a plain scan, left to the first cycle) or a resync
+        # replaces the base (the cycle after it fingerprints the new one).
+        if not self._intents and self.resync is None:
             # Before the watcher: the remote scan waits for them, and starting watchfiles
             # holds the GIL for a while on a big tree. Both sides in one pass: the local
             # scan needs its own soon after.
@@ -274,8 +278,6 @@ class Session:
             self._first_progress = ResyncProgress("pull")
         elif not self._intents and self.resync is None:  # a resync changes the tree first
             self._prescan = asyncio.ensure_future(self._scan_local_tree(prints_ready=True))
-        if self.resync == "push":  # the tree is listed, and its stream begins, while the agent starts
-            self._start_push_worker()
         self._local_ready.set()
 
     def _start_push_worker(self, progress: ResyncProgress | None = None) -> asyncio.Future[ProduceWorker]:
