@@ -369,6 +369,13 @@ def _worth_direct(files: int, size: int) -> bool:
     return size >= DIRECT_PULL_BYTES or files >= DIRECT_PULL_FILES
 
 
+def _closed(fd: int) -> int:
+    """Close ``fd`` unless it is -1 (none); returns -1."""
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
 class _PullCommand:
     """A direct pull's remote command (tar_create_script) writing into the extracting
     child's pipe ``input_fd``: started when the agent names its list (``on_ready``, at
@@ -405,21 +412,15 @@ class _PullCommand:
             self.piped = await (self.opening or self._open(self.ready))
             with contextlib.suppress(BrokenPipeError):  # it died: wait() says how
                 os.write(self.go_fd, GO_LINE)
-        self._close_fd("go_fd")  # told to go, or (its stdin ends) not to
+        self.go_fd = _closed(self.go_fd)  # told to go, or (its stdin ends) not to
 
     def no_stream(self) -> None:
         """If the command was never started, the extracting child sees an empty stream."""
-        self._close_fd("input_fd")
-
-    def _close_fd(self, name: str) -> None:
-        fd = getattr(self, name)
-        if fd >= 0:
-            setattr(self, name, -1)
-            os.close(fd)
+        self.input_fd = _closed(self.input_fd)
 
     async def close(self) -> None:
-        self._close_fd("input_fd")
-        self._close_fd("go_fd")
+        self.input_fd = _closed(self.input_fd)
+        self.go_fd = _closed(self.go_fd)
         if self.opening is not None and self.piped is None:  # a command that never got its go
             await abandon(self.opening)
         if self.piped is not None:

@@ -70,12 +70,11 @@ class SshChannel(Channel):
     """The agent as an exec channel on an SSH connection."""
 
     def __init__(self, conn: asyncssh.SSHClientConnection, proc: asyncssh.SSHClientProcess[bytes],
-                 host: str = "", user: str | None = None, opts: SshOptions | None = None,
-                 beside: Beside | None = None) -> None:
+                 beside: Beside) -> None:
         super().__init__()
         self.conn = conn
         self.proc = proc
-        self.beside = beside or Beside(conn, host, user, opts)
+        self.beside = beside
         self._stderr_task = asyncio.ensure_future(self._pump_stderr())
 
     def direct_argv(self, script: str) -> list[str] | None:
@@ -189,7 +188,7 @@ async def open_channel(host: str, user: str | None, opts: SshOptions, command: s
         conn.close()
         beside.cleanup()
         raise TransportError(f"cannot start a command on {host}: {exc}") from None
-    return SshChannel(conn, proc, beside=beside)
+    return SshChannel(conn, proc, beside)
 
 
 # OpenSSH splits UserKnownHostsFile on whitespace and expands %-tokens in it: the pinned
