@@ -206,10 +206,13 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
         upload.close()
         await worker.close()
     kept = await _make_kept_dirs(session, placed, sent, "local")
+    summary = ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
+                            worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
+    progress.phase = "recording"
+    session.placed(summary)
     await session.reset_base(await session._fs(_base_rows, sent, placed, "local") + kept)
     progress.phase = "done"
-    return ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
-                         worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
+    return summary
 
 
 async def open_early_push(session: Session, direct_argv: DirectArgv) -> DirectStream | DirectUnavailable | None:
@@ -505,12 +508,15 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
         stream.close()
         await extractor.close()
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
+    summary = ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
+                            result.deleted, skipped + extractor.skipped + result.skipped, direct=direct)
+    progress.phase = "recording"
+    session.placed(summary)
     # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.
     markers = [kept_local(entry) for entry in await session._fs(_with_digests, local, result.kept)]
     await session.reset_base(await session._fs(_base_rows, sent, result.entries, "remote") + kept + markers)
     progress.phase = "done"
-    return ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
-                         result.deleted, skipped + extractor.skipped + result.skipped, direct=direct)
+    return summary
 
 
 async def _not_streamed(session: Session, sent: list[m.Entry], staged: dict[str, m.Entry]) -> list[m.Skip]:

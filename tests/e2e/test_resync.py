@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -882,3 +883,110 @@ def test_a_file_changing_during_a_push_is_reported_and_synced_live_afterwards(
     finally:
         stop.set()
         remove_session(daemon, name)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. the answer comes once the tree is in place; the base is recorded after it
+# ---------------------------------------------------------------------------------------
+
+
+def base_paths(state_dir: Path, name: str) -> set[str]:
+    """The paths the session's base index holds, read from its SQLite file."""
+    (index,) = (state_dir / "sessions").glob(f"{name}-*.sqlite")
+    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        return {os.fsdecode(path) for (path,) in con.execute("SELECT path FROM base")}
+    finally:
+        con.close()
+
+
+def make_many_files(root: Path, count: int) -> None:
+    for i in range(count):
+        write(root / f"d{i % 40:02d}/f{i:05d}.txt", f"file {i}\n")
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_pause_right_after_the_answer_still_records_the_whole_base(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path, direction: str) -> None:
+    name = f"{direction}-then-pause"
+    local, remote = add_session(daemon, sshd, tmp_path, name)
+    source, destination = (local, remote) if direction == "push" else (remote, local)
+    try:
+        # Enough rows for their writing to outlast a few round trips of the status below.
+        make_many_files(source, 6000)
+        write(destination / "only-here.txt", "deleted by the resync\n")
+        answers: list[Any] = []
+        running = threading.Thread(target=lambda: answers.append(resync(daemon, name, direction)), daemon=True)
+        running.start()
+        wait_until(lambda: (status(daemon, name)["resync"] or {}).get("phase") == "recording", 60, interval=0,
+                   message="the resync to be recording its base")
+        daemon.rpc("pause", {"name": name})  # the tree is in place, the base is being written
+        running.join(30)
+        (summary,) = answers
+        assert summary["files"] == 6000 + 40 and summary["skipped"] == [], summary
+        wait_until(lambda: status(daemon, name)["resync"] is None, 30, message="the resync's session to end")
+        row = status(daemon, name)
+        assert row["state"] == "paused" and row["last_error"] == "", row
+        said = [line for line in daemon.log().splitlines() if name in line and "interrupted" in line]
+        assert said == [], said  # it was not: only the base was left to write, and it was
+
+        assert_same(snapshot(local), snapshot(remote))
+        expected = set(snapshot(source))
+        recorded = base_paths(daemon.state_dir, name)
+        assert recorded == expected, (f"{len(expected - recorded)} paths missing from the base, "
+                                      f"{len(recorded - expected)} extra")
+    finally:
+        remove_session(daemon, name)
+
+
+def test_a_base_left_unrecorded_by_a_crash_converges_without_transfers(sshd: SshServer, tmp_path: Path) -> None:
+    """The daemon answers a resync before writing the new base: a crash in between leaves
+    the old base (played here by putting it back) beside two identical trees. The next
+    start agrees on every path: nothing travels, nothing is deleted, no conflict."""
+    (tmp_path / "own-daemon").mkdir()
+    own = DaemonProc(tmp_path / "own-daemon")
+    own.start()
+    name = "stale-base"
+    try:
+        local, remote = add_session(own, sshd, tmp_path, name, paused=False)
+        for i in range(20):
+            write(local / f"kept/f{i:02d}.txt", f"kept {i}\n")
+        write(local / "edited-locally.txt", "old\n")
+        write(local / "edited-remotely.txt", "old\n")
+        write(local / "deleted-locally.txt", "old\n")
+        flush(own, name)
+        assert base_paths(own.state_dir, name) >= {"edited-locally.txt", "deleted-locally.txt"}
+        pause(own, name)
+        (index,) = (own.state_dir / "sessions").glob(f"{name}-*.sqlite")
+        old_base = tmp_path / "old-base.sqlite"
+        shutil.copy(index, old_base)
+
+        # Both sides move apart while paused; the push makes the remote the local tree again.
+        write(local / "edited-locally.txt", "new\n")
+        write(local / "new-locally.txt", "new\n")
+        os.unlink(local / "deleted-locally.txt")
+        write(remote / "edited-remotely.txt", "changed remotely\n")
+        write(remote / "new-remotely.txt", "made remotely\n")
+        summary = resync(own, name, "push")
+        assert summary["deleted"] == 2, summary  # new-remotely.txt, deleted-locally.txt
+        pause(own, name)
+        pushed = snapshot(local)
+        assert_same(pushed, snapshot(remote))
+
+        assert own.stop() == 0
+        for leftover in index.parent.glob(index.name + "-*"):  # the WAL of the new base
+            leftover.unlink()
+        shutil.copy(old_base, index)
+        own.start()
+        assert "edited-locally.txt" in base_paths(own.state_dir, name)  # the old base is back
+        own.rpc("resume", {"name": name})
+        wait_state(own, name, LIVE)
+        row = flush(own, name)
+        assert counters(row) == (0, 0), row
+        assert row["conflicts"] == 0, row
+        assert_same(pushed, snapshot(local), ("pushed", "local"))
+        assert_same(pushed, snapshot(remote), ("pushed", "remote"))
+        recorded = base_paths(own.state_dir, name)
+        assert recorded == set(pushed), recorded ^ set(pushed)
+    finally:
+        own.stop()
