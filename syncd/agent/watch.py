@@ -371,10 +371,12 @@ class Watcher:
                 self._ready_timeout,
             )
 
-    def stop(self) -> None:
-        """Stop the thread and join it (within about a second). Idempotent."""
+    def stop(self, wait: bool = True) -> None:
+        """Stop the thread; with ``wait``, join it (within about a second). Idempotent."""
         self._stop.set()
         self._wake()
+        if not wait:
+            return
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(JOIN_TIMEOUT)

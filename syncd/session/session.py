@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from syncd.agent.watch import start_watcher
+from syncd.agent.watch import Watcher, start_watcher
 from syncd.engine import model as em
 from syncd.engine.index import BaseIndex, dir_prints, sides_prints
 from syncd.engine.model import Action, Agreed, Intent, Plan, Policy
@@ -100,6 +100,12 @@ def _replace_base(store: Store, rows: list[Agreed]) -> None:
 
 def _stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _stop_started(starting: asyncio.Future[Watcher]) -> None:
+    """Stop a watcher whose start completed after its session gave up waiting for it."""
+    if not starting.cancelled() and starting.exception() is None:
+        starting.result().stop(wait=False)
 
 
 class Session:
@@ -553,16 +559,19 @@ class Session:
         try:
             watcher = await asyncio.shield(starting)
         except asyncio.CancelledError:
-            # Cancelled while it started (the connection failed): it must not outlive us.
-            with contextlib.suppress(Exception):
-                late = await starting
-                await asyncio.to_thread(late.stop)
+            # Cancelled while it started (the connection failed, the session closed): it
+            # must not outlive us, however late its start completes.
+            starting.add_done_callback(_stop_started)
             raise
         finally:
             self._local_armed.set()
         try:
             await self._stop.wait()
         finally:
+            # Told here and now: the join needs a pool thread, and a job still queued for
+            # one never runs once this task is cancelled (close() cancels it). A watcher
+            # left running kept its thread and, through on_batch, the whole session.
+            watcher.stop(wait=False)
             await asyncio.to_thread(watcher.stop)
 
     async def _pump_remote(self) -> None:
