@@ -107,6 +107,13 @@ def add_session(daemon: DaemonProc, server: SshServer, base: Path, name: str, *,
     return local, remote
 
 
+def add_directed(daemon: DaemonProc, server: SshServer, base: Path, name: str,
+                 direction: str) -> tuple[Path, Path, Path, Path]:
+    """add_session, also naming its roots by role: (local, remote, source, destination)."""
+    local, remote = add_session(daemon, server, base, name)
+    return (local, remote, local, remote) if direction == "push" else (local, remote, remote, local)
+
+
 def remove_session(daemon: DaemonProc, name: str) -> None:
     with contextlib.suppress(Exception):
         daemon.rpc("rm", {"name": name})
@@ -735,8 +742,7 @@ def small_disk(path: Path, size: str) -> Iterator[None]:
 def test_a_full_disk_fails_the_resync_clearly_and_changes_nothing(
         daemon: DaemonProc, sshd: SshServer, tmp_path: Path, direction: str) -> None:
     name = f"{direction}-full"
-    local, remote = add_session(daemon, sshd, tmp_path, name)
-    source, destination = (local, remote) if direction == "push" else (remote, local)
+    local, remote, source, destination = add_directed(daemon, sshd, tmp_path, name, direction)
     try:
         with small_disk(destination, "3m"):
             write(destination / "mine/keep.txt", "already here\n")
@@ -909,8 +915,7 @@ def make_many_files(root: Path, count: int) -> None:
 def test_a_pause_right_after_the_answer_still_records_the_whole_base(
         daemon: DaemonProc, sshd: SshServer, tmp_path: Path, direction: str) -> None:
     name = f"{direction}-then-pause"
-    local, remote = add_session(daemon, sshd, tmp_path, name)
-    source, destination = (local, remote) if direction == "push" else (remote, local)
+    local, remote, source, destination = add_directed(daemon, sshd, tmp_path, name, direction)
     try:
         # Enough rows for their writing to outlast a few round trips of the status below.
         make_many_files(source, 6000)
