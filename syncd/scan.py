@@ -224,11 +224,13 @@ class Scanner:
 
     # -- public --------------------------------------------------------------------------
 
-    def scan_all(self, hash_files: bool = True) -> List[Entry]:
-        """Every synced entry under the root (the root itself excluded)."""
+    def scan_all(self, hash_files: bool = True, out: Optional[List[Entry]] = None) -> List[Entry]:
+        """Every synced entry under the root (the root itself excluded), appended to
+        ``out`` if given (each as soon as it is found) and returned."""
         self.skipped = []
         self.unlisted = []
-        out: List[Entry] = []
+        if out is None:
+            out = []
         self._walk("", out, hash_files)
         return out
 

@@ -54,6 +54,10 @@ class ExtractError(Exception):
     """The archive is malformed or could not be written; the staging area is discarded."""
 
 
+class WriteFailed(ExtractError):
+    """The extraction failed writing (a full disk, say), not reading its stream."""
+
+
 def scan_skips(skipped: Iterable[Tuple[str, str]]) -> List[m.Skip]:
     """A scanner's skipped entries, (path, why), as Skips: special or unreadable."""
     return [m.Skip(path, SPECIAL if why.startswith("special") else UNREADABLE, "%s: %s" % (path or ".", why))
@@ -354,7 +358,7 @@ class TarExtractor:
         except tf.TarFormatError as exc:
             raise ExtractError("malformed tar stream: %s" % exc) from None
         except OSError as exc:
-            raise ExtractError("cannot write in %s: %s" % (self.staging, exc.strerror or exc)) from None
+            raise WriteFailed("cannot write in %s: %s" % (self.staging, exc.strerror or exc)) from None
         finally:
             self.root.release()
 

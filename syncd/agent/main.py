@@ -39,7 +39,6 @@ class Agent:
         self.rules: Any = None
         self.receiving: Dict[int, Any] = {}  # req -> tar_jobs.Receive in progress
         self.sending: Any = None  # tar_jobs.Send of the tree, if one was started
-        self.lists: List[str] = []  # files listing a direct TarSend's entries (see send_listed)
 
     def send(self, message: Any) -> None:
         parts = self.conn.send_parts(message)
@@ -78,7 +77,6 @@ class Agent:
                 self.watcher.stop()
             if self.root is not None:
                 self.root.close()
-            self.drop_lists()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -132,11 +130,10 @@ class Agent:
         if isinstance(msg, m.TarSend):
             if self.sending is not None and not self.sending.done():
                 raise ProtocolError("a second tar stream while one is being sent")
-            self.drop_lists()  # an earlier direct stream's command removed its own, or never ran
             tar = find_gnu_tar() if msg.direct else None
             if tar:
                 try:
-                    self.lists.append(tar_jobs.send_listed(self.root, self.scanner, msg.req, tar, self.send))
+                    tar_jobs.send_listed(self.root, self.scanner, msg.req, tar, self.send)
                 except OSError as exc:
                     self.send(m.Failure(msg.req, "failed", "cannot list the tree: %s" % (exc.strerror or exc)))
                 return
@@ -193,12 +190,6 @@ class Agent:
             return
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
         job.remember(entries)
-
-    def drop_lists(self) -> None:
-        for path in self.lists:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        self.lists = []
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None

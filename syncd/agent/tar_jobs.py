@@ -15,7 +15,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from syncd.agent.gnu_tar import DirectStaging, TarProcess, find_gnu_tar
-from syncd.fsops import Root, UnsafePath, split_path, write_all
+from syncd.fsops import Root, UnsafePath, split_path
 from syncd.protocol import messages as m
 from syncd.scan import TEMP_PREFIX, Scanner, is_stale_temp
 from syncd.tarstream import (
@@ -335,25 +335,42 @@ def _start(req: int, entries: List[m.Entry], send: Callable[[Any], None]) -> Non
     send(m.TarStart(req, len(entries), sum(e.size for e in entries if e.kind == m.FILE)))
 
 
-def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> str:
-    """A direct TarSend: list the root (minus ignored entries) for the daemon's own GNU tar
-    to archive. TarReady first, naming the list to come (NUL-separated paths, in a
-    temporary file of the root, which no scan reports and the archiving command removes):
-    the daemon's command logs in while the root is listed. TarStart once the list is
-    written (the command waits for the daemon's go, given after it), then TarResult...
-    (the entries, without digests), which the daemon reads while tar runs. Returns the
-    list's path."""
-    path = os.path.join(root.path, staging_name("list-%d" % req))
-    send(m.TarReady(req, path, tar))
-    entries, skipped = _listed(scanner)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        write_all(fd, b"".join(os.fsencode(e.path) + b"\0" for e in entries))
-    finally:
-        os.close(fd)
-    _start(req, entries, send)
-    send_result(send, req, entries, skipped, 0, root.path)
-    return path
+class _Announced(list):  # type: ignore[type-arg]
+    """A scan's output that sends the entries on in TarResult chunks as they are found,
+    keeping only their count and size."""
+
+    def __init__(self, send_chunk: Callable[[List[m.Entry]], None]) -> None:
+        super().__init__()
+        self.send_chunk = send_chunk
+        self.files = 0
+        self.size = 0
+
+    def append(self, entry: m.Entry) -> None:
+        super().append(entry)
+        self.files += 1
+        if entry.kind == m.FILE:
+            self.size += entry.size
+        if len(self) >= RESULT_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self:
+            self.send_chunk(list(self))
+            self.clear()
+
+
+def send_listed(root: Root, scanner: Scanner, req: int, tar: str, send: Callable[[Any], None]) -> None:
+    """A direct TarSend: the daemon's own GNU tar archives the root, reading the names of
+    the entries to archive from the daemon as this walk finds them (minus ignored
+    entries). TarReady first, naming that tar: the daemon's command may start. Then the
+    entries (without digests) in TarResult chunks as they are found, TarStart with the
+    totals once the walk is done, and a last TarResult with what the walk skipped."""
+    send(m.TarReady(req, "", tar))
+    listed = _Announced(lambda chunk: send(m.TarResult(req, tuple(chunk), (), 0, root.path, False)))
+    scanner.scan_all(hash_files=False, out=listed)
+    listed.flush()
+    send(m.TarStart(req, listed.files, listed.size))
+    send_result(send, req, [], scan_skips(scanner.skipped), 0, root.path)
 
 
 def send_result(send: Callable[[Any], None], req: int, entries: List[m.Entry], skipped: List[m.Skip],

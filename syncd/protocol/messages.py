@@ -310,9 +310,7 @@ class TarReady:
     """Agent to daemon, for a ``direct`` TarReceive: the staging directory made for the
     stream and the host's GNU tar, which the daemon may run there itself (through its own
     process on the same host) instead of sending TarData; ``tar`` '' = send TarData. For a
-    ``direct`` TarSend: ``staging`` is the file listing the entries to archive (relative to
-    the root, each ended by a NUL byte), which the archiving command removes; it lies
-    directly in the root."""
+    ``direct`` TarSend: ``staging`` is '' and the entries to archive follow (see TarSend)."""
 
     req: int
     staging: str
@@ -323,9 +321,11 @@ class TarReady:
 class TarSend:
     """Daemon to agent: stream the root as tar: TarStart, TarData..., TarResult. At most
     ``window`` bytes of TarData may be unacknowledged (TarAck); 0 = no limit. With
-    ``direct``, where the host has GNU tar, the agent sends no TarData: TarStart, TarReady
-    naming a file that lists the entries to archive, for the daemon to archive them with
-    that tar through a process of its own, then those entries (TarResult..., no digests)."""
+    ``direct``, where the host has GNU tar, the agent sends no TarData: TarReady naming
+    that tar, for the daemon to archive the root with it through a process of its own;
+    the entries to archive (TarResult..., no digests) as the root is walked, so that the
+    daemon's tar archives them meanwhile; TarStart with the totals once the walk is done;
+    a last TarResult with the walk's skips."""
 
     req: int
     window: int = 0

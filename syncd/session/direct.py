@@ -71,31 +71,29 @@ def tar_script_on_cue() -> str:
             f'exec "$tar" {shlex.join(_EXTRACT)} "$dir"')
 
 
-def cue_lines(tar: str, staging: str) -> bytes | None:
-    """What tar_script_on_cue reads ahead of the archive; None where a path cannot be one
-    line (empty, or holding a newline)."""
-    lines = [os.fsencode(tar), os.fsencode(staging)]
+def cue_lines(tar: str, path: str) -> bytes | None:
+    """What tar_script_on_cue reads ahead of the archive (the staging directory), or
+    tar_create_script_on_cue ahead of the names (the root); None where a path cannot be
+    one line (empty, or holding a newline)."""
+    lines = [os.fsencode(tar), os.fsencode(path)]
     if any(not line or b"\n" in line for line in lines):
         return None
     return b"".join(line + b"\n" for line in lines)
 
 
-GO_LINE = b"go\n"  # on a pull command's stdin: the list is written, archive it
-
-
-def tar_create_script(tar: str, listing: str, root: str) -> str:
-    """The shell script archiving, with GNU ``tar`` on stdout, the entries of ``root``
-    that the file ``listing`` names (NUL-separated, taken verbatim, no recursion), then
-    removing the list. It starts before the list is written and waits for GO_LINE on its
-    stdin; without it (stdin ends) it exits 1 and archives nothing. pax format:
-    nanosecond mtimes, long and non-UTF-8 names. A file that cannot be read or vanished
-    is left out with a warning (the daemon finds out which), and one that changed while
-    read makes tar exit 1 (see CREATE_OK)."""
-    command = shlex.join([tar, "-c", "-f", "-", "--format=posix", "--null", "--verbatim-files-from",
-                          "--no-recursion", "--ignore-failed-read", "-C", root, "-T", listing])
-    go = GO_LINE.decode().strip()
-    return (f'{_READY} && IFS= read -r go && [ "$go" = {go} ] && '
-            f"{{ {command}; s=$?; rm -f -- {shlex.quote(listing)}; exit $s; }}")
+def tar_create_script_on_cue() -> str:
+    """The shell script archiving, with GNU ``tar`` on stdout, entries of a root whose
+    names come on its stdin: the tar to run and the root as two lines first (see
+    cue_lines), then the names, each ended by a NUL byte, taken verbatim, no recursion
+    (the agent lists them as the daemon passes them on, so that tar starts on the first
+    while the walk goes on). Without both lines (stdin ends) it exits 1 and archives
+    nothing. pax format: nanosecond mtimes, long and non-UTF-8 names. A file that cannot
+    be read or vanished is left out with a warning (the daemon finds out which), and one
+    that changed while read makes tar exit 1 (see CREATE_OK)."""
+    options = shlex.join(["-c", "-f", "-", "--format=posix", "--null", "--verbatim-files-from", "--no-recursion",
+                          "--ignore-failed-read"])
+    return (f'{_READY} && IFS= read -r tar && IFS= read -r root && [ -n "$tar" ] && [ -n "$root" ] && '
+            f'exec "$tar" {options} -C "$root" -T -')
 
 
 EXTRACT_OK = (0,)
@@ -112,13 +110,16 @@ class DirectStream:
         self._stderr_task = asyncio.ensure_future(self._read_stderr())
 
     @classmethod
-    async def start(cls, argv: list[str], stdin_fd: int | None = None, stdout_fd: int | None = None) -> DirectStream:
+    async def start(cls, argv: list[str], stdin_fd: int | None = None, stdout_fd: int | None = None,
+                    stdin_pipe: bool = False) -> DirectStream:
         """Run ``argv`` on ``stdin_fd`` and ``stdout_fd`` (closed here: the process on the
-        other end of such a pipe must see it broken, not block, should this one die);
-        return once the remote command runs. Raises DirectUnavailable if it never did."""
+        other end of such a pipe must see it broken, not block, should this one die), or
+        with ``stdin_pipe`` on a pipe written through ``proc.stdin``; return once the
+        remote command runs. Raises DirectUnavailable if it never did."""
+        stdin: int = asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+                *argv, stdin=asyncio.subprocess.PIPE if stdin_pipe else stdin,
                 stdout=asyncio.subprocess.DEVNULL if stdout_fd is None else stdout_fd,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except OSError as exc:

@@ -22,12 +22,11 @@ from syncd.protocol import messages as m
 from syncd.session.agent_client import DIGESTS_CHUNK, DIRECT_TAR, AgentClient, TarUpload
 from syncd.session.direct import (
     CREATE_OK,
-    GO_LINE,
     DirectFailed,
     DirectStream,
     DirectUnavailable,
     cue_lines,
-    tar_create_script,
+    tar_create_script_on_cue,
     tar_script,
     tar_script_on_cue,
 )
@@ -281,7 +280,7 @@ async def abandon(opening: asyncio.Future[Any]) -> None:
         opening.cancel()
     with contextlib.suppress(BaseException):
         stream = await opening
-        if isinstance(stream, DirectStream):
+        if isinstance(stream, (DirectStream, EarlyPull)):
             await stream.close()
 
 
@@ -337,28 +336,36 @@ async def pull(session: Session, force: bool = False, merge: bool = False) -> Re
     With ``merge`` (a first sync into an empty local root) the stream only adds where the
     local root has nothing: see tarstream.merge_in. The remote's GNU tar archives the tree
     straight into the extracting child where the agent and the channel offer a way (see
-    direct), else the agent streams it over the channel."""
+    direct) and the tree is expected to be big enough for that way's own login, else the
+    agent streams it over the channel."""
     agent, progress = session.agent, session.resync_progress
     assert agent is not None and progress is not None
-    if agent.supports(DIRECT_TAR) and agent.channel.direct_argv("true") is not None:
+    early = session.take_early_pull()
+    opened: EarlyPull | DirectUnavailable | None = None
+    if early is not None:
         try:
-            return await _pull(session, force, merge, True)
-        except _SmallTree:
-            pass
+            opened = await early  # None: the base says the tree is small
+        except BaseException:
+            await abandon(early)
+            raise
+    if isinstance(opened, DirectUnavailable):
+        _warn_channel(session, "pull", opened)
+    elif (agent.supports(DIRECT_TAR) and agent.channel.direct_argv("true") is not None
+            and (opened is not None or (early is None and expect_big(session)))):
+        try:
+            return await _pull(session, force, merge, opened)
         except DirectUnavailable as exc:
             _warn_channel(session, "pull", exc)
         progress.files = progress.bytes = 0
-    return await _pull(session, force, merge, False)
+    elif opened is not None:
+        await opened.close()
+    return await _pull(session, force, merge, None, direct=False)
 
 
-class _SmallTree(Exception):
-    """The remote tree is too small for a direct pull to pay for its own login."""
-
-
-def _expect_big(session: Session) -> bool:
-    """Whether a direct pull may start its command before the agent has listed the tree:
-    the base says the remote tree is worth it, or there is no base to ask (a wasted login
-    then costs a little CPU, and only the first time)."""
+def expect_big(session: Session) -> bool:
+    """Whether a pull should go direct: the base says the remote tree is worth the
+    login, or there is no base to ask (the login then costs a little CPU, and only the
+    first time)."""
     base = session.base
     if not base:
         return True
@@ -367,9 +374,53 @@ def _expect_big(session: Session) -> bool:
 
 
 def _worth_direct(files: int, size: int) -> bool:
-    # A direct pull logs in again (0.1-0.5 s, after the listing unless _expect_big), and then
-    # moves a byte for less CPU than the channel: below this, the channel is faster.
+    # A direct pull logs in again (0.1-0.5 s, while the agent starts where it can), and
+    # then moves a byte for less CPU than the channel: below this, the channel is faster.
     return size >= DIRECT_PULL_BYTES or files >= DIRECT_PULL_FILES
+
+
+class EarlyPull:
+    """A direct pull's command started before the agent is up (see open_early_pull),
+    writing into a pipe whose read end is for the extracting child."""
+
+    def __init__(self, stream: DirectStream, read_fd: int, write_fd: int) -> None:
+        self.stream = stream
+        self.read_fd = read_fd
+        self.write_fd = write_fd  # for the rules that go ahead of the archive
+
+    def take_pipe(self) -> tuple[int, int]:
+        """The pipe's two ends (the caller owns them now)."""
+        pipe = (self.read_fd, self.write_fd)
+        self.read_fd = self.write_fd = -1
+        return pipe
+
+    async def close(self) -> None:
+        self.read_fd = _closed(self.read_fd)
+        self.write_fd = _closed(self.write_fd)
+        await self.stream.close()
+
+
+async def open_early_pull(session: Session, direct_argv: DirectArgv) -> EarlyPull | DirectUnavailable | None:
+    """Where the session is to pull a big tree (a resync --pull, or a first sync into an
+    empty local root), start the direct stream's command as soon as the endpoint is
+    reached: it logs in while the agent starts, then waits for the tar and the root
+    (tar_create_script_on_cue). None where no pull is expected."""
+    await session._local_ready.wait()  # the base says how big the tree is
+    if not (session.resync == "pull" or session.first_pull) or not expect_big(session):
+        return None
+    argv = direct_argv(tar_create_script_on_cue())
+    if argv is None:
+        return None
+    read_fd, write_fd = os.pipe()
+    try:
+        stream = await DirectStream.start(argv, stdout_fd=os.dup(write_fd), stdin_pipe=True)
+    except DirectUnavailable as exc:
+        _closed(read_fd), _closed(write_fd)
+        return exc
+    except BaseException:
+        _closed(read_fd), _closed(write_fd)
+        raise
+    return EarlyPull(stream, read_fd, write_fd)
 
 
 def _closed(fd: int) -> int:
@@ -380,42 +431,47 @@ def _closed(fd: int) -> int:
 
 
 class _PullCommand:
-    """A direct pull's remote command (tar_create_script) writing into the extracting
-    child's pipe ``input_fd``: started when the agent names its list (``on_ready``, at
-    once where the tree is expected to be big), told to go or not once the list is
-    written (``start``), then waited for; ``close`` in any case."""
+    """A direct pull's remote command (tar_create_script_on_cue) writing into the
+    extracting child's pipe ``input_fd``: started early (see open_early_pull) or once the
+    agent names its tar (``start``), then given the names of the entries to archive as
+    the agent lists them (``names``, then ``end``), then waited for; ``close`` in any case."""
 
-    def __init__(self, agent: AgentClient, input_fd: int) -> None:
+    def __init__(self, agent: AgentClient, input_fd: int, early: DirectStream | None) -> None:
         self.agent = agent
-        self.input_fd = input_fd  # until handed to the command
-        self.ready: m.TarReady | None = None
-        self.opening: asyncio.Future[DirectStream] | None = None
-        self.piped: DirectStream | None = None  # the command, once it runs
-        self.go_fd = -1  # its stdin: it archives once told the list is written
+        self.input_fd = input_fd  # our end of the child's pipe
+        self.piped = early  # the command, once it runs
 
-    def _open(self, ready: m.TarReady) -> asyncio.Future[DirectStream]:
-        root = os.path.dirname(ready.staging)  # the list lies in the root
-        argv = self.agent.channel.direct_argv(tar_create_script(ready.tar, ready.staging, root))
-        if argv is None:
-            raise DirectUnavailable("no way to run a command beside the agent")
-        fd, self.input_fd = self.input_fd, -1
-        go_read, self.go_fd = os.pipe()
-        return asyncio.ensure_future(DirectStream.start(argv, stdin_fd=go_read, stdout_fd=fd))
+    async def start(self, tar: str, root: str) -> None:
+        """Have the command archive with ``tar`` in ``root``. Raises DirectUnavailable if
+        it cannot run (nothing was archived then)."""
+        cue = cue_lines(tar, root) if tar else None
+        if cue is None:
+            raise DirectUnavailable("the agent offers no direct stream")
+        if self.piped is None:
+            argv = self.agent.channel.direct_argv(tar_create_script_on_cue())
+            if argv is None:
+                raise DirectUnavailable("no way to run a command beside the agent")
+            fd, self.input_fd = self.input_fd, -1
+            self.piped = await DirectStream.start(argv, stdout_fd=fd, stdin_pipe=True)
+        else:
+            self.input_fd = _closed(self.input_fd)  # the command has its own: its end is the child's EOF
+        await self._write(cue)
 
-    def on_ready(self, ready: m.TarReady, early: bool) -> None:
-        """The agent named its list (it lists the tree next); with ``early`` the command
-        logs in meanwhile."""
-        self.ready = ready
-        if early:
-            self.opening = self._open(ready)
+    async def names(self, entries: tuple[m.Entry, ...]) -> None:
+        """More entries for tar to archive."""
+        if entries:
+            await self._write(b"".join(os.fsencode(e.path) + b"\0" for e in entries))
 
-    async def start(self, go: bool) -> None:
-        """The list is written: run the command if ``go``, else let it end unused."""
-        if go and self.ready is not None:
-            self.piped = await (self.opening or self._open(self.ready))
-            with contextlib.suppress(BrokenPipeError):  # it died: wait() says how
-                os.write(self.go_fd, GO_LINE)
-        self.go_fd = _closed(self.go_fd)  # told to go, or (its stdin ends) not to
+    async def end(self) -> None:
+        """No more names: tar finishes the archive."""
+        assert self.piped is not None and self.piped.proc.stdin is not None
+        self.piped.proc.stdin.close()
+
+    async def _write(self, data: bytes) -> None:
+        assert self.piped is not None and self.piped.proc.stdin is not None
+        with contextlib.suppress(ConnectionError):  # it died: wait() says how
+            self.piped.proc.stdin.write(data)
+            await self.piped.proc.stdin.drain()
 
     def no_stream(self) -> None:
         """If the command was never started, the extracting child sees an empty stream."""
@@ -423,14 +479,12 @@ class _PullCommand:
 
     async def close(self) -> None:
         self.input_fd = _closed(self.input_fd)
-        self.go_fd = _closed(self.go_fd)
-        if self.opening is not None and self.piped is None:  # a command that never got its go
-            await abandon(self.opening)
         if self.piped is not None:
             await self.piped.close()
 
 
-async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> ResyncSummary:
+async def _pull(session: Session, force: bool, merge: bool, opened: EarlyPull | None,
+                direct: bool = True) -> ResyncSummary:
     local, agent, progress = session.local, session.agent, session.resync_progress
     assert local is not None and agent is not None and progress is not None
     staging_rel = staging_name("resync")
@@ -439,9 +493,15 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     # Extracted by a child process: see tar_worker for why.
     command: _PullCommand | None = None
     if direct:
-        extractor, input_fd = await ExtractWorker.start_on_pipe(staging, session.cfg.local, rules.to_wire(),
-                                                                progress.add)
-        command = _PullCommand(agent, input_fd)
+        try:
+            extractor, input_fd = await ExtractWorker.start_on_pipe(
+                staging, session.cfg.local, rules.to_wire(), progress.add,
+                opened.take_pipe() if opened is not None else None)
+        except BaseException:
+            if opened is not None:
+                await opened.close()
+            raise
+        command = _PullCommand(agent, input_fd, opened.stream if opened is not None else None)
     else:
         extractor = await ExtractWorker.start(staging, session.cfg.local, rules.to_wire(), progress.add)
     sent: list[m.Entry] = []
@@ -449,44 +509,44 @@ async def _pull(session: Session, force: bool, merge: bool, direct: bool) -> Res
     refused = False
     stream = agent.tar_from_agent(direct=direct)
     consumed = 0
-    small = False
     try:
         async for item in stream:
             if isinstance(item, m.TarStart):
-                small = direct and not _worth_direct(item.files, item.size) and bool(item.files or force)
                 progress.total_files, progress.total_bytes = item.files, item.size
                 progress.phase = "streaming"
                 refused = item.files == 0 and not force  # the stream is tiny: read it to its end
-                if command is not None:
-                    await command.start(not small and bool(item.files))  # (a refused tree has none)
             elif isinstance(item, m.TarData) and not direct:
                 await extractor.feed(item.data)  # waits while the extractor is behind
                 consumed += len(item.data)
                 stream.ack(consumed)
             elif isinstance(item, m.TarResult):
-                if not direct and not sent and not skipped:
+                if command is not None:
+                    await command.names(item.entries)  # archived as they are listed
+                elif not sent and not skipped:
                     await extractor.finish()  # the archive is complete
                 sent.extend(item.entries)
                 skipped.extend(item.skipped)
                 if item.done:
                     break
-            elif isinstance(item, m.TarReady) and command is not None:  # TarStart and the entries follow
-                command.on_ready(item, _expect_big(session))
+            elif isinstance(item, m.TarReady) and command is not None:  # the entries follow
+                await command.start(item.tar, session.remote_root)
+                progress.phase = "streaming"
             else:
                 raise ValueError(f"unexpected {type(item).__name__} in a tar stream")
-        if small:
-            raise _SmallTree()  # the agent drops its list with the next TarSend
         if command is not None:
             command.no_stream()  # unless the command has the pipe
         if refused:
             raise _refuse_empty("pull", "remote")
         if command is not None:
             if command.piped is not None:
+                await command.end()
                 try:
                     await command.piped.wait(CREATE_OK)
                 except DirectFailed as exc:
-                    if exc.reader_gone():
-                        await extractor.finish()  # the child's failure (a full disk, say) is the reason
+                    # The child's failure (a full disk, say) stops it reading: then it is
+                    # the reason, whatever the command made of its stdout going away.
+                    if exc.reader_gone() or await extractor.failed_writing():
+                        await extractor.finish()
                     raise
             await extractor.finish()
             skipped.extend(await _not_streamed(session, sent, extractor.entries))

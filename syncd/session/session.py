@@ -31,7 +31,14 @@ from syncd.scan import is_ignore_file, is_temp_name, is_under, parent_of, root_i
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide, load_base
-from syncd.session.resync import ResyncProgress, ResyncRefused, ResyncSummary, abandon, open_early_push
+from syncd.session.resync import (
+    ResyncProgress,
+    ResyncRefused,
+    ResyncSummary,
+    abandon,
+    open_early_pull,
+    open_early_push,
+)
 from syncd.session.resync import pull as resync_pull
 from syncd.session.resync import push as resync_push
 from syncd.session.tar_worker import ProduceWorker
@@ -163,6 +170,8 @@ class Session:
         self._push_worker: asyncio.Future[ProduceWorker] | None = None
         # Its direct stream, logging in while the agent starts (see resync.open_early_push).
         self._early_push: asyncio.Future[Any] | None = None
+        # A pull's, likewise (see resync.open_early_pull).
+        self._early_pull: asyncio.Future[Any] | None = None
         self._local_ready = asyncio.Event()  # _prepare_local is done
         self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
         self.remote_empty = False  # the agent found nothing synced in the remote root
@@ -232,7 +241,20 @@ class Session:
                  opened.watcher)
 
     def _on_link(self, direct_argv: DirectArgv) -> None:
+        # Each returns at once (None) where no such stream is to come.
         self._early_push = asyncio.ensure_future(open_early_push(self, direct_argv))
+        self._early_pull = asyncio.ensure_future(open_early_pull(self, direct_argv))
+
+    @property
+    def first_pull(self) -> bool:
+        """A first sync into an empty local root (once _prepare_local is done)."""
+        return self._first_pull
+
+    def take_early_pull(self) -> asyncio.Future[Any] | None:
+        """The command started for a pull while the agent started, if any (the caller
+        owns it now)."""
+        early, self._early_pull = self._early_pull, None
+        return early
 
     def take_early_push(self) -> asyncio.Future[Any] | None:
         """The direct stream started for a push while the agent started, if any (the
@@ -294,10 +316,10 @@ class Session:
                                                                       progress.add))
         return self._push_worker
 
-    async def _drop_push_worker(self) -> None:
-        early = self.take_early_push()
-        if early is not None:
-            await abandon(early)
+    async def _drop_prepared_streams(self) -> None:
+        for early in (self.take_early_push(), self.take_early_pull()):
+            if early is not None:
+                await abandon(early)
         if self._push_worker is not None:
             worker, self._push_worker = self._push_worker, None
             if not worker.done():
@@ -344,7 +366,7 @@ class Session:
                 if prescan is not None:
                     prescan.cancel()
                     await asyncio.gather(prescan, return_exceptions=True)
-            await self._drop_push_worker()
+            await self._drop_prepared_streams()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -439,7 +461,7 @@ class Session:
                 log.warning("%s: %s; syncing entry by entry instead", self.cfg.name, exc)
             finally:
                 self.resync_progress = None
-        await self._drop_push_worker()
+        await self._drop_prepared_streams()
         self._first_pull = False
         # The local scan runs first, as with any start: it reads the .gitignore files the
         # remote scan's results are filtered by.

@@ -47,7 +47,7 @@ from syncd.fsops import PIPE_SIZE, size_pipe, write_all
 from syncd.protocol import messages as m
 from syncd.rules import Rules, load_root_rules
 from syncd.scan import Scanner
-from syncd.tarstream import ExtractError, TarExtractor, TarProducer, scan_skips
+from syncd.tarstream import ExtractError, TarExtractor, TarProducer, WriteFailed, scan_skips
 
 _LENGTH = struct.Struct(">I")
 _REPORT_EVERY = 500  # files between progress reports
@@ -174,6 +174,9 @@ def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1, hash
                                  hash_files=hash_files)
         extractor.entries = reports.fresh = _Staged()
         extractor.extract(_Input(in_fd))  # type: ignore[arg-type]
+    except WriteFailed as exc:
+        reports.send("w", str(exc))
+        return 1
     except (ExtractError, OSError, ValueError) as exc:
         reports.send("x", str(getattr(exc, "strerror", None) or exc))
         return 1
@@ -234,6 +237,7 @@ class _Worker:
         self.totals: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self.error: str | None = None
         self.reader_gone = False  # the child failed because the stream's reader went away
+        self.write_failed = False  # the child failed writing what it extracted
         self._done = False
         self._reader = asyncio.ensure_future(self._read_reports(reports))
 
@@ -272,9 +276,10 @@ class _Worker:
         elif tag == "d":
             self.bytes = item[1]
             self._done = True
-        elif tag in ("x", "g"):
+        elif tag in ("x", "g", "w"):
             self.error = item[1]
             self.reader_gone = tag == "g"
+            self.write_failed = tag == "w"
 
     def _entry(self, entry: m.Entry) -> None:
         self.entries[entry.path] = entry
@@ -337,11 +342,13 @@ class ExtractWorker(_Worker):
 
     @classmethod
     async def start_on_pipe(cls, staging: str, root: str, rules: dict[str, list[str]],
-                            progress: Callable[[int, int], None]) -> tuple[ExtractWorker, int]:
-        """A child that hashes what it extracts, reading a pipe; returns it and the pipe's
-        write end (the rules already in it), for another process to write the stream
-        into. ``finish`` once that process is done."""
-        read_fd, write_fd = os.pipe()
+                            progress: Callable[[int, int], None],
+                            pipe: tuple[int, int] | None = None) -> tuple[ExtractWorker, int]:
+        """A child that hashes what it extracts, reading a pipe (``pipe``, read and write
+        end, if another process writes into it already: it must not write before the
+        rules are in); returns it and the pipe's write end (the rules already in it), for
+        another process to write the stream into. ``finish`` once that process is done."""
+        read_fd, write_fd = pipe if pipe is not None else os.pipe()
         worker: ExtractWorker | None = None
         try:
             size_pipe(write_fd)
@@ -375,6 +382,13 @@ class ExtractWorker(_Worker):
             with contextlib.suppress(ConnectionError):
                 self.proc.stdin.close()
         await self._outcome()
+
+    async def failed_writing(self) -> bool:
+        """Once its stream has ended: whether the child failed writing (its own failure,
+        which also stops it reading), as opposed to reading a stream cut short."""
+        with contextlib.suppress(ExtractError):
+            await self._outcome()
+        return self.write_failed
 
     async def close(self) -> None:
         """Stop the child if it still runs, and remove the staging directory."""

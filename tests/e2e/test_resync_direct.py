@@ -80,11 +80,11 @@ truncate)  # the real remote tar gets a stream that stops mid-block
     status=$?
     report
     exit $status ;;
-deaf)  # the remote command ran, then the link died before the daemon said go
+deaf)  # the remote command ran, then the link died before the daemon cued it
     printf 'syncd-direct\\n' >&2
     exec 0<&-
     sleep 1
-    echo "client_loop: the link went away before the go" >&2
+    echo "client_loop: the link went away before its cue" >&2
     exit 5 ;;
 head)  # a pull's archive stops mid-block, and the process still exits 0
     {real} "$@" | head -c 300001
@@ -360,30 +360,45 @@ def test_a_direct_pull_that_cannot_start_falls_back_to_the_channel(
         assert fake_ssh.calls()[calls_before:] == ["refuse"]
         assert_same(snapshot(remote, ignored_by_default), snapshot(local, ignored_by_default))
         assert read(local / "node_modules/pkg/index.js") == b"ignored: a pull keeps it\n"
-        assert temp_names(local) == [] and temp_names(remote) == []  # the list file went too
+        assert temp_names(local) == [] and temp_names(remote) == []
         log = daemon.log()[log_before:]
         assert "the pull goes over the session channel" in log and "Connection refused" in log, log
     finally:
         remove_session(daemon, name)
 
 
-def test_a_small_pull_goes_over_the_channel_and_a_push_still_goes_direct(sshd: SshServer, tmp_path: Path) -> None:
-    """By default a pull of a small tree skips the direct way, whose second login would
-    cost more than it saves; a push's login overlaps the listing of the tree, so it goes
-    direct whatever the size."""
+def test_a_pull_the_base_says_is_small_goes_over_the_channel_and_a_push_still_goes_direct(
+        sshd: SshServer, tmp_path: Path) -> None:
+    """By default a pull of a tree the base says is small skips the direct way, whose
+    second login would cost more than it saves (with no base to ask, a pull goes direct:
+    its login overlaps the agent's start); a push's login overlaps the listing of the
+    tree, so it goes direct whatever the size."""
     (tmp_path / "d").mkdir()
     own = DaemonProc(tmp_path / "d")  # the default threshold: no SYNCD_DIRECT_PULL_BYTES
     own.start()
     try:
-        local, remote = add_session(own, sshd, tmp_path, "small")
+        local, remote = add_session(own, sshd, tmp_path, "small", paused=False)
         make_rich_tree(remote, "remote")
+        own.rpc("flush", {"name": "small", "timeout": 60.0}, timeout=70.0)  # the base now says small
+        assert (local / "src/main.py").exists()
+        pause(own, "small")
+        write(remote / "src/main.py", "changed on the remote\n")
+        write(local / "local-only.txt", "a pull deletes it\n")
         summary = pull(own, "small")
         assert summary["direct"] is False and summary["skipped"] == [], summary
         assert_same(snapshot(remote, ignored_by_default), snapshot(local, ignored_by_default))
-        assert temp_names(remote) == []  # the agent's list for the direct way went too
+        assert temp_names(remote) == [] and temp_names(local) == []
         write(local / "pushed.txt", "back\n")
         assert push(own, "small")["direct"] is True
         assert read(remote / "pushed.txt") == b"back\n"
+
+        # A new session has no base to ask: its pull goes direct, however small the tree.
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        own.rpc("add", {"name": "fresh", "spec": spec_for(sshd, fresh, remote), "paused": True})
+        summary = pull(own, "fresh")
+        assert summary["direct"] is True and summary["skipped"] == [], summary
+        assert_same(snapshot(remote, ignored_by_default), snapshot(fresh, ignored_by_default))
     finally:
         own.stop()
 
@@ -453,7 +468,7 @@ PULL_BREAKS = [
     # (mode, what the one-line error must say)
     pytest.param("cut", ["the direct tar stream failed (status 3)", "Broken pipe"], id="ssh-dies-midway"),
     pytest.param("head", ["malformed tar stream"], id="archive-cut-short-but-exit-0"),
-    pytest.param("deaf", ["the direct tar stream failed (status 5)", "before the go"], id="ssh-gone-before-the-go"),
+    pytest.param("deaf", ["the direct tar stream failed (status 5)", "before its cue"], id="ssh-gone-before-the-cue"),
 ]
 
 

@@ -9,10 +9,12 @@ tests/e2e/test_resync_direct.py.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Optional
 
@@ -26,10 +28,9 @@ from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import Scanner
 from syncd.session.direct import (
-    GO_LINE,
     READY_LINE,
     cue_lines,
-    tar_create_script,
+    tar_create_script_on_cue,
     tar_script,
     tar_script_on_cue,
 )
@@ -215,30 +216,36 @@ def test_paths_that_cannot_be_one_line_are_not_cued(tar: str, staging: str) -> N
     assert cue_lines(tar, staging) is None
 
 
+NAMES = [b"a file", b"odd \xff name", b"sub", b"sub/line\nbreak", b"sub/deep"]
+
+
 @needs_gnu_tar
-@pytest.mark.parametrize(("stdin", "archives"), [(GO_LINE, True), (b"", False), (b"no\n", False)],
-                         ids=["go", "stdin ends", "another line"])
-def test_a_pull_script_archives_its_list_only_once_told_to_go(tmp_path: Path, stdin: bytes, archives: bool) -> None:
-    """The pull's command starts while the agent still lists the tree: it says it runs,
-    then waits for GO_LINE before tar reads the list. Without it, nothing is archived and
-    the list stays (the agent drops it with its next stream)."""
+@pytest.mark.parametrize("case", ["cued", "stdin ends", "one line only"])
+def test_a_pull_script_archives_the_names_that_follow_its_cue(tmp_path: Path, case: str) -> None:
+    """The pull's command starts before the agent runs: it says it runs, then reads the
+    tar and the root, then archives the names that follow (NUL-ended, verbatim, no
+    recursion) as they come. Without both lines, nothing is archived."""
     assert GNU_TAR is not None
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "a file").write_text("content\n")
-    listing = root / staging_name("list-1")
-    listing.write_bytes(b"a file\0")
-    out = subprocess.run(["/bin/sh", "-c", tar_create_script(GNU_TAR, str(listing), str(root))], input=stdin,
-                         capture_output=True, timeout=30, check=False)
+    root = tmp_path / "root $x `y` 'q'"
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "sub" / "deep" / "not named").write_text("left out\n")
+    for name in (b"a file", b"odd \xff name", b"sub/line\nbreak"):
+        (Path(os.fsdecode(os.path.join(os.fsencode(root), name)))).write_bytes(name + b"\n")
+    cue = cue_lines(GNU_TAR, str(root))
+    assert cue is not None
+    stdin = {"cued": cue + b"".join(n + b"\0" for n in NAMES), "stdin ends": b"",
+             "one line only": cue.split(b"\n")[0] + b"\n"}[case]
+    out = subprocess.run(["/bin/sh", "-c", tar_create_script_on_cue()], input=stdin, capture_output=True,
+                         timeout=30, check=False)
     assert out.stderr.startswith(READY_LINE), out
-    if archives:
-        assert out.returncode == 0, out
-        names = subprocess.run([GNU_TAR, "-t", "-f", "-"], input=out.stdout, capture_output=True, check=True)
-        assert names.stdout == b"a file\n"
-        assert not listing.exists()
-    else:
+    if case != "cued":
         assert out.returncode != 0 and out.stdout == b"", out
-        assert listing.exists()
+        return
+    assert out.returncode == 0, out
+    # tar -t quotes what it prints; a Python reader gives the names back as they are.
+    with tarfile.open(fileobj=io.BytesIO(out.stdout), encoding="utf-8", errors="surrogateescape") as archive:
+        got = [os.fsencode(member.name) for member in archive.getmembers()]
+    assert got == NAMES
 
 
 # ---- DirectStaging ---------------------------------------------------------------------
@@ -361,3 +368,52 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
         assert (st.st_ino, st.st_mode & 0o7777) == (e.ino, e.mode), e.path
         if e.kind == m.FILE:
             assert (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns), e.path
+
+
+# ---- the agent's side of a direct pull ------------------------------------------------
+
+
+def test_a_direct_send_names_its_tar_then_the_entries_as_it_walks_then_the_totals(tmp_path: Path) -> None:
+    """TarReady (the tar, no list file) before anything is walked, the entries in chunks
+    while the walk goes on, and only then TarStart with the totals and the last
+    TarResult with the skips; the root is left as it was."""
+    from syncd.agent.tar_jobs import RESULT_CHUNK, send_listed
+
+    count = RESULT_CHUNK + RESULT_CHUNK // 2
+    for i in range(count):
+        (tmp_path / f"d{i % 7}").mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 7}" / f"f{i}").write_text("x" * (i % 5))
+    (tmp_path / "ignored.log").write_text("never listed\n")
+    before = sorted(os.listdir(tmp_path))
+    rules = Rules(["*.log"])
+    sent: list[object] = []
+    walked: list[int] = []  # entries found when each message went
+
+    def send(msg: object) -> None:
+        sent.append(msg)
+        walked.append(len(entries_so_far))
+
+    entries_so_far: list[object] = []
+    real_append = list.append
+
+    class Counting(Scanner):
+        def _entry(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            entry = super()._entry(*args, **kwargs)  # type: ignore[arg-type]
+            real_append(entries_so_far, entry)
+            return entry
+
+    scanner = Counting(str(tmp_path), rules.is_ignored)
+    send_listed(Root(str(tmp_path)), scanner, 5, "/usr/bin/tar", send)
+
+    assert sent[0] == m.TarReady(5, "", "/usr/bin/tar") and walked[0] == 0
+    chunks = [msg for msg in sent[1:-2] if isinstance(msg, m.TarResult)]
+    assert len(chunks) == len(sent) - 3 >= 2 and not any(c.done or c.skipped for c in chunks)
+    assert walked[1] < count + 7, "the first chunk waited for the whole walk"
+    listed = [e for c in chunks for e in c.entries]
+    assert sorted(e.path for e in listed) == sorted(
+        [f"d{i}" for i in range(7)] + [f"d{i % 7}/f{i}" for i in range(count)])
+    assert all(e.digest is None for e in listed)
+    start, last = sent[-2], sent[-1]
+    assert start == m.TarStart(5, count + 7, sum(i % 5 for i in range(count)))
+    assert isinstance(last, m.TarResult) and last.done and last.entries == ()
+    assert sorted(os.listdir(tmp_path)) == before
