@@ -116,10 +116,11 @@ class DirectStream:
         other end of such a pipe must see it broken, not block, should this one die), or
         with ``stdin_pipe`` on a pipe written through ``proc.stdin``; return once the
         remote command runs. Raises DirectUnavailable if it never did."""
-        stdin: int = asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd
+        stdin = (asyncio.subprocess.PIPE if stdin_pipe else
+                 asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE if stdin_pipe else stdin,
+                *argv, stdin=stdin,
                 stdout=asyncio.subprocess.DEVNULL if stdout_fd is None else stdout_fd,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except OSError as exc:

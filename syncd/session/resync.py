@@ -207,7 +207,6 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
     kept = await _make_kept_dirs(session, placed, sent, "local")
     summary = ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
                             worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
-    progress.phase = "recording"
     session.placed(summary)
     await session.reset_base(await session._fs(_base_rows, sent, placed, "local") + kept)
     progress.phase = "done"
@@ -462,7 +461,7 @@ class _PullCommand:
         if entries:
             await self._write(b"".join(os.fsencode(e.path) + b"\0" for e in entries))
 
-    async def end(self) -> None:
+    def end(self) -> None:
         """No more names: tar finishes the archive."""
         assert self.piped is not None and self.piped.proc.stdin is not None
         self.piped.proc.stdin.close()
@@ -539,7 +538,7 @@ async def _pull(session: Session, force: bool, merge: bool, opened: EarlyPull | 
             raise _refuse_empty("pull", "remote")
         if command is not None:
             if command.piped is not None:
-                await command.end()
+                command.end()
                 try:
                     await command.piped.wait(CREATE_OK)
                 except DirectFailed as exc:
@@ -570,7 +569,6 @@ async def _pull(session: Session, force: bool, merge: bool, opened: EarlyPull | 
     kept = await _make_kept_dirs(session, result.kept_dirs, sent, "remote")
     summary = ResyncSummary("pull", len(result.entries), extractor.bytes, time.monotonic() - progress.started,
                             result.deleted, skipped + extractor.skipped + result.skipped, direct=direct)
-    progress.phase = "recording"
     session.placed(summary)
     # Preserve-absent entries the remote lacks stay local-only (not sent back) until changed.
     markers = [kept_local(entry) for entry in await session._fs(_with_digests, local, result.kept)]

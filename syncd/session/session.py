@@ -125,7 +125,7 @@ class Session:
         self.resync_force = resync_force  # resync even from an empty source tree
         self.resync_progress: ResyncProgress | None = ResyncProgress(resync) if resync else None
         self.resync_summary: ResyncSummary | None = None
-        self._placed: ResyncSummary | None = None  # the running stream's tree is in place (see placed)
+        self._in_place = False  # the running stream's tree is in place (see placed)
         self.on_connected = on_connected
         self.report = report or (lambda line: None)
         self.state = "starting"
@@ -472,7 +472,9 @@ class Session:
         waits for a resync is answered now: a stop no longer interrupts it (see _stream),
         and should the process die before the base is written, the next start finds both
         sides alike and agrees on them (the old base stays whole until then)."""
-        self._placed = summary
+        self._in_place = True
+        if self.resync_progress is not None:
+            self.resync_progress.phase = "recording"
         if self.resync is not None and self.on_resync is not None:
             self.on_resync(summary)
 
@@ -480,13 +482,13 @@ class Session:
         """Run one tar stream (resync_push or resync_pull); a stop request interrupts it
         until its tree is in place."""
         self.state = f"resync-{direction}"
-        self._placed = None
+        self._in_place = False
         run = resync_push if direction == "push" else resync_pull
         work = asyncio.ensure_future(run(self, self.resync_force or merge, merge))
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        if not work.done() and self._placed is not None:
+        if not work.done() and self._in_place:
             # Only the base is left to write: cut short, the next start would compare the
             # whole tree entry by entry instead.
             await asyncio.wait({work})
