@@ -133,7 +133,10 @@ class Root:
 
     def parent(self, rel: str) -> Tuple[int, str]:
         """Return (directory fd, final name) for ``rel``, refusing any symlinked component."""
-        parts = split_path(rel)
+        return self.parent_of(rel, split_path(rel))
+
+    def parent_of(self, rel: str, parts: List[str]) -> Tuple[int, str]:
+        """``parent`` for a path already checked: ``parts`` is what ``split_path`` returned."""
         if len(parts) == 1:
             return self.fd, rel
         cached = self._dirs.get(rel[: -len(parts[-1]) - 1])

@@ -12,7 +12,7 @@ parsing a member than the kernel spends creating its file. Runs on Python 3.8.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 try:
     import zlib
@@ -34,7 +34,8 @@ _GNU_LONGLINK = b"K"
 
 _MAX_OCTAL_SIZE = 8**11 - 1  # 12-byte octal field
 _MAX_META = 16 << 20  # a pax or GNU long-name block larger than this is not a real one
-_NO_DATA = (b"1", b"2", b"5")  # hard links, symlinks and directories carry no data
+_NO_DATA = (b"1", b"2", b"5")
+_META_KINDS = (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK)  # hard links, symlinks and directories carry no data
 _ZERO_BLOCK = bytes(BLOCK)
 _READ_SIZE = 1 << 20
 
@@ -73,12 +74,15 @@ def pax_mtime(mtime_ns: int) -> str:
     return _stamp(mtime_ns).decode("ascii")
 
 
-def parse_mtime(text: str) -> int:
-    """A pax mtime ("1700000000.123456789", "-5") in nanoseconds."""
-    sec, _, frac = text.partition(".")
+def parse_mtime(text: Union[str, bytes]) -> int:
+    """A pax mtime ("1700000000.123456789", "-5") in nanoseconds; ValueError if it is not one."""
+    raw = text.encode("ascii") if isinstance(text, str) else text
+    sec, _, frac = raw.partition(b".")
     whole = int(sec)
-    part = int((frac + "000000000")[:9]) if frac else 0
-    return whole * 10**9 + (-part if sec.startswith("-") else part)
+    if not frac:
+        return whole * 10**9
+    part = int(frac[:9].ljust(9, b"0"))
+    return whole * 10**9 + (-part if sec.startswith(b"-") else part)
 
 
 _IDS = b"0000000\0" b"0000000\0"  # uid and gid: ownership is not carried
@@ -168,11 +172,10 @@ class Member:
 
 
 def _number(field: bytes) -> int:
-    if field[-1:] in (b"\0", b" "):  # what ustar writers put there: octal digits, NUL or space
-        try:
-            return int(field.rstrip(b"\0 "), 8)
-        except ValueError:
-            pass
+    try:  # what ustar writers put there: octal digits ended by a NUL or a space
+        return int(field.rstrip(b"\0 "), 8)
+    except ValueError:
+        pass
     if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * len(field) - 8)) if field[:1] == b"\xff" else value
@@ -197,21 +200,22 @@ def _string(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
-def _parse_pax(data: bytes) -> Dict[bytes, bytes]:
-    out: Dict[bytes, bytes] = {}
+def _parse_pax(data: bytes, size: int, out: Optional[Dict[bytes, bytes]] = None) -> Dict[bytes, bytes]:
+    """The records in the first ``size`` bytes of a pax header's data, added to ``out``."""
+    if out is None:
+        out = {}
     pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
+    while pos < size:
+        space = data.find(b" ", pos, size)
         if space < 0:
             break
         try:
             length = int(data[pos:space])
         except ValueError:
             raise TarFormatError("bad pax record") from None
-        if length <= 0 or pos + length > len(data):
+        if length <= 0 or pos + length > size:
             raise TarFormatError("bad pax record length")
-        record = data[space + 1 : pos + length - 1]
-        key, sep, value = record.partition(b"=")
+        key, sep, value = data[space + 1 : pos + length - 1].partition(b"=")
         if not sep:
             raise TarFormatError("bad pax record")
         out[key] = value
@@ -283,60 +287,68 @@ class TarReader:
 
     def next(self) -> Optional[Member]:
         """The next member, or None at the end of the archive."""
-        self._skip_rest()
-        pax: Dict[bytes, bytes] = {}
+        if self._left > 0 or self._pad:
+            self._skip_rest()
+        pax: Optional[Dict[bytes, bytes]] = None
         long_name: Optional[bytes] = None
         long_link: Optional[bytes] = None
         while True:
-            block = self._exact(BLOCK)
-            if not block:
-                return None  # end of stream without the end marker: tolerated, like tar
-            if len(block) < BLOCK:
-                raise TarFormatError("the tar stream ends in the middle of a member")
+            # A member costs two headers or three (pax): they nearly always lie whole in
+            # the piece last read, and are sliced here without a call.
+            pos = self._pos
+            if pos + BLOCK <= len(self._buf):
+                block = self._buf[pos : pos + BLOCK]
+                self._pos = pos + BLOCK
+            else:
+                block = self._exact(BLOCK)
+                if not block:
+                    return None  # end of stream without the end marker: tolerated, like tar
+                if len(block) < BLOCK:
+                    raise TarFormatError("the tar stream ends in the middle of a member")
             if block == _ZERO_BLOCK:
                 return None
-            stored = _number(block[148:156])
-            if stored != _byte_sum(block) - sum(block[148:156]) + 256:
+            if _number(block[148:156]) != _byte_sum(block) - sum(block[148:156]) + 256:
                 raise TarFormatError("bad header checksum: not a tar stream, or a damaged one")
             kind = block[156:157]
             size = _number(block[124:136])
-            if kind in (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
+            if kind in _META_KINDS:
                 if not 0 <= size <= _MAX_META:
                     raise TarFormatError("extended header of %d bytes" % size)
-                data = self._need(size)
-                self._need(padding(size))
+                data = self._need(size + padding(size))
                 if kind == _PAX:
-                    pax.update(_parse_pax(data))
+                    pax = _parse_pax(data, size, pax)
                 elif kind == _GNU_LONGNAME:
-                    long_name = _string(data)
+                    long_name = _string(data[:size])
                 elif kind == _GNU_LONGLINK:
-                    long_link = _string(data)
+                    long_link = _string(data[:size])
                 continue  # global pax headers carry nothing we use
-            name = _string(block[0:100])
-            if block[257:262] == b"ustar":
-                prefix = _string(block[345:500])
-                if prefix:
-                    name = prefix + b"/" + name
             if long_name is not None:
                 name = long_name
+            else:
+                name = _string(block[0:100])
+                if block[345] and block[257:262] == b"ustar":  # a ustar prefix
+                    name = _string(block[345:500]) + b"/" + name
             link = long_link if long_link is not None else _string(block[157:257])
             mtime_ns: Optional[int] = None
-            if pax:
+            if pax is not None:
                 name = pax.get(b"path", name)
                 link = pax.get(b"linkpath", link)
                 if b"size" in pax:
                     size = int(pax[b"size"])
                 if b"mtime" in pax:
                     try:
-                        mtime_ns = parse_mtime(pax[b"mtime"].decode("ascii"))
-                    except (ValueError, UnicodeDecodeError):
+                        mtime_ns = parse_mtime(pax[b"mtime"])
+                    except ValueError:
                         pass
             if size < 0:
                 raise TarFormatError("negative size")
             if mtime_ns is None:
                 mtime_ns = _number(block[136:148]) * 10**9
-            member = Member(_decode(name), kind, _number(block[100:108]) & 0o7777, size, mtime_ns, _decode(link))
-            has_data = kind not in _NO_DATA
-            self._left = size if has_data else 0
-            self._pad = padding(size) if has_data else 0
+            member = Member(name.decode("utf-8", "surrogateescape"), kind, _number(block[100:108]) & 0o7777, size,
+                            mtime_ns, link.decode("utf-8", "surrogateescape"))
+            if kind in _NO_DATA:
+                self._left = self._pad = 0
+            else:
+                self._left = size
+                self._pad = -size % BLOCK
             return member

@@ -370,13 +370,14 @@ class TarExtractor:
     def _skip(self, rel: str, reason: str, detail: str) -> None:
         self.skipped.append(m.Skip(rel, reason, detail))
 
-    def _parent_fd(self, rel: str) -> Tuple[int, str]:
-        """Directory fd and name for ``rel``, making missing parent directories (archives
-        need not list them)."""
-        parent = rel.rpartition("/")[0]
-        known = self.entries.get(parent) if parent else None
-        if parent and (known is None or known.kind != m.DIR):  # not the usual sibling case
-            parts = rel.split("/")
+    def _parent_fd(self, rel: str, parts: List[str]) -> Tuple[int, str]:
+        """Directory fd and name for ``rel`` (``parts``: its checked components), making
+        missing parent directories (archives need not list them)."""
+        if len(parts) == 1:
+            return self.root.fd, rel
+        parent = rel[: -len(parts[-1]) - 1]
+        known = self.entries.get(parent)
+        if known is None or known.kind != m.DIR:  # not the usual sibling case
             for i in range(1, len(parts)):
                 parent = "/".join(parts[:i])
                 kind = self.entries.get(parent)
@@ -390,14 +391,14 @@ class TarExtractor:
                     self.entries[parent] = m.Entry(parent, m.DIR, 0o755, 0, 0, 0)
                 elif kind.kind != m.DIR:
                     raise UnsafePath("%s is not a directory in the archive" % parent)
-        return self.root.parent(rel)
+        return self.root.parent_of(rel, parts)
 
     def _member(self, reader: tf.TarReader, member: tf.Member) -> None:
         rel = _clean_name(member.name)
         if rel == "":
             return  # the archive's own root: never touch the directory we extract into
         try:
-            split_path(rel)
+            parts = split_path(rel)
         except UnsafePath as exc:
             self._skip(member.name, UNSAFE, str(exc))
             return
@@ -409,7 +410,7 @@ class TarExtractor:
             self._skip(rel, SPECIAL, "%s is a FIFO, socket or device file: not synced" % rel)
             return
         try:
-            dir_fd, name = self._parent_fd(rel)
+            dir_fd, name = self._parent_fd(rel, parts)
             if is_dir:
                 try:
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
@@ -486,7 +487,9 @@ class TarExtractor:
             os.close(fd)
         self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino,
                                     None if digest is None else digest.digest())
-        self._count(st.st_size)
+        self.bytes += st.st_size
+        if self.progress is not None:
+            self.progress(1, st.st_size)
 
     def _count(self, size: int) -> None:
         self.bytes += size

@@ -245,7 +245,11 @@ def test_a_pull_script_archives_the_names_that_follow_its_cue(tmp_path: Path, ca
     # tar -t quotes what it prints; a Python reader gives the names back as they are.
     with tarfile.open(fileobj=io.BytesIO(out.stdout), encoding="utf-8", errors="surrogateescape") as archive:
         got = [os.fsencode(member.name) for member in archive.getmembers()]
+        pax = [member.pax_headers for member in archive.getmembers()]
     assert got == NAMES
+    # Each member's nanosecond mtime rides in its pax header; the atime and ctime GNU tar
+    # adds by default do not (every header would carry them, for nothing).
+    assert all("." in h["mtime"] and "atime" not in h and "ctime" not in h for h in pax), pax
 
 
 # ---- DirectStaging ---------------------------------------------------------------------
