@@ -48,7 +48,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Shared with the other benchmarks (bench/run.py, imported as a sibling module).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BenchError, log, percentile, tail  # noqa: E402
+from run import BenchError, compile_checkout, log, percentile, tail  # noqa: E402
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -391,6 +391,7 @@ def main() -> int:
     if args.sessions < 2:
         ap.error("--sessions must be at least 2")
 
+    compile_checkout()
     work = Path(tempfile.mkdtemp(prefix="syncd-bench-daemon-"))
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

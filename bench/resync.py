@@ -37,7 +37,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO))
 
 from daemon import CLK_TCK, cpu_ticks  # noqa: E402  (sibling module)
-from run import compare, generate_tree, log, manifest, run_timed  # noqa: E402  (sibling module)
+from run import compare, compile_checkout, generate_tree, log, manifest, run_timed  # noqa: E402  (sibling module)
 
 RESULTS = BENCH_DIR / "resync-results.json"
 TARGET_RATIO = 1.1
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"bench: {reason}", file=sys.stderr)
         return 1
+    compile_checkout()
     work = Path(tempfile.mkdtemp(prefix="syncd-resync-bench-", dir=args.dir)).resolve()
     (work / "logs").mkdir()
     results: dict[str, Any] = {"files": args.files, "size_mb": args.size_mb, "dir": args.dir,

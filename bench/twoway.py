@@ -54,6 +54,7 @@ from run import (  # noqa: E402  (bench/run.py, imported as a sibling module)
     Syncd,
     absent,
     compare,
+    compile_checkout,
     fmt,
     has_content,
     log,
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"twoway: {reason}", file=sys.stderr)
         return 1
+    compile_checkout()
     parent = args.workdir or Path("/tmp")
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="syncd-twoway-", dir=parent)).resolve()
