@@ -368,6 +368,27 @@ def test_mirror_handles_type_changes(tmp_path: Path, build_src: Callable[[Path],
     assert snapshot(dest)["x"][0] == kind
 
 
+def test_mirror_over_a_full_tree_puts_every_file_in_its_own_place(tmp_path: Path) -> None:
+    """Files replace files one rename each, keeping the directory descriptors they walked
+    through; a directory moving in whole, or one removed for a file, must not leave a
+    later file placed through a descriptor of the wrong directory."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for tree, tag in ((src, "new"), (dest, "old")):
+        for d in ("a/b/c", "a/b2", "m", "z/y"):
+            (tree / d).mkdir(parents=True, exist_ok=True)
+        for f in ("a/top", "a/b/c/deep", "a/b/c/deep2", "a/b2/f", "m/g", "z/y/h", "root"):
+            (tree / f).write_text(f"{tag} {f}\n")
+    (src / "a" / "b" / "new" / "inner").mkdir(parents=True)  # moves in whole, before a/b/c's files
+    (src / "a" / "b" / "new" / "inner" / "n").write_text("in a new tree\n")
+    (dest / "m" / "x").mkdir()  # a directory where the source has a file, before m/g
+    (dest / "m" / "x" / "old").write_text("goes\n")
+    (src / "m" / "x").write_text("a file now\n")
+    data, _ = archive(src)
+    result = mirror_into(dest, extract(data, dest))
+    assert snapshot(dest) == snapshot(src)
+    assert result.skipped == []  # type: ignore[attr-defined]
+
+
 def test_a_directory_holding_a_preserved_entry_is_not_replaced_by_a_file(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
