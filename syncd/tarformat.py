@@ -34,8 +34,8 @@ _GNU_LONGLINK = b"K"
 
 _MAX_OCTAL_SIZE = 8**11 - 1  # 12-byte octal field
 _MAX_META = 16 << 20  # a pax or GNU long-name block larger than this is not a real one
-_NO_DATA = (b"1", b"2", b"5")
-_META_KINDS = (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK)  # hard links, symlinks and directories carry no data
+_NO_DATA = (b"1", b"2", b"5")  # hard links, symlinks and directories carry no data
+_META_KINDS = (_PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK)  # headers about the member that follows
 _ZERO_BLOCK = bytes(BLOCK)
 _READ_SIZE = 1 << 20
 
@@ -46,10 +46,6 @@ class TarFormatError(Exception):
 
 def padding(size: int) -> int:
     return -size % BLOCK
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
 
 
 def _encode(text: str) -> bytes:

@@ -89,9 +89,9 @@ def tar_create_script_on_cue() -> str:
     while the walk goes on). Without both lines (stdin ends) it exits 1 and archives
     nothing. pax format: nanosecond mtimes, long and non-UTF-8 names (not the atime and
     ctime GNU tar adds by default: nothing reads them, and every member's header would
-    carry them). A file that cannot
-    be read or vanished is left out with a warning (the daemon finds out which), and one
-    that changed while read makes tar exit 1 (see CREATE_OK)."""
+    carry them). A file that cannot be read or vanished is left out with a warning (the
+    daemon finds out which), and one that changed while read makes tar exit 1 (see
+    CREATE_OK)."""
     options = shlex.join(["-c", "-f", "-", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--null",
                           "--verbatim-files-from", "--no-recursion", "--ignore-failed-read"])
     return (f'{_READY} && IFS= read -r tar && IFS= read -r root && [ -n "$tar" ] && [ -n "$root" ] && '
