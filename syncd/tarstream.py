@@ -487,9 +487,7 @@ class TarExtractor:
             os.close(fd)
         self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino,
                                     None if digest is None else digest.digest())
-        self.bytes += st.st_size
-        if self.progress is not None:
-            self.progress(1, st.st_size)
+        self._count(st.st_size)
 
     def _count(self, size: int) -> None:
         self.bytes += size

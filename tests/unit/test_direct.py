@@ -398,12 +398,11 @@ def test_a_direct_send_names_its_tar_then_the_entries_as_it_walks_then_the_total
         walked.append(len(entries_so_far))
 
     entries_so_far: list[object] = []
-    real_append = list.append
 
     class Counting(Scanner):
         def _entry(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
             entry = super()._entry(*args, **kwargs)  # type: ignore[arg-type]
-            real_append(entries_so_far, entry)
+            entries_so_far.append(entry)
             return entry
 
     scanner = Counting(str(tmp_path), rules.is_ignored)
