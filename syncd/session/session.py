@@ -57,6 +57,9 @@ BATCH_OPS = 1000
 BLOB_CHUNK = 1024 * 1024
 FETCH_PARALLEL = 32
 MOVE_WINDOW = 2.0  # seconds during which events under a moved directory's old name are translated
+# Seconds a path its side reports gone waits, once, for the new name that would make it a
+# move: a rename's two events can be delivered in two batches (see _hold_departures).
+MOVE_GRACE = 0.1
 RETRIES = 3  # immediate retries of a failing path before it waits for a full rescan
 MAX_PARKED_UNKNOWN = 10_000  # unreadable paths re-asked each cycle; beyond that, the full rescan finds them
 
@@ -157,6 +160,10 @@ class Session:
         # Per side: tracked paths that side itself was seen to lack (its own report or a full
         # scan) while their base rows stayed; the evidence holds while the rows do.
         self._seen_gone: dict[em.Side, set[str]] = {"local": set(), "remote": set()}
+        # Per side: tracked paths reported gone and held back by the last cycle (see
+        # _hold_departures); the next cycle takes their absence as it finds it.
+        self._held: dict[em.Side, set[str]] = {"local": set(), "remote": set()}
+        self._hold_until = 0.0  # monotonic time before which no cycle starts
         self._intents: list[Intent] = []
         # Fingerprints of the base's directory listings on each side for full scans, and
         # the directories each side's last full scan found unchanged.
@@ -725,6 +732,30 @@ class Session:
                 doubtful.add(path)
         return doubtful
 
+    def _hold_departures(self, side: em.Side, observed: Observed, full: bool, reported: set[str]) -> None:
+        """Take out of this cycle the tracked paths ``side`` reported gone that no move
+        explains, and look at them again after MOVE_GRACE. A rename reaches the watcher as
+        a departure and an arrival, and the two can fall into successive batches (the
+        batch closes after a short quiet step, which a loaded machine can stretch between
+        the two): deleted now, the old name would be a deletion on the other side and the
+        new one a transfer of everything it holds. Held once: the next cycle deletes what
+        is still gone and unexplained. A full scan saw both names; it holds nothing."""
+        held_before, self._held[side] = self._held[side], set()
+        if full or not self.base:
+            return
+        sure = self._translate(reported)
+        tops = {path for path, entry in observed.items()
+                if entry is None and path in self.base and not is_under(path, held_before)
+                and (path in sure or any(a in sure for a in ancestors(path)))}
+        tops = {path for path in tops if not any(a in tops for a in ancestors(path))}
+        if not tops:
+            return
+        for path in [p for p in observed if is_under(p, tops)]:
+            del observed[path]
+        self._held[side] = tops
+        (self.local_dirty if side == "local" else self.remote_dirty).update(tops)
+        self._hold_until = time.monotonic() + MOVE_GRACE
+
     def _translate(self, paths: set[str]) -> set[str]:
         """Events can name a path under a directory this session just moved (they were
         queued before the move): look at the new name too."""
@@ -867,6 +898,9 @@ class Session:
         return len(self.local_dirty | self._recheck), len(self.remote_dirty | self._recheck)
 
     async def cycle(self) -> None:
+        pause = self._hold_until - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)  # the other half of a held rename may be on its way
         self.started_cycles += 1
         if self.local_full and self.remote_full:
             self._failures.clear()  # a full rescan gives every path a fresh chance
@@ -926,6 +960,8 @@ class Session:
         moves = detect_moves(self.base, local, remote)
         if moves:
             await self._apply_moves(moves, local, remote)
+        self._hold_departures("local", local, local_full, reported["local"])
+        self._hold_departures("remote", remote, remote_full, reported["remote"])
         unconfirmed: dict[em.Side, set[str]] = {
             "local": self._unconfirmed("local", local, local_full, reported["local"]),
             "remote": self._unconfirmed("remote", remote, remote_full, reported["remote"]),
