@@ -22,6 +22,7 @@ import random
 import shlex
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -642,6 +643,9 @@ class Bench:
                 # Keep polling under ~25% of one CPU.
                 interval = max(0.005, 3 * (w1 - w0))
                 time.sleep(interval)
+            # Not timed: the stream carries files unhashed and the session records their
+            # digests after it. A restart that found them missing would hash them again.
+            self.r["syncd_initial_digests_s"] = wait_for_digests(self.state, proc) - done
         self.r["syncd_initial_poll"] = {"polls": polls, "resolution_s": round(interval + (w1 - w0), 4),
                                         "exit_status": proc.exit_status}
         return done - t0
@@ -1151,6 +1155,33 @@ def compile_checkout() -> None:
     cost no installed syncd pays."""
     if not compileall.compile_dir(str(REPO / "syncd"), quiet=1):
         log("could not byte-compile syncd: its starts include compiling it")
+
+
+def unhashed_files(state: Path) -> int | None:
+    """Files the session's base index holds without a digest; None until it holds any
+    (read from its SQLite file, as syncd runs: the base is written in one transaction)."""
+    for index in (state / "sessions").glob("*.sqlite"):
+        con = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5)
+        try:
+            query = "SELECT count(*), count(*) - count(digest) FROM base WHERE kind = 0"  # 0: a file
+            rows, unhashed = con.execute(query).fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            con.close()
+        return int(unhashed) if rows else None
+    return None
+
+
+def wait_for_digests(state: Path, proc: Syncd) -> float:
+    """Wait until the base records every file with its digest; return the time then."""
+    deadline = time.perf_counter() + T_INITIAL
+    while unhashed_files(state) != 0:
+        proc.check()
+        if time.perf_counter() > deadline:
+            raise BenchError(f"syncd initial: the digests were not all recorded after {T_INITIAL:.0f} s")
+        time.sleep(0.1)
+    return time.perf_counter()
 
 
 def startup_floor(ctx: Ctx, logs: Path) -> float | None:

@@ -305,6 +305,8 @@ def status(name: str | None, socket_path: str | None, as_json: bool) -> None:
                    f"{_size(row['sent_bytes']):>10} {_size(row['received_bytes']):>10} {row['conflicts']}")
         if row.get("resync"):
             click.echo("    " + _resync_line("resync", row, 0, 0.0, row["resync"]["seconds"]).split(": ", 1)[1])
+        if row.get("unhashed"):
+            click.echo(f"    recording the digests of {row['unhashed']} files placed by the resync")
         for problem in filter(None, [row["halt_reason"], row["last_error"], *row["errors"]]):
             click.echo(f"    ! {problem}")
 

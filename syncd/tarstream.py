@@ -4,7 +4,7 @@ Three steps, shared by the daemon and the agent (so this module runs on Python 3
 standard library only):
 
 - ``TarProducer`` turns a list of scanned entries into tar bytes, chunk by chunk, reading
-  each file once and hashing it on the way (the digest goes into the base index);
+  each file once (and hashing it on the way, where the digests are wanted at once);
 - ``TarExtractor`` reads a tar stream into a fresh staging directory, resolving every path
   with ``O_NOFOLLOW`` directory descriptors, so no member lands outside the staging
   directory whatever the archive says;
@@ -119,14 +119,14 @@ class TarProducer:
     """Archive ``entries`` (paths relative to ``base``) as a tar stream.
 
     Files are opened without following symlinks (unless ``follow_symlinks``), read once,
-    hashed, and checked after reading: one that changed or shrank meanwhile still fills its
-    slot (the format needs the announced size) but is listed as ``changed``. After the
-    stream, ``sent`` holds the entries as archived (files with digests) and ``skipped`` what
-    is missing or untrusted, with reasons.
+    hashed (unless not ``hash_files``), and checked after reading: one that changed or
+    shrank meanwhile still fills its slot (the format needs the announced size) but is
+    listed as ``changed``. After the stream, ``sent`` holds the entries as archived (files
+    with digests, or None) and ``skipped`` what is missing or untrusted, with reasons.
     """
 
     def __init__(self, base: str, entries: Iterable[m.Entry], follow_symlinks: bool = False,
-                 progress: Optional[Progress] = None) -> None:
+                 progress: Optional[Progress] = None, hash_files: bool = True) -> None:
         self.base = base
         self.entries = sorted(entries, key=lambda e: path_key(e.path))
         self.follow = follow_symlinks
@@ -135,7 +135,8 @@ class TarProducer:
         self.skipped: List[m.Skip] = []
         self.bytes = 0
         self._root = Root(base)
-        self._links: Dict[Tuple[int, int], Tuple[str, int, int, bytes]] = {}
+        self._links: Dict[Tuple[int, int], Tuple[str, int, int, Optional[bytes]]] = {}
+        self._hash = hash_files
 
     def close(self) -> None:
         self._root.close()
@@ -228,7 +229,7 @@ class TarProducer:
                 return
             size = before.st_size
             yield self._header(rel, tf.REGULAR, before.st_mode, before.st_mtime_ns, size)
-            digest = content_hasher()
+            digest = content_hasher() if self._hash else None
             left = size
             short = False
             while left > 0:
@@ -243,7 +244,8 @@ class TarProducer:
                         yield _ZEROS[:pad]
                         left -= pad
                     break
-                digest.update(data)
+                if digest is not None:
+                    digest.update(data)
                 left -= len(data)
                 yield data
             if tf.padding(size):
@@ -254,7 +256,7 @@ class TarProducer:
         if short or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
             self._skip(rel, CHANGED, "%s changed while it was archived" % rel)
             return
-        value = digest.digest()
+        value = None if digest is None else digest.digest()
         if before.st_nlink > 1:
             self._links[key] = (rel, size, before.st_mtime_ns, value)
         self.sent.append(m.Entry(rel, m.FILE, stat.S_IMODE(after.st_mode), size, after.st_mtime_ns,
@@ -326,18 +328,17 @@ class TarExtractor:
     the staging directory: names with ``..``, absolute names, and members reached through
     a symlink are skipped as ``unsafe``. The archive's own root entry ('.' or './') is
     ignored, so extraction never changes the mode or times of a directory it does not own.
-    Special files are skipped. Directory modes and times are applied last. With
-    ``hash_files``, staged files carry the digest of the content written.
+    Special files are skipped. Directory modes and times are applied last. Staged files
+    carry no digest: the session records them once the tree is in place.
     """
 
     def __init__(self, staging: str, is_ignored: Optional[Callable[[str, bool], bool]] = None,
-                 progress: Optional[Progress] = None, hash_files: bool = False) -> None:
+                 progress: Optional[Progress] = None) -> None:
         os.mkdir(staging, 0o700)
         self.staging = staging
         self.root = Root(staging)
         self.is_ignored = is_ignored
         self.progress = progress
-        self.hash_files = hash_files
         self.entries: Dict[str, m.Entry] = {}  # what was staged, as written
         self.skipped: List[m.Skip] = []
         self._dirs: Dict[str, Tuple[int, int]] = {}  # path -> (mode, mtime_ns)
@@ -470,23 +471,19 @@ class TarExtractor:
         except FileExistsError:
             self._clear(dir_fd, name, False)
             fd = os.open(name, _NEW_FILE, mode & 0o777, dir_fd=dir_fd)
-        digest = content_hasher() if self.hash_files else None
         try:
             while True:
                 data = reader.read_data(CHUNK)
                 if not data:
                     break
                 write_all(fd, data)
-                if digest is not None:
-                    digest.update(data)
             st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(member.mtime_ns, member.mtime_ns))
         finally:
             os.close(fd)
-        self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino,
-                                    None if digest is None else digest.digest())
+        self.entries[rel] = m.Entry(rel, m.FILE, mode, st.st_size, member.mtime_ns, st.st_ino, None)
         self._count(st.st_size)
 
     def _count(self, size: int) -> None:

@@ -265,7 +265,9 @@ class SessionRunner:
         cycles = 0
         errors: list[str] = []
         resync: dict[str, Any] | None = None
+        unhashed = 0
         if session is not None:
+            unhashed = session.unhashed
             for key in totals:
                 totals[key] += getattr(session.stats, key)
             pending = session.pending()
@@ -291,4 +293,5 @@ class SessionRunner:
             "conflicts": len(self.conflicts()),
             "errors": errors,
             "resync": resync,
+            "unhashed": unhashed,
         }

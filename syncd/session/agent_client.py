@@ -323,10 +323,10 @@ class TarUpload(_Stream):
         self.client.send(m.TarData(self.req, data))
         await self.client.drain()
 
-    async def share_digests(self, entries: list[m.Entry]) -> None:
-        """Tell the agent the entries sent, files with their digests (if it keeps them:
-        TarDigests). May be called any number of times before ``finish``, as the entries
-        are archived."""
+    async def share_entries(self, entries: list[m.Entry]) -> None:
+        """Tell the agent the entries sent (TarDigests: a direct push's agent checks them
+        against its rules while tar works; the digests of those archived unhashed are
+        None). May be called any number of times before ``finish``, as they are archived."""
         if not self.client.supports("tar-digests"):
             return
         for i in range(0, len(entries), DIGESTS_CHUNK):

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("syncd.session")
-DIRECT_POLL = 0.2  # seconds between passing on digests while a direct stream runs
+DIRECT_POLL = 0.2  # seconds between passing on the archived entries while a direct stream runs
 # A pull this large (or of this many files) goes direct; the environment variable is for
 # tests and tuning (0: every pull that can).
 DIRECT_PULL_BYTES = int(os.environ.get("SYNCD_DIRECT_PULL_BYTES", 128 << 20))
@@ -117,8 +117,6 @@ def _base_rows(sources: list[m.Entry], placed: list[m.Entry], source_side: str) 
         src = by_path.get(dest.path)
         if src is None or src.kind != dest.kind:
             continue
-        if src.digest is None and dest.digest is not None:  # a direct pull: hashed as it landed
-            src = src._replace(digest=dest.digest)
         if source_side == "local":
             rows.append(agreed_from(src, src.ino, dest.ino))
         else:
@@ -199,7 +197,7 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
             raise
         progress.phase = "placing"
         sent = list(worker.entries.values())
-        await upload.share_digests(worker.take_sent())
+        await upload.share_entries(worker.take_sent())
         placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
     finally:
         upload.close()
@@ -308,20 +306,20 @@ async def _send_stream(session: Session, upload: TarUpload, worker: ProduceWorke
         return worker
     async for chunk in worker.chunks():
         await upload.send(chunk)
-        # The digests go along as the files are archived: none are left to send while the
+        # The entries go along as the files are archived: none are left to send while the
         # agent waits for the end.
-        await upload.share_digests(worker.take_sent(DIGESTS_CHUNK))
+        await upload.share_entries(worker.take_sent(DIGESTS_CHUNK))
     await worker.finish()
     return worker
 
 
 async def _wait_direct(stream: DirectStream, upload: TarUpload, worker: ProduceWorker) -> None:
-    """Until the remote tar has the whole stream, pass on the digests as files are archived."""
+    """Until the remote tar has the whole stream, pass on the entries as files are archived."""
     waiter = asyncio.ensure_future(stream.wait())
     try:
         while True:
             done, _ = await asyncio.wait([waiter], timeout=DIRECT_POLL)
-            await upload.share_digests(worker.take_sent(DIGESTS_CHUNK))
+            await upload.share_entries(worker.take_sent(DIGESTS_CHUNK))
             if done:
                 waiter.result()  # raises DirectFailed
                 return

@@ -30,7 +30,7 @@ from syncd.rules import Rules
 from syncd.scan import is_ignore_file, is_temp_name, is_under, parent_of, root_is_empty
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
-from syncd.session.local_side import LocalSide, load_base
+from syncd.session.local_side import LocalSide, load_base, local_digests
 from syncd.session.resync import (
     ResyncProgress,
     ResyncRefused,
@@ -61,6 +61,7 @@ MOVE_WINDOW = 2.0  # seconds during which events under a moved directory's old n
 # move: a rename's two events can be delivered in two batches (see _hold_departures).
 MOVE_GRACE = 0.1
 RETRIES = 3  # immediate retries of a failing path before it waits for a full rescan
+DIGEST_FILL_CHUNK = 512  # files hashed per job of the digest fill (see _fill_digests)
 MAX_PARKED_UNKNOWN = 10_000  # unreadable paths re-asked each cycle; beyond that, the full rescan finds them
 
 
@@ -180,6 +181,7 @@ class Session:
         # A pull's, likewise (see resync.open_early_pull).
         self._early_pull: asyncio.Future[Any] | None = None
         self._local_ready = asyncio.Event()  # _prepare_local is done
+        self.unhashed = 0  # files _fill_digests has still to hash
         self._first_progress: ResyncProgress | None = None  # a first sync's stream, if it goes
         self.remote_empty = False  # the agent found nothing synced in the remote root
         self._first_pull = False  # a first sync into an empty local root: see _first_sync
@@ -544,13 +546,23 @@ class Session:
             self.base.set(row)
         self._intents = []
         self._failures.clear()
+        self.unhashed = len(self._unhashed_rows())  # filled once live (see follow)
 
     async def follow(self) -> None:
         next_rescan = time.monotonic() + self.cfg.rescan_interval
+        # Filled once the first cycle is done (it is what a restart waits for); counted now.
+        fill = True
+        self.unhashed = len(self._unhashed_rows())
         while not self._stop.is_set():
             if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty or self._recheck:
                 self.idle.clear()
                 await self.cycle()
+                if fill:
+                    fill = False
+                    unhashed = self._unhashed_rows()
+                    self.unhashed = len(unhashed)
+                    if unhashed:
+                        self._tasks.append(asyncio.create_task(self._fill_digests(unhashed)))
                 continue
             self.state = "watching"
             self.idle.set()
@@ -563,6 +575,43 @@ class Session:
             if time.monotonic() >= next_rescan:
                 self.local_full = self.remote_full = True
                 next_rescan = time.monotonic() + self.cfg.rescan_interval
+
+    def _unhashed_rows(self) -> list[Agreed]:
+        return [row for row in self.base.values() if row.kind == m.FILE and row.digest is None]
+
+    async def _fill_digests(self, rows: list[Agreed]) -> None:
+        """Hash the local files the base records without a digest, and record the digests.
+
+        A resync's stream (and a first sync's) carries files unhashed both ways: hashing
+        the gigabyte there would keep a core busy on the stream's path and put the tree in
+        place later (a 50,000-file pull here: 6.6 s against 6.0 s). Until a file's digest
+        is in, the base still tells a change from its stat; only a change of mtime alone
+        then counts as new content, and a rename of that file travels as a copy. A file
+        is hashed only if it is still the one recorded (size, mtime, inode, checked again
+        after reading); one a cycle changed meanwhile is left to it. In slices, on the
+        file-system thread, so a cycle's work waits for one slice at most; what a restart
+        finds still unhashed is filled then."""
+        started, filled = time.monotonic(), 0
+        try:
+            for i in range(0, len(rows), DIGEST_FILL_CHUNK):
+                chunk = rows[i:i + DIGEST_FILL_CHUNK]
+                digests = await self._fs(local_digests, self.cfg.local, chunk)
+                updates: list[tuple[str, Agreed | None]] = []
+                for row in chunk:
+                    digest = digests.get(row.path)
+                    if digest is not None and self.base.get(row.path) == row:  # no cycle changed it since
+                        updates.append((row.path, row._replace(digest=digest)))
+                self._commit(updates)
+                filled += len(updates)
+                self.unhashed -= len(chunk)
+        except Exception as exc:  # the base stays right without them: a stat still tells a change
+            log.warning("%s: stopped recording file digests after %d of %d: %s", self.cfg.name, filled,
+                        len(rows), exc)
+            return
+        finally:
+            self.unhashed = 0
+        log.info("%s: recorded the digests of %d of %d files in %.2fs", self.cfg.name, filled, len(rows),
+                 time.monotonic() - started)
 
     # -- watching -----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The daemon's side of a resync's tar stream, in a process of its own.
 
-In the daemon the event loop encrypts or decrypts the SSH stream. Reading and hashing the
-tree (push), or extracting it (pull), in the same process made the two contend for one
+In the daemon the event loop encrypts or decrypts the SSH stream. Reading and archiving
+the tree (push), or extracting it (pull), in the same process made the two contend for one
 interpreter lock: every file's system calls handed it over, and each hand-over cost both
 sides CPU time. A child process does that work instead; the daemon only forwards the
 stream and keeps every decision (what is refused, what is placed, the base).
@@ -14,8 +14,9 @@ arrays:
 - ``["n", files, bytes]``: what will be archived (produce only, before the stream);
 - ``["p", files, bytes]``: progress since the last report;
 - ``["e", path, kind, mode, size, mtime_ns, ino, digest, target]``: an entry archived
-  (produce: files with digests) or staged (extract; a path may come again, and its last
-  report holds), reported as they go, before the progress report that counts them;
+  (produce) or staged (extract; a path may come again, and its last report holds),
+  reported as they go, before the progress report that counts them; neither child hashes
+  files (digest None): the session records their digests once the tree is in place;
 - ``["s", path, reason, detail]``: an entry skipped;
 - ``["d", bytes]`` at the end, or ``["x", message]`` on failure (``["g", message]`` when
   the failure is that the stream's reader went away: the reader's own end says why).
@@ -164,14 +165,13 @@ class _Input:
         return os.read(self.fd, size)
 
 
-def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1, hash_files: bool = False) -> int:
+def extract_child(staging: str, root: str, in_fd: int = 0, out_fd: int = 1) -> int:
     """Extract the tar stream on ``in_fd`` into ``staging``; report on ``out_fd``."""
     size_pipe(in_fd)
     reports = _Reports(out_fd)
     try:
         rules = _read_rules(in_fd, root)
-        extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress,
-                                 hash_files=hash_files)
+        extractor = TarExtractor(staging, is_ignored=rules.is_ignored, progress=reports.progress)
         extractor.entries = reports.fresh = _Staged()
         extractor.extract(_Input(in_fd))  # type: ignore[arg-type]
     except WriteFailed as exc:
@@ -200,7 +200,9 @@ def produce_child(root: str, report_fd: int, in_fd: int = 0, out_fd: int = 1) ->
         reports.skips(scan_skips(scanner.skipped))
         reports.send("n", len(entries), sum(e.size for e in entries if e.kind == m.FILE))
         lead = _read_framed(in_fd, "go")
-        producer = TarProducer(root, entries, progress=reports.progress)
+        # Unhashed: the session records the digests once the tree is in place (its
+        # _fill_digests), off the path of the stream.
+        producer = TarProducer(root, entries, progress=reports.progress, hash_files=False)
         reports.fresh = _Appended(producer.sent)
         try:
             write_all(out_fd, lead)
@@ -344,7 +346,7 @@ class ExtractWorker(_Worker):
     async def start_on_pipe(cls, staging: str, root: str, rules: dict[str, list[str]],
                             progress: Callable[[int, int], None],
                             pipe: tuple[int, int] | None = None) -> tuple[ExtractWorker, int]:
-        """A child that hashes what it extracts, reading a pipe (``pipe``, read and write
+        """A child that extracts from a pipe (``pipe``, read and write
         end, if another process writes into it already: it must not write before the
         rules are in); returns it and the pipe's write end (the rules already in it), for
         another process to write the stream into. ``finish`` once that process is done."""
@@ -353,7 +355,7 @@ class ExtractWorker(_Worker):
         try:
             size_pipe(write_fd)
             try:
-                proc = await cls._spawn("extract", staging, root, "hash", stdin=read_fd)
+                proc = await cls._spawn("extract", staging, root, stdin=read_fd)
             finally:
                 os.close(read_fd)
             worker = cls(staging, proc, progress)
@@ -518,8 +520,8 @@ async def _reader_on(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTranspo
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) in (4, 5) and argv[1] == "extract" and argv[4:] in ([], ["hash"]):
-        return extract_child(argv[2], argv[3], hash_files=len(argv) == 5)
+    if len(argv) == 4 and argv[1] == "extract":
+        return extract_child(argv[2], argv[3])
     if len(argv) == 4 and argv[1] == "produce":
         return produce_child(argv[2], int(argv[3]))
     sys.stderr.write(__doc__ or "")

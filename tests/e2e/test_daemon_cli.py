@@ -49,7 +49,7 @@ LIVE_STATES = ("watching", "scanning", "syncing")
 STATUS_FIELDS = {
     "name", "local", "remote", "mode", "state", "last_error", "halt_reason", "last_cycle", "cycles",
     "pending_local", "pending_remote", "sent_files", "sent_bytes", "received_files", "received_bytes",
-    "deleted", "conflicts", "errors",
+    "deleted", "conflicts", "errors", "unhashed",
 }
 
 

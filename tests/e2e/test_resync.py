@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 import pytest
 
 from syncd.control.client import RemoteError
+from syncd.scan import digest_bytes
 from tests.e2e.daemon_util import CLI, DaemonProc, base_env, describe, ok_json, wait_until
 from tests.sshd import SshServer
 
@@ -940,6 +941,61 @@ def test_a_pause_right_after_the_answer_still_records_the_whole_base(
         recorded = base_paths(daemon.state_dir, name)
         assert recorded == expected, (f"{len(expected - recorded)} paths missing from the base, "
                                       f"{len(recorded - expected)} extra")
+    finally:
+        remove_session(daemon, name)
+
+
+def base_digests(state_dir: Path, name: str) -> dict[str, Optional[bytes]]:
+    """Each file row's digest in the session's base index, read from its SQLite file."""
+    (index,) = (state_dir / "sessions").glob(f"{name}-*.sqlite")
+    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT path, digest FROM base WHERE kind = 0")  # 0: a file
+        return {os.fsdecode(path): digest for path, digest in rows}
+    finally:
+        con.close()
+
+
+def test_a_pull_places_files_unhashed_then_records_their_digests(
+        daemon: DaemonProc, sshd: SshServer, tmp_path: Path) -> None:
+    """A direct pull puts the tree in place without hashing it; the live session then
+    hashes the local files in the background: ``unhashed`` in status counts down to 0,
+    every file row ends with the digest of its content, and a file renamed afterwards
+    travels as a move, not as content."""
+    name = "pull-digests"
+    local, remote = add_session(daemon, sshd, tmp_path, name)
+    try:
+        make_many_files(remote, 3000)
+        write(remote / "big.bin", os.urandom(3 << 20))
+        summary = resync(daemon, name, "pull")
+        assert summary["direct"] is True and summary["skipped"] == [], summary
+        wait_state(daemon, name, LIVE)
+        wait_until(lambda: status(daemon, name)["unhashed"] == 0, 60, message="the digests to be recorded")
+        recorded = base_digests(daemon.state_dir, name)
+        assert len(recorded) == 3001
+        wrong = [rel for rel, digest in recorded.items() if digest != digest_bytes(read(local / rel))]
+        assert wrong == [], f"{len(wrong)} files recorded without their content's digest, e.g. {wrong[:3]}"
+
+        before = status(daemon, name)
+        os.rename(local / "big.bin", local / "d00" / "big-renamed.bin")
+        wait_until(lambda: os.path.exists(remote / "d00" / "big-renamed.bin"), 30, message="the rename to land")
+        after = flush(daemon, name)
+        assert not os.path.exists(remote / "big.bin")
+        assert after["sent_files"] == before["sent_files"], "the renamed file was sent again, not moved"
+
+        # Digests still missing when a session starts (it stopped during the fill) are
+        # filled then.
+        pause(daemon, name)
+        (index,) = (daemon.state_dir / "sessions").glob(f"{name}-*.sqlite")
+        con = sqlite3.connect(index)
+        with con:
+            con.execute("UPDATE base SET digest = NULL WHERE kind = 0")
+        con.close()
+        daemon.rpc("resume", {"name": name})
+        wait_state(daemon, name, LIVE)
+        wait_until(lambda: status(daemon, name)["unhashed"] == 0, 60, message="the digests to be recorded again")
+        again = base_digests(daemon.state_dir, name)
+        assert again == {rel: digest_bytes(read(local / rel)) for rel in again} and len(again) == 3001
     finally:
         remove_session(daemon, name)
 

@@ -125,19 +125,19 @@ def test_round_trip_keeps_content_modes_mtimes_links_and_odd_names(tmp_path: Pat
 
 
 @pytest.mark.parametrize("hash_files", [True, False])
-def test_an_extractor_that_hashes_gives_each_file_the_digest_of_what_it_wrote(tmp_path: Path,
-                                                                              hash_files: bool) -> None:
-    """A direct pull's extractor hashes as it writes (the remote's tar computes no digest);
-    the digests are the sender's own, hard links included."""
+def test_a_producer_hashes_what_it_archives_unless_told_not_to(tmp_path: Path, hash_files: bool) -> None:
+    """The agent's producer hashes (a channel pull sends the digests with the entries);
+    the daemon's does not (the session records them once the tree is in place). The
+    extractor never does. Hard links carry their first name's digest."""
     src, dest = tmp_path / "src", tmp_path / "dest"
     make_tree(src)
     dest.mkdir()
-    data, producer = archive(src)
-    ex = extract(data, dest, hash_files=hash_files)
+    data, producer = archive(src, hash_files=hash_files)
     sent = {e.path: e.digest for e in producer.sent if e.kind == m.FILE}
-    staged = {p: e.digest for p, e in ex.entries.items() if e.kind == m.FILE}
-    assert staged == (sent if hash_files else dict.fromkeys(sent))
-    assert staged["big.bin"] == (digest_bytes((src / "big.bin").read_bytes()) if hash_files else None)
+    expected = {rel: digest_bytes((src / rel).read_bytes()) if hash_files else None for rel in sent}
+    assert sent == expected
+    ex = extract(data, dest)
+    assert {p: e.digest for p, e in ex.entries.items() if e.kind == m.FILE} == dict.fromkeys(sent)
     ex.close()
 
 
