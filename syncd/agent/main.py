@@ -189,7 +189,6 @@ class Agent:
             self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
             return
         tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
-        job.remember(entries)
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None

@@ -145,7 +145,6 @@ class Receive:
         self.base_root.parent(self.staging_rel)
         _reap_stale(os.path.join(base, parent))
         self.where = os.path.join(base, self.target) if self.target else base
-        self.digests: Dict[str, Tuple[int, int, bytes]] = {}  # path -> (size, mtime_ns, digest), as sent
         self.staging = os.path.join(base, self.staging_rel)
         self.tar = find_gnu_tar() or ""
         if self.tar and msg.direct:
@@ -172,25 +171,12 @@ class Receive:
         self.unpack.feed(data)
 
     def known(self, entries: Tuple[m.Entry, ...]) -> None:
-        """Entries the daemon archived, files with the digests it computed (TarDigests)."""
-        direct = self.unpack if isinstance(self.unpack, DirectStaging) else None
-        for e in entries:
-            # Only the root's scanner has a cache to fill.
-            if self.whole_root and e.kind == m.FILE and e.digest is not None:
-                self.digests[e.path] = (e.size, e.mtime_ns, e.digest)
-            if direct is not None:
-                direct.expect(e)
-
-    def remember(self, placed: List[m.Entry]) -> None:
-        """Files that landed as they were sent go in the digest cache: the next scan of
-        the root then hashes none of them. Called with what ``finish`` placed, once its
-        result is on its way (the daemon need not wait for this)."""
-        cache = self.scanner.cache
-        for e in placed:
-            sent = self.digests.get(e.path)
-            if sent is not None and e.kind == m.FILE and sent[0] == e.size and sent[1] == e.mtime_ns:
-                cache.put(m.Entry(e.path, e.kind, e.mode, e.size, e.mtime_ns, e.ino, sent[2]))
-        self.digests.clear()
+        """Entries the daemon archived (TarDigests; sent unhashed: the daemon records the
+        digests once the tree is in place): a direct push checks them against the rules
+        while tar works."""
+        if isinstance(self.unpack, DirectStaging):
+            for e in entries:
+                self.unpack.expect(e)
 
     def abort(self) -> None:
         """The link went away mid-stream: discard everything staged."""

@@ -367,10 +367,9 @@ class TarEnd:
 
 @dataclass(frozen=True)
 class TarDigests:
-    """Entries of a stream the daemon sent, files with the digests it computed reading
-    them: the agent keeps those that landed unchanged in its digest cache, so its next
-    scan does not read the whole tree again, and lists a direct stream's staging area
-    from them (see tarstream.scan_staged). Sent in chunks, before TarEnd."""
+    """Entries of a stream the daemon sent (their digests None: the daemon records them
+    once the tree is in place): the agent lists a direct stream's staging area from them
+    (see tarstream.scan_staged). Sent in chunks, before TarEnd."""
 
     req: int
     entries: Tuple[Entry, ...]
