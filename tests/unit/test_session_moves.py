@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from syncd.endpoint import parse_remote
+from syncd.engine.model import Agreed
+from syncd.protocol import messages as m
 from syncd.session import session as session_mod
 from syncd.session.config import SessionConfig
 from syncd.session.session import MOVE_GRACE, Session
@@ -114,3 +116,43 @@ def test_a_deletion_still_lands_after_the_grace(tmp_path: Path, monkeypatch: pyt
             await task
 
     asyncio.run(scenario())
+
+
+def _row(path: str, kind: int = 0) -> Agreed:
+    return Agreed(path, kind, 0o644, 1, 1, b"d" if kind == 0 else None, None, 1, 2)
+
+
+BASE_ROWS = [_row("d", 1), _row("d/a"), _row("d/b"), _row("f"), _row("g")]
+
+# (case, side, observed (path -> present?), reported by that side, full scan, held last cycle,
+#  paths held now)
+HOLDS = [
+    ("a file its side reported gone", "remote", {"f": False}, {"f"}, False, set(), {"f"}),
+    ("a directory: only its top", "local", {"d": False, "d/a": False, "d/b": False}, {"d"}, False, set(), {"d"}),
+    ("gone under a reported directory", "remote", {"d/a": False}, {"d"}, False, set(), {"d/a"}),
+    ("looked at for the other side", "local", {"f": False}, set(), False, set(), set()),
+    ("present", "local", {"f": True}, {"f"}, False, set(), set()),
+    ("held last cycle: not again", "remote", {"f": False, "g": False}, {"f", "g"}, False, {"f"}, {"g"}),
+    ("below a path held last cycle", "local", {"d": False, "d/a": False}, {"d"}, False, {"d"}, set()),
+    ("a full scan holds nothing", "remote", {"f": False}, {"f"}, True, set(), set()),
+    ("untracked", "local", {"new": False}, {"new"}, False, set(), set()),
+]
+
+
+@pytest.mark.parametrize(("case", "side", "seen", "reported", "full", "before", "held"), HOLDS,
+                         ids=[h[0] for h in HOLDS])
+def test_which_departures_are_held(tmp_path: Path, case: str, side: str, seen: dict[str, bool], reported: set[str],
+                                   full: bool, before: set[str], held: set[str]) -> None:
+    cfg = SessionConfig("h", str(tmp_path), parse_remote(f"local:{tmp_path / 'r'}"), state_dir=str(tmp_path / "s"))
+    session = Session(cfg)
+    for row in BASE_ROWS:
+        session.base.set(row)
+    session._held[side] = set(before)  # type: ignore[index]
+    observed: dict[str, m.Entry | None] = {
+        p: (m.Entry(p, 0, 0o644, 1, 1, 1, b"d", None) if present else None) for p, present in seen.items()}
+    session._hold_departures(side, observed, full, reported)  # type: ignore[arg-type]
+    assert session._held[side] == held  # type: ignore[index]
+    dirty = session.local_dirty if side == "local" else session.remote_dirty
+    assert dirty == held
+    assert not [p for p in observed if any(p == h or p.startswith(h + "/") for h in held)], observed
+    assert (session._hold_until > time.monotonic()) == bool(held)
