@@ -346,5 +346,5 @@ class TarReader:
                 self._left = self._pad = 0
             else:
                 self._left = size
-                self._pad = -size % BLOCK
+                self._pad = padding(size)
             return member

@@ -550,19 +550,17 @@ class Session:
 
     async def follow(self) -> None:
         next_rescan = time.monotonic() + self.cfg.rescan_interval
-        # Filled once the first cycle is done (it is what a restart waits for); counted now.
-        fill = True
-        self.unhashed = len(self._unhashed_rows())
+        # Filled once the first cycle is done (it is what a restart waits for); a row that
+        # cycle changes is skipped by the fill.
+        unhashed = self._unhashed_rows()
+        self.unhashed = len(unhashed)
         while not self._stop.is_set():
             if self.local_full or self.remote_full or self.local_dirty or self.remote_dirty or self._recheck:
                 self.idle.clear()
                 await self.cycle()
-                if fill:
-                    fill = False
-                    unhashed = self._unhashed_rows()
-                    self.unhashed = len(unhashed)
-                    if unhashed:
-                        self._tasks.append(asyncio.create_task(self._fill_digests(unhashed)))
+                if unhashed:
+                    self._tasks.append(asyncio.create_task(self._fill_digests(unhashed)))
+                    unhashed = []
                 continue
             self.state = "watching"
             self.idle.set()
@@ -766,16 +764,17 @@ class Session:
         a directory above them (now or in an earlier cycle while their rows stayed), and was
         not scanned in full: they were looked at because the other side reported them, or
         to retry an operation. Such an absence may be a directory move on ``side`` whose
-        events (which tell a move from a deletion) are still on their way."""
+        events (which tell a move from a deletion) are still on their way. ``reported``:
+        what ``side`` reported, translated across the moves just made (see _translate)."""
         gone = self._seen_gone[side]
-        sure = self._translate(reported) | gone  # events named under a directory moved just now
+        sure = reported | gone
         doubtful = set()
         for path, entry in observed.items():
             if entry is not None:
                 gone.discard(path)
             elif not self._has_row(side, path):
                 continue  # absent as agreed: nothing to doubt
-            elif full or path in sure or any(a in sure for a in ancestors(path)):
+            elif full or is_under(path, sure):
                 gone.add(path)
             else:
                 doubtful.add(path)
@@ -788,15 +787,15 @@ class Session:
         batch closes after a short quiet step, which a loaded machine can stretch between
         the two): deleted now, the old name would be a deletion on the other side and the
         new one a transfer of everything it holds. Held once: the next cycle deletes what
-        is still gone and unexplained. A full scan saw both names; it holds nothing."""
+        is still gone and unexplained. A full scan saw both names; it holds nothing.
+        ``reported`` as for _unconfirmed."""
         held_before, self._held[side] = self._held[side], set()
         if full or not self.base:
             return
-        sure = self._translate(reported)
         tops = {path for path, entry in observed.items()
                 if entry is None and path in self.base and not is_under(path, held_before)
-                and (path in sure or any(a in sure for a in ancestors(path)))}
-        tops = {path for path in tops if not any(a in tops for a in ancestors(path))}
+                and is_under(path, reported)}
+        tops = {path for path in tops if not is_under(parent_of(path), tops)}
         if not tops:
             return
         for path in [p for p in observed if is_under(p, tops)]:
@@ -1009,11 +1008,13 @@ class Session:
         moves = detect_moves(self.base, local, remote)
         if moves:
             await self._apply_moves(moves, local, remote)
-        self._hold_departures("local", local, local_full, reported["local"])
-        self._hold_departures("remote", remote, remote_full, reported["remote"])
+        # Events named under a directory moved just now count for its new name too.
+        sure = {side: self._translate(reported[side]) for side in em.SIDES}
+        self._hold_departures("local", local, local_full, sure["local"])
+        self._hold_departures("remote", remote, remote_full, sure["remote"])
         unconfirmed: dict[em.Side, set[str]] = {
-            "local": self._unconfirmed("local", local, local_full, reported["local"]),
-            "remote": self._unconfirmed("remote", remote, remote_full, reported["remote"]),
+            "local": self._unconfirmed("local", local, local_full, sure["local"]),
+            "remote": self._unconfirmed("remote", remote, remote_full, sure["remote"]),
         }
         plan = reconcile(self.base, local, remote, self._policy(), unconfirmed)
         self._check_deletions(plan)

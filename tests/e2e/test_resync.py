@@ -897,14 +897,24 @@ def test_a_file_changing_during_a_push_is_reported_and_synced_live_afterwards(
 # ---------------------------------------------------------------------------------------
 
 
-def base_paths(state_dir: Path, name: str) -> set[str]:
-    """The paths the session's base index holds, read from its SQLite file."""
+def index_of(state_dir: Path, name: str) -> Path:
+    """The session's base index (its SQLite file)."""
     (index,) = (state_dir / "sessions").glob(f"{name}-*.sqlite")
-    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    return index
+
+
+def read_index(state_dir: Path, name: str, query: str) -> list[Any]:
+    """The rows ``query`` finds in the session's base index, opened read-only."""
+    con = sqlite3.connect(f"file:{index_of(state_dir, name)}?mode=ro", uri=True)
     try:
-        return {os.fsdecode(path) for (path,) in con.execute("SELECT path FROM base")}
+        return con.execute(query).fetchall()
     finally:
         con.close()
+
+
+def base_paths(state_dir: Path, name: str) -> set[str]:
+    """The paths the session's base index holds."""
+    return {os.fsdecode(path) for (path,) in read_index(state_dir, name, "SELECT path FROM base")}
 
 
 def make_many_files(root: Path, count: int) -> None:
@@ -946,14 +956,9 @@ def test_a_pause_right_after_the_answer_still_records_the_whole_base(
 
 
 def base_digests(state_dir: Path, name: str) -> dict[str, Optional[bytes]]:
-    """Each file row's digest in the session's base index, read from its SQLite file."""
-    (index,) = (state_dir / "sessions").glob(f"{name}-*.sqlite")
-    con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT path, digest FROM base WHERE kind = 0")  # 0: a file
-        return {os.fsdecode(path): digest for path, digest in rows}
-    finally:
-        con.close()
+    """Each file row's digest in the session's base index."""
+    rows = read_index(state_dir, name, "SELECT path, digest FROM base WHERE kind = 0")  # 0: a file
+    return {os.fsdecode(path): digest for path, digest in rows}
 
 
 def test_a_pull_places_files_unhashed_then_records_their_digests(
@@ -986,8 +991,7 @@ def test_a_pull_places_files_unhashed_then_records_their_digests(
         # Digests still missing when a session starts (it stopped during the fill) are
         # filled then.
         pause(daemon, name)
-        (index,) = (daemon.state_dir / "sessions").glob(f"{name}-*.sqlite")
-        con = sqlite3.connect(index)
+        con = sqlite3.connect(index_of(daemon.state_dir, name))
         with con:
             con.execute("UPDATE base SET digest = NULL WHERE kind = 0")
         con.close()
@@ -1018,7 +1022,7 @@ def test_a_base_left_unrecorded_by_a_crash_converges_without_transfers(sshd: Ssh
         flush(own, name)
         assert base_paths(own.state_dir, name) >= {"edited-locally.txt", "deleted-locally.txt"}
         pause(own, name)
-        (index,) = (own.state_dir / "sessions").glob(f"{name}-*.sqlite")
+        index = index_of(own.state_dir, name)
         old_base = tmp_path / "old-base.sqlite"
         shutil.copy(index, old_base)
 

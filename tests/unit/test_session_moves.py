@@ -118,11 +118,11 @@ def test_a_deletion_still_lands_after_the_grace(tmp_path: Path, monkeypatch: pyt
     asyncio.run(scenario())
 
 
-def _row(path: str, kind: int = 0) -> Agreed:
-    return Agreed(path, kind, 0o644, 1, 1, b"d" if kind == 0 else None, None, 1, 2)
+def _row(path: str, kind: int = m.FILE) -> Agreed:
+    return Agreed(path, kind, 0o644, 1, 1, b"d" if kind == m.FILE else None, None, 1, 2)
 
 
-BASE_ROWS = [_row("d", 1), _row("d/a"), _row("d/b"), _row("f"), _row("g")]
+BASE_ROWS = [_row("d", m.DIR), _row("d/a"), _row("d/b"), _row("f"), _row("g")]
 
 # (case, side, observed (path -> present?), reported by that side, full scan, held last cycle,
 #  paths held now)
@@ -149,7 +149,7 @@ def test_which_departures_are_held(tmp_path: Path, case: str, side: str, seen: d
         session.base.set(row)
     session._held[side] = set(before)  # type: ignore[index]
     observed: dict[str, m.Entry | None] = {
-        p: (m.Entry(p, 0, 0o644, 1, 1, 1, b"d", None) if present else None) for p, present in seen.items()}
+        p: (m.Entry(p, m.FILE, 0o644, 1, 1, 1, b"d", None) if present else None) for p, present in seen.items()}
     session._hold_departures(side, observed, full, reported)  # type: ignore[arg-type]
     assert session._held[side] == held  # type: ignore[index]
     dirty = session.local_dirty if side == "local" else session.remote_dirty
