@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -43,7 +44,9 @@ class SessionRunner:
         self.totals: dict[str, int] = {"sent_files": 0, "sent_bytes": 0, "received_files": 0,
                                        "received_bytes": 0, "deleted": 0}
         self.connected_since = 0.0
-        self._resync_request: tuple[str, bool] | None = None  # (direction, force) for the next session
+        # (direction, force, waiter) for the next session. The waiter goes with the request:
+        # a session still finishing an earlier resync must not answer a later one.
+        self._resync_request: tuple[str, bool, asyncio.Future[dict[str, Any]]] | None = None
         self._resync_waiter: asyncio.Future[dict[str, Any]] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -89,9 +92,10 @@ class SessionRunner:
                 await self._idle_until_woken(None)
                 continue
             request, self._resync_request = self._resync_request, None
-            resync, force = request if request is not None else (None, False)
+            resync, force, waiter = request if request is not None else (None, False, None)
+            on_resync = functools.partial(self._resync_done, waiter) if waiter is not None else None
             session = Session(self.spec.to_config(self.state_dir), self._report, on_connected=self._connected,
-                              resync=resync, on_resync=self._resync_done, resync_force=force)
+                              resync=resync, on_resync=on_resync, resync_force=force)
             session.force_next = self._force
             self._force = False
             self.session = session
@@ -105,7 +109,7 @@ class SessionRunner:
             except SessionError as exc:
                 self.last_error = str(exc)
                 self.state = "disconnected"
-                if resync is not None and self._resync_failed(exc):
+                if waiter is not None and self._resync_failed(waiter, exc):
                     self._collect(session)
                     self.session = None
                     continue
@@ -120,8 +124,8 @@ class SessionRunner:
                     await self._idle_until_woken(delay)
                 continue
             except Exception as exc:  # a bug must not take the other sessions down
-                if resync is not None:
-                    self._resync_failed(SessionError(f"resync --{resync} failed: internal error: {exc!r}"))
+                if waiter is not None:
+                    self._resync_failed(waiter, SessionError(f"resync --{resync} failed: internal error: {exc!r}"))
                 self.last_error = f"internal error: {exc!r}"
                 self.state = "error"
                 log.exception("%s: session crashed", self.spec.name)
@@ -143,7 +147,7 @@ class SessionRunner:
             raise ValueError(f"a resync of {self.spec.name} is already running")
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._resync_waiter = waiter
-        self._resync_request = (direction, force)
+        self._resync_request = (direction, force, waiter)
         self.paused = False
         self.halt_reason = ""
         self.state = f"resync-{direction}"
@@ -169,16 +173,14 @@ class SessionRunner:
                                "the remote directory is as it was") from None
         return {"name": self.spec.name, **result}
 
-    def _resync_done(self, summary: ResyncSummary) -> None:
-        waiter = self._resync_waiter
-        if waiter is not None and not waiter.done():
+    def _resync_done(self, waiter: asyncio.Future[dict[str, Any]], summary: ResyncSummary) -> None:
+        if not waiter.done():
             waiter.set_result({"name": self.spec.name, **summary.as_dict()})
 
-    def _resync_failed(self, exc: SessionError) -> bool:
+    def _resync_failed(self, waiter: asyncio.Future[dict[str, Any]], exc: SessionError) -> bool:
         """A resync that did not complete: report it, and stay paused rather than sync
         live from the state the user wanted replaced. True if this was the case."""
-        waiter = self._resync_waiter
-        if waiter is None or waiter.done():
+        if waiter.done():
             return False
         waiter.set_exception(exc)
         if not self._stopping:

@@ -429,8 +429,14 @@ class Session:
         """Rebuild one side before syncing live; a stop request interrupts it (the
         destination then stays as it was)."""
         self.resync_summary = await self._stream(direction, f"resync --{direction}")
-        if self.on_resync is not None:
-            self.on_resync(self.resync_summary)
+        self._answer_resync(self.resync_summary)
+
+    def _answer_resync(self, summary: ResyncSummary) -> None:
+        """Tell whoever waits for the resync, once: as soon as the tree is in place
+        (placed), or when the stream returns if it never said so."""
+        answer, self.on_resync = self.on_resync, None
+        if answer is not None:
+            answer(summary)
 
     async def _first_sync(self, progress: ResyncProgress) -> None:
         """A first sync (no base yet) from a tree into an empty side (the remote, or the
@@ -484,8 +490,8 @@ class Session:
         self._in_place = True
         if self.resync_progress is not None:
             self.resync_progress.phase = "recording"
-        if self.resync is not None and self.on_resync is not None:
-            self.on_resync(summary)
+        if self.resync is not None:
+            self._answer_resync(summary)
 
     async def _stream(self, direction: str, what: str, merge: bool = False) -> ResyncSummary:
         """Run one tar stream (resync_push or resync_pull); a stop request interrupts it
