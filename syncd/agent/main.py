@@ -259,7 +259,8 @@ class Agent:
         backend = ""
         if msg.watch:
             backend = self.start_watching(root)
-        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, root_is_empty(root, self.rules.is_ignored)))
+        self.send(m.Opened(msg.req, root, sys.version.split()[0], backend, root_is_empty(root, self.rules.is_ignored),
+                           sys.executable or ""))
 
     def start_watching(self, root: str) -> str:
         from syncd.agent.watch import start_watcher

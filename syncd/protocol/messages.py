@@ -176,6 +176,7 @@ class Opened:
     python: str
     watcher: str  # watcher backend in use, "" when not watching
     empty: bool = False  # the root holds nothing synced (only ignored entries, if any)
+    executable: str = ""  # the interpreter running the agent (sys.executable), "" if unknown
 
 
 @dataclass(frozen=True)

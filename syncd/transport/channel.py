@@ -51,6 +51,12 @@ class Channel(ABC):
     @abstractmethod
     async def exit_status(self, timeout: float = 2.0) -> int | None: ...
 
+    async def rerun(self, command: str) -> Channel:
+        """Run ``command`` the way this channel's own command was run (on the same SSH
+        connection, through the same shell), once this one's process has ended."""
+        await self.close()
+        raise TransportError("this channel cannot run another command")
+
     async def read(self) -> bytes:
         if self._pending:
             data, self._pending = self._pending, b""
@@ -164,6 +170,12 @@ class ProcessChannel(Channel):
             return None
         await asyncio.wait([self._stderr_task], timeout=1)
         return self.proc.returncode
+
+    async def rerun(self, command: str) -> Channel:
+        if self.shell is None:
+            return await super().rerun(command)
+        await self.close()
+        return await spawn(self.shell, command)
 
 
 async def spawn(shell: list[str], script: str) -> ProcessChannel:

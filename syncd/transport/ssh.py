@@ -106,7 +106,7 @@ class SshChannel(Channel):
         except (asyncssh.Error, OSError) as exc:
             raise ConnectionError(f"ssh connection lost: {exc}") from None
 
-    async def close(self) -> None:
+    async def _end_process(self) -> None:
         try:
             self.proc.stdin.write_eof()
         except (asyncssh.Error, OSError):
@@ -115,6 +115,18 @@ class SshChannel(Channel):
             await asyncio.wait_for(self.proc.wait_closed(), 3)
         except (TimeoutError, asyncssh.Error, OSError):
             self.proc.close()
+
+    async def rerun(self, command: str) -> SshChannel:
+        await self._end_process()
+        try:
+            proc = await self.conn.create_process(command, encoding=None)
+        except asyncssh.Error as exc:
+            await self.close()
+            raise TransportError(f"cannot start a command: {exc}") from None
+        return SshChannel(self.conn, proc, self.beside)
+
+    async def close(self) -> None:
+        await self._end_process()
         self.conn.close()
         try:
             await asyncio.wait_for(self.conn.wait_closed(), 3)
