@@ -619,7 +619,8 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
         slash = rel.rfind("/")
         return slash > 0 and rel[:slash] in inside_moved
 
-    for rel in sorted(staged, key=path_key):
+    order = sorted(staged, key=path_key)  # sorted once: staged_dirs and what is placed keep it
+    for rel in order:
         entry = staged[rel]
         if moved_with_parent(rel):
             inside_moved.add(rel)
@@ -667,7 +668,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
         if _remove_if_same(root, rel, entry, result):
             result.deleted += 1
 
-    for rel in sorted(staged_dirs, key=path_key, reverse=True):
+    for rel in reversed(staged_dirs):
         if rel in placed:
             mode, mtime = staged[rel].mode, staged[rel].mtime_ns
             try:
@@ -675,7 +676,7 @@ def mirror(root: Root, staging_rel: str, staged: Dict[str, m.Entry], existing: I
             except (OSError, UnsafePath):
                 pass
     root.release()
-    _report_placed(root, staged, sorted(placed, key=path_key), result, carried)
+    _report_placed(root, staged, [rel for rel in order if rel in placed], result, carried)
     return result
 
 

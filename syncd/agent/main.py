@@ -182,13 +182,15 @@ class Agent:
         watcher = self.watcher if job.whole_root else None
         try:
             with watcher.placing() if watcher is not None else contextlib.nullcontext():
-                entries, skipped, deleted = job.finish(msg.skipped)
+                entries, kept, skipped, deleted = job.finish(msg.skipped)
                 if watcher is not None:
                     watcher.settle()
         except (OSError, UnsafePath, ExtractError) as exc:
             self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
             return
-        tar_jobs.send_result(self.send, msg.req, entries, skipped, deleted, job.where)
+        # In place: the daemon can answer whoever waits while the listing travels.
+        self.send(m.TarPlaced(msg.req, tuple(skipped), deleted, tuple(kept)))
+        tar_jobs.send_result(self.send, msg.req, entries, [], deleted, job.where)
 
     def apply_one(self, op: m.Op) -> m.OpResult:
         assert self.root is not None and self.scanner is not None

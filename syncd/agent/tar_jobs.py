@@ -189,24 +189,25 @@ class Receive:
         if self.own_root:
             self.base_root.close()
 
-    def finish(self, skipped: Tuple[m.Skip, ...]) -> Tuple[List[m.Entry], List[m.Skip], int]:
-        """The stream is complete: put it in place. Raises ExtractError if it was bad."""
+    def finish(self, skipped: Tuple[m.Skip, ...]) -> Tuple[List[m.Entry], List[m.Entry], List[m.Skip], int]:
+        """The stream is complete: put it in place. Returns the entries placed, the
+        directories kept (the daemon makes them on its side too), what was skipped and how
+        many entries were deleted. Raises ExtractError if the stream was bad."""
         try:
             staged, unpack_skips = self.unpack.end()
             unstage(self.base_root, self.staging_rel, staged,
                     [s.path for s in skipped if s.reason not in LEAVE_REASONS])
             if self.merge:
                 merged = merge_in(self.base_root, self.staging_rel, staged)
-                return merged.entries, unpack_skips + merged.skipped, 0
+                return merged.entries, [], unpack_skips + merged.skipped, 0
             if self.whole_root:
                 existing = self.scanner.scan_all(hash_files=False)
                 leave = [s.path for s in skipped if s.reason in LEAVE_REASONS]
                 result = mirror(self.base_root, self.staging_rel, staged, existing,
                                 lambda rel, kind: False, leave)
-                # Kept directories go back too, so the daemon can make them on its side.
-                return result.entries + result.kept_dirs, unpack_skips + result.skipped, result.deleted
+                return result.entries, result.kept_dirs, unpack_skips + result.skipped, result.deleted
             self._replace()
-            return [], unpack_skips, 0
+            return [], [], unpack_skips, 0
         finally:
             self.close()
 

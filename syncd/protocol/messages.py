@@ -391,6 +391,19 @@ class TarResult:
 
 
 @dataclass(frozen=True)
+class TarPlaced:
+    """A received stream is in place (TarEnd): what was skipped, how many entries were
+    deleted, and the directories kept although the stream lacks them (they hold ignored
+    or preserved entries). The TarResult chunks listing the entries placed follow; whoever
+    waits for the stream need not wait for them."""
+
+    req: int
+    skipped: Tuple[Skip, ...]
+    deleted: int
+    kept: Tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
 class ScanTree:
     """Scan the whole root like Scan(None), but leave out the children of each directory
     of ``dirs`` whose listing still has the fingerprint given (``syncd.scan.dir_print``):
@@ -413,7 +426,7 @@ class TreeMatched:
 Message = Union[
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady, TarPlaced,
 ]
 
 # Wire tags. Append only: changing a tag is an incompatible protocol change.
@@ -444,6 +457,7 @@ TAGS: Dict[type, int] = {
     TarAck: 24,
     TarDigests: 25,
     TarReady: 26,
+    TarPlaced: 27,
     # structs
     Entry: 32,
     Expect: 33,
@@ -463,5 +477,5 @@ TAGS: Dict[type, int] = {
 MESSAGE_TYPES = (
     Hello, Open, Opened, Scan, ScanChunk, Hash, BlobStart, BlobData, Apply, Applied,
     Changes, Failure, Fatal, Bye, Fetch, FileData, TarReceive, TarSend, TarStart, TarData, TarEnd,
-    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady,
+    TarResult, ScanTree, TreeMatched, TarAck, TarDigests, TarReady, TarPlaced,
 )

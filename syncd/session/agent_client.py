@@ -334,23 +334,39 @@ class TarUpload(_Stream):
             self.client.send(m.TarDigests(self.req, tuple(entries[i:i + DIGESTS_CHUNK])))
             await self.client.drain()
 
-    async def finish(self, skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
-        """(entries placed, skipped, deleted, where)."""
+    async def placed(self, skipped: list[m.Skip]) -> m.TarPlaced:
+        """End the stream (TarEnd, with what it lacks) and wait until the agent has put it
+        in place; ``listing`` then gives the entries placed."""
         self._check()
         self.client.send(m.TarEnd(self.req, tuple(skipped)))
+        item = await self.reply()
+        if not isinstance(item, m.TarPlaced):
+            raise AgentError(f"unexpected {type(item).__name__} after a tar stream")
+        return item
+
+    async def listing(self) -> tuple[list[m.Entry], str]:
+        """The entries placed (after ``placed``), and where."""
         entries: list[m.Entry] = []
-        skips: list[m.Skip] = []
         try:
             while True:
                 item = await self.reply()
                 if not isinstance(item, m.TarResult):
                     raise AgentError(f"unexpected {type(item).__name__} after a tar stream")
                 entries.extend(item.entries)
-                skips.extend(item.skipped)
                 if item.done:
-                    return entries, skips, item.deleted, item.where
+                    return entries, item.where
         finally:
             self.close()
+
+    async def finish(self, skipped: list[m.Skip]) -> tuple[list[m.Entry], list[m.Skip], int, str]:
+        """``placed``, then ``listing``: (entries placed and kept, skipped, deleted, where)."""
+        try:
+            placement = await self.placed(skipped)
+        except BaseException:
+            self.close()
+            raise
+        entries, where = await self.listing()
+        return entries + list(placement.kept), list(placement.skipped), placement.deleted, where
 
 
 class TarDownload(_Stream):

@@ -198,14 +198,18 @@ async def push(session: Session, force: bool = False, merge: bool = False) -> Re
         progress.phase = "placing"
         sent = list(worker.entries.values())
         await upload.share_entries(worker.take_sent())
-        placed, remote_skips, deleted, _ = await upload.finish(worker.skipped)
+        placement = await upload.placed(worker.skipped)
+        # In place: answered now, while the listing of what was placed, for the base, is
+        # still on its way.
+        kept = await _make_kept_dirs(session, list(placement.kept), sent, "local")
+        summary = ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started,
+                                placement.deleted, worker.skipped + list(placement.skipped),
+                                direct=isinstance(opening.result(), DirectStream))
+        session.placed(summary)
+        placed, _ = await upload.listing()
     finally:
         upload.close()
         await worker.close()
-    kept = await _make_kept_dirs(session, placed, sent, "local")
-    summary = ResyncSummary("push", len(sent), progress.bytes, time.monotonic() - progress.started, deleted,
-                            worker.skipped + remote_skips, direct=isinstance(opening.result(), DirectStream))
-    session.placed(summary)
     await session.reset_base(await session._fs(_base_rows, sent, placed, "local") + kept)
     progress.phase = "done"
     return summary

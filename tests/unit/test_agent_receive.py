@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from syncd.agent import gnu_tar
+from syncd.agent.main import Agent
 from syncd.agent.tar_jobs import Receive
-from syncd.fsops import Root
+from syncd.fsops import Root, write_all
 from syncd.protocol import messages as m
+from syncd.protocol.codec import Connection
 from syncd.rules import Rules
 from syncd.scan import Scanner
 from syncd.tarstream import SPECIAL, ExtractError, scan_staged, staging_name
@@ -42,7 +45,8 @@ def receive(dest: Path, data: bytes, rules: Rules | None = None,
         job = Receive(root, scanner, msg or m.TarReceive(1, "", False))
         for i in range(0, len(data), 100_000):  # in pieces, as TarData arrives
             job.feed(data[i:i + 100_000])
-        return job.finish(())
+        entries, kept, skipped, deleted = job.finish(())
+        return entries + kept, skipped, deleted
     finally:
         root.close()
 
@@ -201,3 +205,55 @@ def test_without_gnu_tar_on_the_path_the_agent_unpacks_itself(tmp_path: Path, mo
     monkeypatch.setattr(gnu_tar, "_found", gnu_tar._unset)
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     assert gnu_tar.find_gnu_tar() is None
+
+
+def test_the_agent_says_a_push_is_in_place_before_it_lists_what_it_placed(tmp_path: Path, unpacker: str) -> None:
+    """TarPlaced (the summary, and the directories kept) comes first, the TarResult chunks
+    listing the entries placed after it: the daemon answers whoever waits on the former."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src)
+    dest.mkdir()
+    (dest / "gone" / "node_modules").mkdir(parents=True)  # kept: it holds an ignored entry
+    (dest / "gone" / "node_modules" / "x.js").write_text("ignored\n")
+    (dest / "stale.txt").write_text("deleted\n")
+    data, producer = archive(src)
+    to_agent, agent_in = os.pipe()
+    agent_out, from_agent = os.pipe()
+    agent = Agent(to_agent, from_agent)
+    replies: list[object] = []
+    daemon = Connection("syncd test", ())
+
+    def serve() -> None:
+        agent.run()
+        os.close(from_agent)
+
+    def read() -> None:
+        while chunk := os.read(agent_out, 1 << 16):
+            replies.extend(daemon.receive_data(chunk))
+
+    threads = [threading.Thread(target=serve), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    try:
+        write_all(agent_in, daemon.initiate())
+        write_all(agent_in, daemon.send(m.Open(1, str(dest), Rules(["node_modules/"]).to_wire(), False, False)))
+        write_all(agent_in, daemon.send(m.TarReceive(2, "", False)))
+        for i in range(0, len(data), 100_000):
+            write_all(agent_in, daemon.send(m.TarData(2, data[i:i + 100_000])))
+        write_all(agent_in, daemon.send(m.TarEnd(2, ())))
+        write_all(agent_in, daemon.send(m.Bye()))
+    finally:
+        os.close(agent_in)
+        for thread in threads:
+            thread.join(30)
+        os.close(agent_out)
+    stream = [r for r in replies if getattr(r, "req", None) == 2]
+    placed, *listing = stream
+    assert isinstance(placed, m.TarPlaced), stream
+    assert (placed.skipped, placed.deleted) == ((), 1)
+    assert [e.path for e in placed.kept] == ["gone"]
+    assert listing and all(isinstance(r, m.TarResult) and not r.skipped for r in listing), listing
+    assert isinstance(listing[-1], m.TarResult) and listing[-1].done
+    entries = [e for r in listing if isinstance(r, m.TarResult) for e in r.entries]
+    assert sorted(e.path for e in entries) == sorted(e.path for e in producer.sent)
+    on_disk(dest, entries)

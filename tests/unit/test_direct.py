@@ -361,7 +361,7 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
         job = Receive(root, Scanner(str(dest)), m.TarReceive(2, "", False, direct=True))
         _unpack_as_the_daemon_does(job.tar, Path(job.staging), data)
         job.known(tuple(producer.sent))
-        placed, skipped, deleted = job.finish(())
+        placed, _kept, skipped, deleted = job.finish(())
     finally:
         root.close()
     assert snapshot(dest) == snapshot(src)

@@ -66,6 +66,7 @@ SAMPLES: dict[type, Any] = {
     m.TarData: m.TarData(8, b"\0" * 1024),
     m.TarEnd: m.TarEnd(7, (m.Skip("src/" + CAFE, "changed", "changed while it was archived"),), True),
     m.TarResult: m.TarResult(8, (FILE_ENTRY,), (m.Skip("fifo", "special", "not synced"),), 3, "/work", True),
+    m.TarPlaced: m.TarPlaced(8, (m.Skip("fifo", "special", "not synced"),), 3, (DIR_ENTRY,)),
     m.ScanTree: m.ScanTree(7, ("", "src/" + CAFE), bytes(range(32))),
     m.TreeMatched: m.TreeMatched(7, b"\x02"),
 }
