@@ -28,6 +28,7 @@ from syncd.fsops import read_file
 from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import is_ignore_file, is_temp_name, is_under, parent_of, root_is_empty
+from syncd.session import interpreters
 from syncd.session.agent_client import AgentClient, AgentError
 from syncd.session.config import SessionConfig
 from syncd.session.local_side import LocalSide, load_base, local_digests
@@ -135,7 +136,6 @@ class Session:
         self.state = "starting"
         self.stats = Stats()
         self.store: Store | None = None
-        self._python_found = ""  # the remote interpreter, where the index does not hold it yet
         self.base = BaseIndex()
         self.agent: AgentClient | None = None
         self.local: LocalSide | None = None
@@ -217,21 +217,14 @@ class Session:
             preparing.cancel()
             await asyncio.gather(preparing, return_exceptions=True)
             raise
-        if self._python_found:
-            self.store.commit([], {self._python_key(): self._python_found})
         self.connected = True
         if self.on_connected is not None:
             self.on_connected()
 
-    def _python_key(self) -> str:
-        """The index's meta key for the interpreter that the configured one led to (the
-        index is the session's with this remote: the key names only the interpreter)."""
-        return f"agent-python:{self.cfg.agent.python}"
-
     async def _start_remote(self) -> None:
         cfg = self.cfg
-        python_key = self._python_key()
-        python_path = self.store.get_meta(python_key) if self.store is not None else None
+        python_key = interpreters.host_key(cfg.remote, cfg.agent)
+        python_path = interpreters.recall(cfg.state_dir, python_key)
         try:
             channel = await start_agent(cfg.remote, cfg.agent, cfg.name, on_link=self._on_link,
                                         python_path=python_path)
@@ -257,8 +250,8 @@ class Session:
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
         self.remote_empty = opened.empty
-        if opened.executable.startswith("/") and opened.executable != python_path and cfg.remote.kind != "local":
-            self._python_found = opened.executable  # recorded once the base is loaded (see connect)
+        if opened.executable != python_path:
+            interpreters.remember(cfg.state_dir, python_key, opened.executable)
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 

@@ -14,6 +14,7 @@ from syncd.fsops import UnsafePath, split_path
 from syncd.protocol import messages as m
 from syncd.rules import Rules
 from syncd.scan import Scanner
+from syncd.session import interpreters
 from syncd.session.agent_client import AgentClient, AgentError, TarUpload
 from syncd.session.config import SessionConfig
 from syncd.session.resync import ResyncProgress
@@ -53,14 +54,18 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
         scanner = Scanner(local_dir, rules.is_ignored)
         entries = await asyncio.to_thread(scanner.scan_all, False)
         skipped = scan_skips(scanner.skipped)
+    python_key = interpreters.host_key(cfg.remote, cfg.agent)
+    python_path = interpreters.recall(cfg.state_dir, python_key)
     try:
-        channel = await start_agent(cfg.remote, cfg.agent, f"{cfg.name} (upload)")
+        channel = await start_agent(cfg.remote, cfg.agent, f"{cfg.name} (upload)", python_path=python_path)
     except TransportError as exc:
         raise UploadError(str(exc)) from None
     client = AgentClient(channel)
     try:
         await client.start()
-        await client.open(cfg.remote.path, Rules().to_wire(), True, False)
+        opened = await client.open(cfg.remote.path, Rules().to_wire(), True, False)
+        if opened.executable != python_path:
+            interpreters.remember(cfg.state_dir, python_key, opened.executable)
         progress = ResyncProgress("upload")
         producer = TarProducer(local_dir, entries, follow_symlinks=follow_symlinks, progress=progress.add)
         stream = client.tar_to_agent(target, runtime)
