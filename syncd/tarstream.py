@@ -690,17 +690,21 @@ def unstage(root: Root, staging_rel: str, staged: Dict[str, m.Entry], paths: Ite
     parents: Set[str] = set()
     for rel in paths:
         entry = staged.get(rel)
-        if entry is None or entry.kind == m.DIR:
+        if entry is not None and entry.kind == m.DIR:
             continue
         try:
             dir_fd, name = root.parent(staging_rel + "/" + rel)
+            # Not listed as staged (the list came from the sender, see DirectStaging):
+            # whatever tar wrote there goes all the same, unless it is a directory.
+            if entry is None and stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                continue
             os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         except (OSError, UnsafePath) as exc:
             raise ExtractError("cannot remove the untrusted %s from the staging area: %s"
                                % (rel, getattr(exc, "strerror", None) or exc)) from None
-        del staged[rel]
+        staged.pop(rel, None)
         parents.add(rel.rpartition("/")[0])
     for rel in parents:
         parent = staged.get(rel) if rel else None

@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from syncd import __version__
-from syncd.agent.gnu_tar import find_gnu_tar
+from syncd.agent.gnu_tar import find_gnu_tar, in_place
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
@@ -182,14 +182,16 @@ class Agent:
         watcher = self.watcher if job.whole_root else None
         try:
             with watcher.placing() if watcher is not None else contextlib.nullcontext():
-                entries, kept, skipped, deleted = job.finish(msg.skipped)
+                entries, kept, skipped, deleted = job.finish(msg.skipped, msg.shared)
                 if watcher is not None:
                     watcher.settle()
         except (OSError, UnsafePath, ExtractError) as exc:
             self.send(m.Failure(msg.req, "failed", str(getattr(exc, "strerror", None) or exc)))
             return
-        # In place: the daemon can answer whoever waits while the listing travels.
+        # In place: the daemon can answer whoever waits while the listing is made and travels.
         self.send(m.TarPlaced(msg.req, tuple(skipped), deleted, tuple(kept)))
+        if job.listed_in_place:
+            entries = in_place(job.where, entries)
         tar_jobs.send_result(self.send, msg.req, entries, [], deleted, job.where)
 
     def apply_one(self, op: m.Op) -> m.OpResult:

@@ -189,12 +189,18 @@ class Receive:
         if self.own_root:
             self.base_root.close()
 
-    def finish(self, skipped: Tuple[m.Skip, ...]) -> Tuple[List[m.Entry], List[m.Entry], List[m.Skip], int]:
+    def finish(self, skipped: Tuple[m.Skip, ...], shared: int = -1,
+               ) -> Tuple[List[m.Entry], List[m.Entry], List[m.Skip], int]:
         """The stream is complete: put it in place. Returns the entries placed, the
         directories kept (the daemon makes them on its side too), what was skipped and how
-        many entries were deleted. Raises ExtractError if the stream was bad."""
+        many entries were deleted. Raises ExtractError if the stream was bad. ``shared``:
+        see TarEnd; where ``listed_in_place`` is then true, the entries placed carry the
+        daemon's inodes: gnu_tar.in_place reads theirs."""
         try:
-            staged, unpack_skips = self.unpack.end()
+            if isinstance(self.unpack, DirectStaging):
+                staged, unpack_skips = self.unpack.end(shared)
+            else:
+                staged, unpack_skips = self.unpack.end()
             unstage(self.base_root, self.staging_rel, staged,
                     [s.path for s in skipped if s.reason not in LEAVE_REASONS])
             if self.merge:
@@ -210,6 +216,11 @@ class Receive:
             return [], [], unpack_skips, 0
         finally:
             self.close()
+
+    @property
+    def listed_in_place(self) -> bool:
+        """Whether the entries ``finish`` placed still need their inodes read in place."""
+        return isinstance(self.unpack, DirectStaging) and self.unpack.listed_in_place
 
     def _replace(self) -> None:
         """Put the staged directory in place of the target, whatever the target was."""

@@ -359,11 +359,14 @@ class TarData:
 @dataclass(frozen=True)
 class TarEnd:
     """End of a stream the daemon sent; ``skipped``: what it lacks or must not be trusted.
-    With ``cancel`` the stream failed: the agent discards it and answers nothing."""
+    With ``cancel`` the stream failed: the agent discards it and answers nothing.
+    ``shared``: how many entries the TarDigests named (-1: not counted); those are every
+    member of the archive (see DirectStaging.end)."""
 
     req: int
     skipped: Tuple[Skip, ...]
     cancel: bool = False
+    shared: int = -1
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,7 @@ class TarUpload(_Stream):
                  direct: bool = False) -> None:
         super().__init__(client, lambda req: m.TarReceive(req, path, runtime, merge, direct))
         self.direct = direct
+        self.shared = 0  # entries named by TarDigests so far
 
     async def ready(self) -> m.TarReady | None:
         """For a direct stream, the agent's TarReady (staging directory and GNU tar);
@@ -331,14 +332,16 @@ class TarUpload(_Stream):
             return
         for i in range(0, len(entries), DIGESTS_CHUNK):
             self._check()
-            self.client.send(m.TarDigests(self.req, tuple(entries[i:i + DIGESTS_CHUNK])))
+            chunk = tuple(entries[i:i + DIGESTS_CHUNK])
+            self.client.send(m.TarDigests(self.req, chunk))
+            self.shared += len(chunk)
             await self.client.drain()
 
     async def placed(self, skipped: list[m.Skip]) -> m.TarPlaced:
         """End the stream (TarEnd, with what it lacks) and wait until the agent has put it
         in place; ``listing`` then gives the entries placed."""
         self._check()
-        self.client.send(m.TarEnd(self.req, tuple(skipped)))
+        self.client.send(m.TarEnd(self.req, tuple(skipped), False, self.shared))
         item = await self.reply()
         if not isinstance(item, m.TarPlaced):
             raise AgentError(f"unexpected {type(item).__name__} after a tar stream")

@@ -34,7 +34,7 @@ from syncd.session.direct import (
     tar_script,
     tar_script_on_cue,
 )
-from syncd.tarstream import scan_staged, staging_name
+from syncd.tarstream import CHANGED, scan_staged, staging_name
 from syncd.transport.options import SshOptions
 from syncd.transport.ssh import PIN_ALIAS, openssh_argv
 from tests.unit.test_tarstream import archive, make_tree, snapshot
@@ -309,6 +309,56 @@ def test_direct_staging_lists_what_tar_unpacked_as_a_full_scan_would(tmp_path: P
 
 
 @needs_gnu_tar
+def test_direct_staging_takes_what_tar_staged_from_the_whole_list(tmp_path: Path) -> None:
+    """Where the daemon says it named every member (``shared`` equals the entries
+    expected), ``end`` takes the staged entries from that list, walking nothing: the same
+    staging area as the walk leaves (ignored entries and what lies below them taken out,
+    their directory's mtime kept), the same entries but for their inodes, which are the
+    daemon's until read in place. A count that differs falls back to the walk."""
+    assert GNU_TAR is not None
+    src = tmp_path / "src"
+    rules = _ignored_tree(src)
+    data, producer = archive(src)
+    src_dir_mtime = (src / "src").stat().st_mtime_ns
+    ignored = {"build", "build/out.o", "src/debug.log"}
+    results = {}
+    for way, shared in (("list", len(producer.sent)), ("walk", len(producer.sent) - 1)):
+        staging = tmp_path / staging_name(f"tar-{way}")
+        job = DirectStaging(GNU_TAR, str(staging), rules.is_ignored)
+        try:
+            _unpack_as_the_daemon_does(GNU_TAR, staging, data)
+            for entry in producer.sent:
+                job.expect(entry)
+            entries, skipped = job.end(shared)
+            assert skipped == []
+            assert job.listed_in_place == (way == "list")
+            assert set(entries) == {e.path for e in producer.sent} - ignored
+            assert not (staging / "build").exists() and not (staging / "src" / "debug.log").exists()
+            assert (staging / "src").stat().st_mtime_ns == src_dir_mtime  # as tar set it
+            results[way] = {rel: e._replace(ino=0) for rel, e in entries.items()}
+            placed = gnu_tar.in_place(str(staging), list(entries.values()))
+            assert {e.path: e for e in placed} == scan_staged(str(staging))[0]  # the inodes on disk
+        finally:
+            job.close()
+    assert results["list"] == results["walk"]
+
+
+def test_in_place_reads_the_inodes_and_leaves_out_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("f\n")
+    (tmp_path / "g").write_text("g\n")
+    os.symlink("g", tmp_path / "l")
+    (tmp_path / "now-a-dir").mkdir()
+    entries = [m.Entry("d", m.DIR, 0o755, 0, 0, 1), m.Entry("d/f", m.FILE, 0o644, 2, 0, 2),
+               m.Entry("g", m.FILE, 0o644, 2, 0, 3), m.Entry("l", m.SYMLINK, 0o777, 0, 0, 4, None, "g"),
+               m.Entry("gone", m.FILE, 0o644, 2, 0, 5), m.Entry("now-a-dir", m.FILE, 0o644, 2, 0, 6),
+               m.Entry("missing/x", m.FILE, 0o644, 2, 0, 7)]
+    placed = gnu_tar.in_place(str(tmp_path), entries)
+    still = ("d", "d/f", "g", "l")
+    assert [(e.path, e.ino) for e in placed] == [(rel, os.lstat(tmp_path / rel).st_ino) for rel in still]
+
+
+@needs_gnu_tar
 def test_direct_staging_fed_after_all_unpacks_through_its_own_tar(tmp_path: Path) -> None:
     """The daemon's direct process never ran tar, so the stream comes as TarData: ``feed``
     starts a TarProcess on a fresh staging directory and ``end`` lists what it staged."""
@@ -339,7 +389,8 @@ def test_direct_staging_fed_after_all_unpacks_through_its_own_tar(tmp_path: Path
 
 
 @needs_gnu_tar
-def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listed", [False, True], ids=["walked", "from-the-list"])
+def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_path: Path, listed: bool) -> None:
     """The agent's whole direct receive (TarReceive(direct=True)): tar unpacks into the job's
     staging directory from outside, TarDigests name the members, the end places them in
     the root. A cancelled one (TarEnd(cancel=True) -> abort) leaves the root as it was."""
@@ -349,6 +400,7 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
     dest.mkdir()
     (dest / "stale.txt").write_text("not in the source\n")
     data, producer = archive(src)
+    shared = len(producer.sent) if listed else -1
 
     root = Root(str(dest))
     try:
@@ -361,7 +413,10 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
         job = Receive(root, Scanner(str(dest)), m.TarReceive(2, "", False, direct=True))
         _unpack_as_the_daemon_does(job.tar, Path(job.staging), data)
         job.known(tuple(producer.sent))
-        placed, _kept, skipped, deleted = job.finish(())
+        placed, _kept, skipped, deleted = job.finish((), shared)
+        assert job.listed_in_place == (shared > 0)
+        if job.listed_in_place:
+            placed = gnu_tar.in_place(str(dest), placed)
     finally:
         root.close()
     assert snapshot(dest) == snapshot(src)
@@ -372,6 +427,35 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
         assert (st.st_ino, st.st_mode & 0o7777) == (e.ino, e.mode), e.path
         if e.kind == m.FILE:
             assert (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns), e.path
+
+
+@needs_gnu_tar
+def test_a_member_the_daemon_does_not_trust_is_not_placed_from_the_list(tmp_path: Path) -> None:
+    """A file that changed while it was archived is in the archive but not on the list
+    (the daemon reports it skipped): taken from the list, the staging area still holds
+    it, and it must not ride into the root with its directory."""
+    assert GNU_TAR is not None
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src)
+    dest.mkdir()
+    data, producer = archive(src)
+    untrusted = next(e for e in producer.sent if e.kind == m.FILE and "/" in e.path)
+    listed = [e for e in producer.sent if e is not untrusted]
+    root = Root(str(dest))
+    try:
+        job = Receive(root, Scanner(str(dest)), m.TarReceive(1, "", False, direct=True))
+        _unpack_as_the_daemon_does(job.tar, Path(job.staging), data)
+        job.known(tuple(listed))
+        placed, _kept, _skipped, _deleted = job.finish(
+            (m.Skip(untrusted.path, CHANGED, "changed while it was archived"),), len(listed))
+        assert job.listed_in_place
+    finally:
+        root.close()
+    assert not (dest / untrusted.path).exists()
+    want = snapshot(src)
+    del want[untrusted.path]
+    assert snapshot(dest) == want
+    assert sorted(e.path for e in placed) == sorted(e.path for e in listed)
 
 
 # ---- the agent's side of a direct pull ------------------------------------------------
