@@ -25,6 +25,7 @@ AGENT_MODULES = (
     "protocol/__init__.py",
     "protocol/messages.py",
     "protocol/codec.py",
+    "protocol/entryblock.py",
     "scan.py",
     "fsops.py",
     "rules.py",

@@ -217,14 +217,35 @@ def test_the_agent_says_a_push_is_in_place_before_it_lists_what_it_placed(tmp_pa
     (dest / "gone" / "node_modules" / "x.js").write_text("ignored\n")
     (dest / "stale.txt").write_text("deleted\n")
     data, producer = archive(src)
+    messages: list[object] = [m.Open(1, str(dest), Rules(["node_modules/"]).to_wire(), False, False),
+                              m.TarReceive(2, "", False)]
+    messages += [m.TarData(2, data[i:i + 100_000]) for i in range(0, len(data), 100_000)]
+    replies, status = converse(messages + [m.TarEnd(2, ()), m.Bye()])
+    assert status == 0
+    stream = [r for r in replies if getattr(r, "req", None) == 2]
+    placed, *listing = stream
+    assert isinstance(placed, m.TarPlaced), stream
+    assert (placed.skipped, placed.deleted) == ((), 1)
+    assert [e.path for e in placed.kept] == ["gone"]
+    assert listing and all(isinstance(r, m.TarResult) and not r.skipped for r in listing), listing
+    assert isinstance(listing[-1], m.TarResult) and listing[-1].done
+    entries = [e for r in listing if isinstance(r, m.TarResult) for e in r.entries]
+    assert sorted(e.path for e in entries) == sorted(e.path for e in producer.sent)
+    on_disk(dest, entries)
+
+
+def converse(messages: list[object]) -> tuple[list[object], int]:
+    """Run a real Agent over pipes, send it ``messages`` after the handshake, and return
+    what it answered and its exit status."""
     to_agent, agent_in = os.pipe()
     agent_out, from_agent = os.pipe()
     agent = Agent(to_agent, from_agent)
     replies: list[object] = []
+    status: list[int] = []
     daemon = Connection("syncd test", ())
 
     def serve() -> None:
-        agent.run()
+        status.append(agent.run())
         os.close(from_agent)
 
     def read() -> None:
@@ -236,24 +257,23 @@ def test_the_agent_says_a_push_is_in_place_before_it_lists_what_it_placed(tmp_pa
         thread.start()
     try:
         write_all(agent_in, daemon.initiate())
-        write_all(agent_in, daemon.send(m.Open(1, str(dest), Rules(["node_modules/"]).to_wire(), False, False)))
-        write_all(agent_in, daemon.send(m.TarReceive(2, "", False)))
-        for i in range(0, len(data), 100_000):
-            write_all(agent_in, daemon.send(m.TarData(2, data[i:i + 100_000])))
-        write_all(agent_in, daemon.send(m.TarEnd(2, ())))
-        write_all(agent_in, daemon.send(m.Bye()))
+        for message in messages:
+            write_all(agent_in, daemon.send(message))
+    except BrokenPipeError:
+        pass  # the agent gave up: its answer says why
     finally:
         os.close(agent_in)
         for thread in threads:
             thread.join(30)
         os.close(agent_out)
-    stream = [r for r in replies if getattr(r, "req", None) == 2]
-    placed, *listing = stream
-    assert isinstance(placed, m.TarPlaced), stream
-    assert (placed.skipped, placed.deleted) == ((), 1)
-    assert [e.path for e in placed.kept] == ["gone"]
-    assert listing and all(isinstance(r, m.TarResult) and not r.skipped for r in listing), listing
-    assert isinstance(listing[-1], m.TarResult) and listing[-1].done
-    entries = [e for r in listing if isinstance(r, m.TarResult) for e in r.entries]
-    assert sorted(e.path for e in entries) == sorted(e.path for e in producer.sent)
-    on_disk(dest, entries)
+    return replies, status[0]
+
+
+def test_an_entry_block_that_is_not_one_is_a_protocol_error(tmp_path: Path) -> None:
+    replies, status = converse([m.Open(1, str(tmp_path), Rules().to_wire(), False, False),
+                                m.TarReceive(2, "", False, direct=True),
+                                m.TarDigests(2, b"\x05\x00\x00\x00 not a block")])
+    assert status == 2
+    fatal = replies[-1]
+    assert isinstance(fatal, m.Fatal) and "TarDigests" in fatal.message, replies
+    assert not [n for n in os.listdir(tmp_path) if not n.startswith(".syncd-tmp")]
