@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from syncd import __version__
 from syncd.agent.gnu_tar import find_gnu_tar, in_place
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path, write_all
-from syncd.protocol import entryblock
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.scan import PRINT_SIZE, Scanner, digest_bytes, is_temp_name, root_is_empty
@@ -167,10 +166,7 @@ class Agent:
             job.feed(msg.data)
             return
         if isinstance(msg, m.TarDigests):
-            try:
-                job.known(entryblock.unpack(msg.entries))
-            except entryblock.BlockError as exc:
-                raise ProtocolError("TarDigests: %s" % exc) from None
+            job.known(msg.entries)
             return
         del self.receiving[msg.req]
         if not self.receiving:

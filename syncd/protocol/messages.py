@@ -372,12 +372,11 @@ class TarEnd:
 @dataclass(frozen=True)
 class TarDigests:
     """Entries of a stream the daemon sent (their digests None: the daemon records them
-    once the tree is in place), packed by protocol.entryblock: the agent places a direct
-    stream's staging area from them (see gnu_tar.DirectStaging). Sent in chunks, before
-    TarEnd."""
+    once the tree is in place): the agent places a direct stream's staging area from them
+    (see gnu_tar.DirectStaging). Sent in chunks, before TarEnd."""
 
     req: int
-    entries: bytes
+    entries: Tuple[Entry, ...]
 
 
 @dataclass(frozen=True)

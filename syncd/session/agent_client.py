@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from syncd import __version__
-from syncd.protocol import entryblock
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
 from syncd.transport.channel import Channel
@@ -333,8 +332,8 @@ class TarUpload(_Stream):
             return
         for i in range(0, len(entries), DIGESTS_CHUNK):
             self._check()
-            chunk = entries[i:i + DIGESTS_CHUNK]
-            self.client.send(m.TarDigests(self.req, entryblock.pack(chunk)))
+            chunk = tuple(entries[i:i + DIGESTS_CHUNK])
+            self.client.send(m.TarDigests(self.req, chunk))
             self.shared += len(chunk)
             await self.client.drain()
 

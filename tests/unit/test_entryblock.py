@@ -20,6 +20,7 @@ ENTRIES = [
     m.Entry("dir/caf\udce9", m.FILE, 0o600, 3, -1_000_000_000, 9),  # a Latin-1 name, not UTF-8
     m.Entry("dir/é/长", m.DIR, 0o700, 0, 2, 10),
     m.Entry("dir/link2", m.SYMLINK, 0o777, 0, 5, 11, None, "target\udcff"),
+    m.Entry("empty digest", m.FILE, 0o644, 0, 5, 12, b""),
 ]
 
 
@@ -35,6 +36,7 @@ def _block(count: int, paths: bytes, targets: bytes = b"", fixed: bytes = b"", t
 
 GOOD = entryblock.pack(ENTRIES)
 ONE_FILE = struct.pack("<BHqqQBB", m.FILE, 0o644, 1, 1, 1, 0, 0)
+DIGEST_FLAG = 2
 
 BAD = [
     ("shorter than its header", b"\x01\x00"),
@@ -48,8 +50,11 @@ BAD = [
     ("an empty path", _block(1, b"", fixed=ONE_FILE)),
     ("a target missing", _block(1, b"x", fixed=struct.pack("<BHqqQBB", m.SYMLINK, 0o777, 0, 1, 1, 0, 1))),
     ("a target too many", _block(1, b"x", b"t", fixed=ONE_FILE)),
-    ("a digest past the end", _block(1, b"x", fixed=struct.pack("<BHqqQBB", m.FILE, 0o644, 1, 1, 1, 32, 0),
-                                     tail=b"short")),
+    ("a digest past the end", _block(1, b"x", fixed=struct.pack("<BHqqQBB", m.FILE, 0o644, 1, 1, 1, 32,
+                                                                 DIGEST_FLAG), tail=b"short")),
+    ("a digest length without a digest", _block(1, b"x", fixed=struct.pack("<BHqqQBB", m.FILE, 0o644, 1, 1, 1, 32, 0),
+                                                tail=DIGEST)),
+    ("unknown flags", _block(1, b"x", fixed=struct.pack("<BHqqQBB", m.FILE, 0o644, 1, 1, 1, 0, 4))),
     ("an empty block with content", _block(0, b"x")),
 ]
 

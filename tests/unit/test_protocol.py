@@ -10,7 +10,7 @@ import msgpack
 import pytest
 
 from syncd import PROTOCOL_VERSION
-from syncd.protocol import codec, entryblock
+from syncd.protocol import codec
 from syncd.protocol import messages as m
 from syncd.protocol.codec import MAX_FRAME, Connection, ProtocolError, decode_body, encode
 
@@ -61,7 +61,7 @@ SAMPLES: dict[type, Any] = {
     m.TarReady: m.TarReady(7, "/work/.syncd-tmp-tar-7-" + CAFE, "/usr/bin/tar"),
     m.TarSend: m.TarSend(8, 16 << 20, True),
     m.TarAck: m.TarAck(8, 4 << 20),
-    m.TarDigests: m.TarDigests(7, entryblock.pack((FILE_ENTRY, DIR_ENTRY))),
+    m.TarDigests: m.TarDigests(7, (FILE_ENTRY, DIR_ENTRY)),
     m.TarStart: m.TarStart(8, 50000, 1 << 30),
     m.TarData: m.TarData(8, b"\0" * 1024),
     m.TarEnd: m.TarEnd(7, (m.Skip("src/" + CAFE, "changed", "changed while it was archived"),), True),
@@ -309,6 +309,10 @@ HELLO_WIRE = [1, PROTOCOL_VERSION, "peer", []]
         [10, 1, [[40, "p", b"", 0, 0, None]]],  # Applied: an op where an OpResult belongs
         [10, 1, [[34, "ok", "", [32, "p", "0", 0, 0, 0, 0, None, None]]]],  # bad nested Entry
         [5, 1, [[32, "p", 0, 0, 0, 0, 0, "digest", None]], [], True],  # str digest
+        [5, 1, b"\x01\x00", [], True, []],  # ScanChunk: an entry block cut short
+        [5, 1, b"\x01\x00\x00\x00" + bytes(8), [], True, []],  # ScanChunk: a block missing its entry
+        [5, 1, [[32, "p", 0, 0, 0, 0, 0, None, None]], [], True, []],  # entries as an array, not a block
+        [5, 1, 7, [], True, []],  # ScanChunk: an int for the entries
     ],
 )
 def test_malformed_message_after_hello(obj: Any) -> None:
