@@ -526,8 +526,7 @@ def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] 
             sent = listed(rel, _UNLISTED)
             if sent is not None and sent is not _UNLISTED:  # the common case, kept short
                 kind = sent.kind
-                if (item.is_file(follow_symlinks=False) if kind == m.FILE else
-                        item.is_dir(follow_symlinks=False) if kind == m.DIR else item.is_symlink()):
+                if _is_kind(item, kind):
                     entries[rel] = new_entry(rel, kind, sent.mode, sent.size, sent.mtime_ns, item.inode(), None,
                                              sent.target)
                     if kind == m.DIR:
@@ -559,6 +558,37 @@ def scan_staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]] 
 
 
 _UNLISTED = m.Entry("", 0, 0, 0, 0, 0)  # marks a path the sender did not list
+
+
+def _is_kind(item: "os.DirEntry[str]", kind: int) -> bool:
+    """Whether a directory listing's ``item`` is of ``kind`` (from the listing: no stat)."""
+    if kind == m.FILE:
+        return item.is_file(follow_symlinks=False)
+    if kind == m.DIR:
+        return item.is_dir(follow_symlinks=False)
+    return item.is_symlink()
+
+
+def in_place(root: str, entries: List[m.Entry]) -> List[m.Entry]:
+    """``entries`` (placed under ``root``) with the inodes they have there, read from their
+    directories' listings (no stat each); an entry no longer there as that kind is left
+    out (changed since it was placed: the next scan finds it)."""
+    by_dir: Dict[str, List[int]] = {}
+    for i, entry in enumerate(entries):
+        by_dir.setdefault(entry.path.rpartition("/")[0], []).append(i)
+    found: List[Optional[m.Entry]] = [None] * len(entries)
+    for parent, indexes in by_dir.items():
+        try:
+            with os.scandir(os.path.join(root, parent) if parent else root) as listing:
+                items = {item.name: item for item in listing}
+        except OSError:
+            continue
+        for i in indexes:
+            entry = entries[i]
+            item = items.get(entry.path.rpartition("/")[2])
+            if item is not None and _is_kind(item, entry.kind):
+                found[i] = entry._replace(ino=item.inode())
+    return [entry for entry in found if entry is not None]
 
 
 def _set_dir_meta(root: Root, rel: str, mode: int, mtime_ns: int) -> Optional[os.stat_result]:

@@ -156,7 +156,7 @@ class DirectStaging:
         whole archive: what tar staged is taken from it, without a walk of the staging
         area (a few hundred milliseconds for 50,000 entries, between the end of the
         stream and its placement). The entries keep the daemon's inodes then
-        (``listed_in_place``): read the real ones where they are placed (in_place)."""
+        (``listed_in_place``): read the real ones where they are placed (tarstream.in_place)."""
         if self.inner is not None:
             return self.inner.end()
         if shared > 0 and shared == len(self.expected):
@@ -215,28 +215,3 @@ def _staged(staging: str, is_ignored: Optional[Callable[[str, bool], bool]],
     except OSError as exc:
         raise ExtractError("cannot list the staging area %s: %s" % (staging, exc.strerror or exc)) from None
 
-
-def in_place(root: str, entries: List[m.Entry]) -> List[m.Entry]:
-    """``entries`` (placed under ``root``) with the inodes they have there, read from their
-    directories' listings (no stat each); an entry no longer there as that kind is left
-    out (changed since it was placed: the next scan finds it)."""
-    by_dir: Dict[str, List[int]] = {}
-    for i, entry in enumerate(entries):
-        by_dir.setdefault(entry.path.rpartition("/")[0], []).append(i)
-    found: List[Optional[m.Entry]] = [None] * len(entries)
-    for parent, indexes in by_dir.items():
-        try:
-            with os.scandir(os.path.join(root, parent) if parent else root) as listing:
-                items = {item.name: item for item in listing}
-        except OSError:
-            continue
-        for i in indexes:
-            entry = entries[i]
-            item = items.get(entry.path.rpartition("/")[2])
-            if item is None:
-                continue
-            kind = entry.kind
-            if (item.is_file(follow_symlinks=False) if kind == m.FILE else
-                    item.is_dir(follow_symlinks=False) if kind == m.DIR else item.is_symlink()):
-                found[i] = entry._replace(ino=item.inode())
-    return [entry for entry in found if entry is not None]

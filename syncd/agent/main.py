@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence, Set
 
 from syncd import __version__
-from syncd.agent.gnu_tar import find_gnu_tar, in_place
+from syncd.agent.gnu_tar import find_gnu_tar
 from syncd.fsops import PIPE_DEFAULT, Root, UnsafePath, read_file, size_pipe, split_path, write_all
 from syncd.protocol import messages as m
 from syncd.protocol.codec import Connection, ProtocolError
@@ -124,7 +124,7 @@ class Agent:
 
     def tar(self, msg: Any) -> None:
         from syncd.agent import tar_jobs  # imported late: only needed for resyncs and uploads
-        from syncd.tarstream import ExtractError
+        from syncd.tarstream import ExtractError, in_place
 
         assert self.root is not None and self.scanner is not None
         if isinstance(msg, m.TarSend):

@@ -195,7 +195,7 @@ class Receive:
         directories kept (the daemon makes them on its side too), what was skipped and how
         many entries were deleted. Raises ExtractError if the stream was bad. ``shared``:
         see TarEnd; where ``listed_in_place`` is then true, the entries placed carry the
-        daemon's inodes: gnu_tar.in_place reads theirs."""
+        daemon's inodes: tarstream.in_place reads theirs."""
         try:
             if isinstance(self.unpack, DirectStaging):
                 staged, unpack_skips = self.unpack.end(shared)

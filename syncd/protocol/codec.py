@@ -105,8 +105,8 @@ def _decoder_for(hint: Any) -> Decoder:
             return _decode_struct(value, allowed)
 
         return union
-    if origin in (tuple, list) and args[0] is m.Entry:
-        return _decode_entries if origin is tuple else lambda v: list(_decode_entries(v))
+    if origin is tuple and args[0] is m.Entry:
+        return _decode_entries
     if origin in (tuple, list):
         inner = _decoder_for(args[0])
         make = tuple if origin is tuple else list

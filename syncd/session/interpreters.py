@@ -74,3 +74,17 @@ def remember(state_dir: str, key: str, executable: str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+class Recorded:
+    """The interpreter recorded for ``remote`` (``path``, None if none), and ``found`` to
+    record the one the agent then ran on."""
+
+    def __init__(self, state_dir: str, remote: Endpoint, agent: AgentOptions) -> None:
+        self.state_dir = state_dir
+        self.key = host_key(remote, agent)
+        self.path = recall(state_dir, self.key)
+
+    def found(self, executable: str) -> None:
+        if executable != self.path:
+            remember(self.state_dir, self.key, executable)

@@ -223,11 +223,10 @@ class Session:
 
     async def _start_remote(self) -> None:
         cfg = self.cfg
-        python_key = interpreters.host_key(cfg.remote, cfg.agent)
-        python_path = interpreters.recall(cfg.state_dir, python_key)
+        python = interpreters.Recorded(cfg.state_dir, cfg.remote, cfg.agent)
         try:
             channel = await start_agent(cfg.remote, cfg.agent, cfg.name, on_link=self._on_link,
-                                        python_path=python_path)
+                                        python_path=python.path)
         except TransportError as exc:
             raise SessionError(str(exc)) from None
         agent = self.agent = AgentClient(channel)
@@ -250,8 +249,7 @@ class Session:
             raise SessionError(f"{cfg.remote.describe()}: {exc}") from None
         self.remote_root = opened.root
         self.remote_empty = opened.empty
-        if opened.executable != python_path:
-            interpreters.remember(cfg.state_dir, python_key, opened.executable)
+        python.found(opened.executable)
         log.info("%s: agent on python %s, root %s, watcher %s", cfg.name, opened.python, opened.root,
                  opened.watcher)
 

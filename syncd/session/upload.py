@@ -54,18 +54,16 @@ async def upload(cfg: SessionConfig, local_dir: str, remote_dir: str, runtime: b
         scanner = Scanner(local_dir, rules.is_ignored)
         entries = await asyncio.to_thread(scanner.scan_all, False)
         skipped = scan_skips(scanner.skipped)
-    python_key = interpreters.host_key(cfg.remote, cfg.agent)
-    python_path = interpreters.recall(cfg.state_dir, python_key)
+    python = interpreters.Recorded(cfg.state_dir, cfg.remote, cfg.agent)
     try:
-        channel = await start_agent(cfg.remote, cfg.agent, f"{cfg.name} (upload)", python_path=python_path)
+        channel = await start_agent(cfg.remote, cfg.agent, f"{cfg.name} (upload)", python_path=python.path)
     except TransportError as exc:
         raise UploadError(str(exc)) from None
     client = AgentClient(channel)
     try:
         await client.start()
         opened = await client.open(cfg.remote.path, Rules().to_wire(), True, False)
-        if opened.executable != python_path:
-            interpreters.remember(cfg.state_dir, python_key, opened.executable)
+        python.found(opened.executable)
         progress = ResyncProgress("upload")
         producer = TarProducer(local_dir, entries, follow_symlinks=follow_symlinks, progress=progress.add)
         stream = client.tar_to_agent(target, runtime)

@@ -34,7 +34,7 @@ from syncd.session.direct import (
     tar_script,
     tar_script_on_cue,
 )
-from syncd.tarstream import CHANGED, scan_staged, staging_name
+from syncd.tarstream import CHANGED, in_place, scan_staged, staging_name
 from syncd.transport.options import SshOptions
 from syncd.transport.ssh import PIN_ALIAS, openssh_argv
 from tests.unit.test_tarstream import archive, make_tree, snapshot
@@ -336,7 +336,7 @@ def test_direct_staging_takes_what_tar_staged_from_the_whole_list(tmp_path: Path
             assert not (staging / "build").exists() and not (staging / "src" / "debug.log").exists()
             assert (staging / "src").stat().st_mtime_ns == src_dir_mtime  # as tar set it
             results[way] = {rel: e._replace(ino=0) for rel, e in entries.items()}
-            placed = gnu_tar.in_place(str(staging), list(entries.values()))
+            placed = in_place(str(staging), list(entries.values()))
             assert {e.path: e for e in placed} == scan_staged(str(staging))[0]  # the inodes on disk
         finally:
             job.close()
@@ -353,7 +353,7 @@ def test_in_place_reads_the_inodes_and_leaves_out_what_changed(tmp_path: Path) -
                m.Entry("g", m.FILE, 0o644, 2, 0, 3), m.Entry("l", m.SYMLINK, 0o777, 0, 0, 4, None, "g"),
                m.Entry("gone", m.FILE, 0o644, 2, 0, 5), m.Entry("now-a-dir", m.FILE, 0o644, 2, 0, 6),
                m.Entry("missing/x", m.FILE, 0o644, 2, 0, 7)]
-    placed = gnu_tar.in_place(str(tmp_path), entries)
+    placed = in_place(str(tmp_path), entries)
     still = ("d", "d/f", "g", "l")
     assert [(e.path, e.ino) for e in placed] == [(rel, os.lstat(tmp_path / rel).st_ino) for rel in still]
 
@@ -416,7 +416,7 @@ def test_a_direct_receive_lands_the_tree_and_a_cancelled_one_leaves_nothing(tmp_
         placed, _kept, skipped, deleted = job.finish((), shared)
         assert job.listed_in_place == (shared > 0)
         if job.listed_in_place:
-            placed = gnu_tar.in_place(str(dest), placed)
+            placed = in_place(str(dest), placed)
     finally:
         root.close()
     assert snapshot(dest) == snapshot(src)
